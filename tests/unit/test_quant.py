@@ -1,6 +1,5 @@
 """kiln.quant against gguf's reference dequantizer: exact agreement on random blocks of every format."""
 
-import time
 
 import gguf
 import numpy as np
@@ -192,12 +191,3 @@ def test_random_weight_deterministic():
     a = random_weight(Q.Q4_K, 3, 512, np.random.default_rng(5))
     b = random_weight(Q.Q4_K, 3, 512, np.random.default_rng(5))
     np.testing.assert_array_equal(a, b)
-
-
-def test_dequantize_is_vectorised():
-    # Loose guard against per-block Python loops (~8M elements takes ~20-30 ms when vectorised).
-    rng = np.random.default_rng(0)
-    raw = random_weight(Q.Q4_K, 2048, 4096, rng)
-    t0 = time.perf_counter()
-    dequantize(raw, Q.Q4_K, 4096)
-    assert time.perf_counter() - t0 < 1.0

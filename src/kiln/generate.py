@@ -1,0 +1,122 @@
+"""Generation in three layers (as mlx-lm): generate_step yields token ids, stream_generate yields text chunks with
+stop handling and timings, generate returns the whole text."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ContextOverflow
+from .model import Model
+from .sample import LogitsProcessor, Sampler, log_softmax
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+def generate_step(model: Model, prompt_ids: Sequence[int], sampler: Sampler | None = None,
+                  logits_processors: Sequence[LogitsProcessor] = (), want_logits: bool = False,
+                  ) -> Iterator[tuple[int, np.ndarray | None]]:
+    """Prefill the prompt, then yield (token, logits) forever; the caller decides when to stop.
+
+    Greedy decoding without processors takes the argmax on the device, so logits never cross to the host.
+    """
+    logits_t = model.prefill(list(prompt_ids))
+    tokens = list(prompt_ids)
+    on_device = sampler is None and not logits_processors and not want_logits
+    while True:
+        if on_device:
+            token, logits = model.dev.argmax(logits_t), None
+        else:
+            logits = model.dev.download(logits_t)[0].astype(np.float32)
+            for proc in logits_processors:
+                logits = proc(tokens, logits)
+            token = sampler(logits) if sampler else int(np.argmax(logits))
+        yield token, logits
+        tokens.append(token)
+        if len(model.tokens) >= model.n_ctx:
+            return  # context full: the caller sees the generator end and reports finish_reason "length"
+        logits_t = model.step([token])
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of output. finish_reason is set on the last chunk: 'stop' (EOS/stop string) or 'length'."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+def _stop_hit(text: str, stops: Sequence[str]) -> int:
+    """Index where the earliest stop string starts in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still be the start of a stop string (so we must not print them yet)."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:n]):
+                keep = n
+                break
+    return keep
+
+
+def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
+                    sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] = (),
+                    stop: Sequence[str] = (), logprobs: int = 0) -> Iterator[Chunk]:
+    """Yield text as it is generated; stops on EOS, a stop string (not included in the text) or max_tokens."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if len(ids) >= model.n_ctx:
+        raise ContextOverflow(f"prompt has {len(ids)} tokens but the context holds {model.n_ctx}; "
+                              "shorten the prompt or raise --ctx")
+    stops = [s for s in stop if s]
+    decoder = StreamDecoder(tokenizer)
+    t0 = time.perf_counter()
+    pending, n, finish, t1 = "", 0, "length", t0
+    stats: dict = {}
+    for token, logits in generate_step(model, ids, sampler, logits_processors, want_logits=logprobs > 0):
+        if n == 0:
+            t1 = time.perf_counter()
+            stats["prompt_tps"] = len(ids) / max(t1 - t0, 1e-9)
+        n += 1
+        stats.update(prompt_tokens=len(ids), generation_tokens=n,
+                     generation_tps=(n - 1) / max(time.perf_counter() - t1, 1e-9) if n > 1 else 0.0)
+        if token in tokenizer.eos_ids:
+            finish = "stop"
+            break
+        pending += decoder.add(token)
+        cut = _stop_hit(pending, stops)
+        if cut >= 0:
+            pending, finish = pending[:cut], "stop"
+            break
+        lp, top = _logprobs(logits, token, logprobs)
+        if n >= max_tokens:
+            yield Chunk(pending + decoder.flush(), token, finish_reason="length", logprob=lp, top_logprobs=top, **stats)
+            return
+        hold = _held_back(pending, stops)
+        out, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
+        yield Chunk(out, token, logprob=lp, top_logprobs=top, **stats)
+    yield Chunk(pending, None, finish_reason=finish, **stats)
+
+
+def _logprobs(logits: np.ndarray | None, token: int, k: int) -> tuple[float | None, dict[int, float] | None]:
+    if logits is None or k <= 0:
+        return None, None
+    lp = log_softmax(logits)
+    top = np.argsort(-lp)[:k]
+    return float(lp[token]), {int(i): float(lp[i]) for i in top}
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, **kwargs))

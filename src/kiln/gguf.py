@@ -1,0 +1,203 @@
+"""Read and validate a GGUF file (memory-mapped, through the `gguf` package) and map it to a ModelConfig.
+
+Every way a file can be wrong ends here as one GGUFError/UnsupportedModel naming the problem, before any
+weight reaches a device.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+
+from . import quant
+from .errors import GGUFError, UnsupportedModel
+
+ARCHITECTURES = ("llama", "qwen2")
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    vocab_size: int
+    context_length: int
+    rope_theta: float
+    rope_neox: bool  # qwen2 rotates halves (NeoX); llama GGUFs are permuted for adjacent pairs
+    norm_eps: float
+    tied_embeddings: bool
+    qkv_bias: bool
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # (rows, cols) for matrices, (n,) for vectors
+    raw: np.ndarray  # uint8 view into the memory map: (rows, row_bytes) or (n * elem_size,)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+
+class GGUFFile:
+    """A validated GGUF model: metadata, config and memory-mapped tensors."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.reader = _open_reader(self.path)
+        self.metadata = _read_metadata(self.reader)
+        self.tensors = {t.name: _tensor_info(t) for t in self.reader.tensors}
+        self.config = _config(self.metadata, self.tensors)
+        _check_tensors(self.config, self.tensors)
+
+    @property
+    def file_size(self) -> int:
+        return os.path.getsize(self.path)
+
+    def tokenizer_fields(self) -> dict:
+        return {k: v for k, v in self.metadata.items() if k.startswith("tokenizer.")}
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    def close(self) -> None:
+        """Drop the memory map (tensors become unusable)."""
+        mm = getattr(self.reader, "data", None)
+        self.tensors.clear()
+        self.reader = None
+        if mm is not None and hasattr(mm, "_mmap") and mm._mmap is not None:
+            try:
+                mm._mmap.close()
+            except (BufferError, ValueError):
+                pass  # views still alive elsewhere: the GC closes it later
+
+
+def _open_reader(path: str) -> GGUFReader:
+    if not os.path.exists(path):
+        raise GGUFError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise GGUFError(f"model path is a directory, expected a .gguf file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"not a GGUF file (magic {magic!r}, expected b'GGUF'): {path}")
+    try:
+        reader = GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
+        raise GGUFError(f"corrupt or truncated GGUF file {path}: {e}") from None
+    return reader
+
+
+def _read_metadata(reader: GGUFReader) -> dict:
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except (ValueError, IndexError, UnicodeDecodeError) as e:
+            raise GGUFError(f"unreadable metadata field {key}: {e}") from None
+    return meta
+
+
+def _tensor_info(t) -> TensorInfo:
+    qtype = GGMLQuantizationType(int(t.tensor_type))
+    dims = [int(n) for n in t.shape]  # ggml order: ne0 (cols) first
+    shape = tuple(reversed(dims)) if len(dims) > 1 else (dims[0],)
+    try:
+        quant.check_supported(qtype)
+    except quant.UnsupportedQuantType as e:
+        raise UnsupportedModel(f"tensor {t.name}: {e}") from None
+    expected = quant.row_bytes(qtype, shape[-1]) * (shape[0] if len(shape) > 1 else 1)
+    raw = np.asarray(t.data).view(np.uint8)
+    if raw.nbytes != expected:
+        raise GGUFError(f"tensor {t.name} holds {raw.nbytes} bytes, expected {expected}: file truncated or corrupt")
+    if len(shape) > 1:
+        raw = raw.reshape(shape[0], -1)
+    return TensorInfo(t.name, qtype, shape, raw)
+
+
+def _get(meta: dict, key: str, default=None, required=True):
+    if key in meta:
+        return meta[key]
+    if required and default is None:
+        raise GGUFError(f"GGUF metadata lacks required key '{key}'")
+    return default
+
+
+def _config(meta: dict, tensors: dict[str, TensorInfo]) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise GGUFError("GGUF metadata lacks 'general.architecture'")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModel(f"unsupported architecture '{arch}' (kiln runs: {', '.join(ARCHITECTURES)})")
+    d_model = int(_get(meta, f"{arch}.embedding_length"))
+    n_heads = int(_get(meta, f"{arch}.attention.head_count"))
+    n_kv_heads = int(_get(meta, f"{arch}.attention.head_count_kv", n_heads))
+    if "token_embd.weight" not in tensors:
+        raise GGUFError("GGUF has no token_embd.weight tensor")
+    vocab = int(meta.get(f"{arch}.vocab_size") or tensors["token_embd.weight"].shape[0])
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or d_model // n_heads)
+    if n_heads % n_kv_heads:
+        raise GGUFError(f"head_count {n_heads} is not a multiple of head_count_kv {n_kv_heads}")
+    return ModelConfig(
+        arch=arch,
+        name=str(meta.get("general.name", "unnamed")),
+        n_layers=int(_get(meta, f"{arch}.block_count")),
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        d_ff=int(_get(meta, f"{arch}.feed_forward_length")),
+        vocab_size=vocab,
+        context_length=int(_get(meta, f"{arch}.context_length", 2048, required=False)),
+        rope_theta=float(_get(meta, f"{arch}.rope.freq_base", 10000.0, required=False)),
+        rope_neox=arch == "qwen2",
+        norm_eps=float(_get(meta, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, required=False)),
+        tied_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+    )
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the forward pass reads, with the shape the metadata implies."""
+    d, hd = cfg.d_model, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
+    if not cfg.tied_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        shapes |= {
+            p + "attn_norm.weight": (d,), p + "ffn_norm.weight": (d,),
+            p + "attn_q.weight": (cfg.n_heads * hd, d), p + "attn_k.weight": (cfg.n_kv_heads * hd, d),
+            p + "attn_v.weight": (cfg.n_kv_heads * hd, d), p + "attn_output.weight": (d, cfg.n_heads * hd),
+            p + "ffn_gate.weight": (cfg.d_ff, d), p + "ffn_up.weight": (cfg.d_ff, d), p + "ffn_down.weight": (d, cfg.d_ff),
+        }
+        if cfg.qkv_bias:
+            shapes |= {p + "attn_q.bias": (cfg.n_heads * hd,), p + "attn_k.bias": (cfg.n_kv_heads * hd,),
+                       p + "attn_v.bias": (cfg.n_kv_heads * hd,)}
+    return shapes
+
+
+def _check_tensors(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> None:
+    for name, shape in expected_shapes(cfg).items():
+        if name not in tensors:
+            raise GGUFError(f"GGUF lacks tensor '{name}' needed by the {cfg.arch} architecture")
+        if tensors[name].shape != shape:
+            raise GGUFError(f"tensor '{name}' has shape {tensors[name].shape}, but the metadata implies {shape}")
+
+
+def load(path: str) -> GGUFFile:
+    return GGUFFile(path)

@@ -1,0 +1,113 @@
+"""Random-weight GGUFs of real model shapes, written with the gguf writer: for tests, benchmarks and selftest.
+
+Quantized blocks are random bytes with small fixed scales (quant.random_weight): no quantization pass, so even a
+7B-shape file is written in about a minute. The tokenizer keys are copied from the embedded SmolLM2 GGUF unless the
+caller gives its own, so the files load through the normal path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from tqdm import tqdm
+
+from . import quant
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    vocab_size: int = 49152
+    context_length: int = 2048
+    rope_theta: float = 10000.0
+
+
+SHAPES = {
+    "tiny": Shape(2, 256, 4, 2, 512, context_length=256),  # 256: the K-quant super-block size
+    "smollm2-135m": Shape(30, 576, 9, 3, 1536, 49152, 8192, 100000.0),
+    "tinyllama-1.1b": Shape(22, 2048, 32, 4, 5632, 32000, 2048),
+    "llama-7b": Shape(32, 4096, 32, 32, 11008, 32000, 4096),
+}
+
+
+def _tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType | None]]:
+    """SmolLM2's tokenizer keys, the vocab cut or padded to vocab_size (padding tokens are never produced)."""
+    from .api import default_model_path
+
+    reader = GGUFReader(default_model_path())
+    out = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            pad = [f"<pad_{i}>" if key.endswith("tokens") else 1 for i in range(max(0, vocab_size - len(value)))]
+            value = list(value[:vocab_size]) + pad
+        out.append((key, value, field.types[0] if field.types else None))
+    return out
+
+
+def write_model(path: str, shape: Shape, qtype: GGMLQuantizationType, arch: str = "llama", seed: int = 0,
+                embed_type: GGMLQuantizationType | None = GGMLQuantizationType.Q8_0, tied: bool = True,
+                progress: bool = False, scale: float = 0.02) -> str:
+    """Write a random-weight model. Matrices use `qtype`; norms are F32 near 1; qwen2 gets QKV biases."""
+    rng = np.random.default_rng(seed)
+    hd = shape.d_model // shape.n_heads
+    w = GGUFWriter(path, arch)
+    w.add_name(f"random {arch} {shape.n_layers}x{shape.d_model} {qtype.name}")
+    w.add_block_count(shape.n_layers)
+    w.add_context_length(shape.context_length)
+    w.add_embedding_length(shape.d_model)
+    w.add_feed_forward_length(shape.d_ff)
+    w.add_head_count(shape.n_heads)
+    w.add_head_count_kv(shape.n_kv_heads)
+    w.add_rope_freq_base(shape.rope_theta)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(shape.vocab_size)
+    w.add_rope_dimension_count(hd)
+    w.add_file_type(int(qtype))
+    for key, value, vtype in _tokenizer_fields(shape.vocab_size):
+        if isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, vtype)
+
+    def matrix(name: str, rows: int, cols: int, t: GGMLQuantizationType) -> None:
+        raw = quant.random_weight(t, rows, cols, rng, scale)
+        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=t)
+
+    def vector(name: str, n: int, center: float) -> None:
+        w.add_tensor(name, (center + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    d, kv = shape.d_model, shape.n_kv_heads * hd
+    matrix("token_embd.weight", shape.vocab_size, d, embed_type or qtype)
+    if not tied:
+        matrix("output.weight", shape.vocab_size, d, qtype)
+    vector("output_norm.weight", d, 1.0)
+    for i in tqdm(range(shape.n_layers), desc=f"writing {os.path.basename(path)}", disable=not progress):
+        p = f"blk.{i}."
+        vector(p + "attn_norm.weight", d, 1.0)
+        vector(p + "ffn_norm.weight", d, 1.0)
+        matrix(p + "attn_q.weight", shape.n_heads * hd, d, qtype)
+        matrix(p + "attn_k.weight", kv, d, qtype)
+        matrix(p + "attn_v.weight", kv, d, qtype)
+        matrix(p + "attn_output.weight", d, shape.n_heads * hd, qtype)
+        matrix(p + "ffn_gate.weight", shape.d_ff, d, qtype)
+        matrix(p + "ffn_up.weight", shape.d_ff, d, qtype)
+        matrix(p + "ffn_down.weight", d, shape.d_ff, qtype)
+        if arch == "qwen2":
+            vector(p + "attn_q.bias", shape.n_heads * hd, 0.0)
+            vector(p + "attn_k.bias", kv, 0.0)
+            vector(p + "attn_v.bias", kv, 0.0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
