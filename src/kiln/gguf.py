@@ -73,15 +73,22 @@ class GGUFFile:
         return self.metadata.get("tokenizer.chat_template")
 
     def close(self) -> None:
-        """Drop the memory map (tensors become unusable)."""
-        mm = getattr(self.reader, "data", None)
+        """Drop our references to the memory map; it closes once no weight view uses it."""
         self.tensors.clear()
         self.reader = None
-        if mm is not None and hasattr(mm, "_mmap") and mm._mmap is not None:
-            try:
-                mm._mmap.close()
-            except (BufferError, ValueError):
-                pass  # views still alive elsewhere: the GC closes it later
+
+
+class _Reader(GGUFReader):
+    """GGUFReader over a plain ndarray view of its memory map: slicing a np.memmap costs a Python-level
+    __array_finalize__ per slice, which made parsing a 49k-token vocabulary 3x slower. Still memory-mapped."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
 
 
 def _open_reader(path: str) -> GGUFReader:
@@ -94,7 +101,7 @@ def _open_reader(path: str) -> GGUFReader:
     if magic != GGUF_MAGIC:
         raise GGUFError(f"not a GGUF file (magic {magic!r}, expected b'GGUF'): {path}")
     try:
-        reader = GGUFReader(path, "r")
+        reader = _Reader(path, "r")
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
         raise GGUFError(f"corrupt or truncated GGUF file {path}: {e}") from None
     return reader

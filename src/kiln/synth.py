@@ -30,17 +30,53 @@ class Shape:
 
 
 SHAPES = {
-    "tiny": Shape(2, 256, 4, 2, 512, context_length=256),  # 256: the K-quant super-block size
+    "tiny": Shape(2, 256, 4, 2, 512, vocab_size=512, context_length=256),  # 256: the K-quant super-block size
     "smollm2-135m": Shape(30, 576, 9, 3, 1536, 49152, 8192, 100000.0),
     "tinyllama-1.1b": Shape(22, 2048, 32, 4, 5632, 32000, 2048),
     "llama-7b": Shape(32, 4096, 32, 32, 11008, 32000, 4096),
 }
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-in character for each byte value (the byte-level BPE alphabet)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _byte_tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType | None]]:
+    """A merge-free byte-level BPE vocabulary (3 specials + 256 bytes + padding) for tiny test models: any text
+    encodes, and the GGUF stays small and fast to parse."""
+    tokens = list(SPECIALS) + _byte_chars() + ["ab"]  # one merge: the gguf writer cannot store an empty array
+    tokens += [f"<pad_{i}>" for i in range(vocab_size - len(tokens))]
+    types = [3] * len(SPECIALS) + [1] * (vocab_size - len(SPECIALS))
+    return [("tokenizer.ggml.model", "gpt2", GGUFValueType.STRING), ("tokenizer.ggml.pre", "gpt2", GGUFValueType.STRING),
+            ("tokenizer.ggml.tokens", tokens, None), ("tokenizer.ggml.token_type", types, None),
+            ("tokenizer.ggml.merges", ["a b"], None),
+            ("tokenizer.ggml.bos_token_id", 0, GGUFValueType.UINT32),
+            ("tokenizer.ggml.eos_token_id", 2, GGUFValueType.UINT32),
+            ("tokenizer.ggml.add_bos_token", False, GGUFValueType.BOOL),
+            ("tokenizer.chat_template", CHATML, GGUFValueType.STRING)]
+
+
 def _tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType | None]]:
-    """SmolLM2's tokenizer keys, the vocab cut or padded to vocab_size (padding tokens are never produced)."""
+    """SmolLM2's tokenizer keys, the vocab cut or padded to vocab_size (padding tokens are never produced);
+    below 1024 tokens, a byte-level vocabulary instead."""
     from .api import default_model_path
 
+    if vocab_size < 1024:
+        return _byte_tokenizer_fields(vocab_size)
     reader = GGUFReader(default_model_path())
     out = []
     for key, field in reader.fields.items():

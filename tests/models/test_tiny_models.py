@@ -68,7 +68,7 @@ def nmse(a: np.ndarray, ref: np.ndarray) -> float:
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_tiny_llama_matches_float64_reference(tiny_models, qtype):
     path = tiny_models(qtype)
-    ids = [1, 504, 3458, 314, 2899, 28, 17, 42, 4000, 7]
+    ids = [1, 504, 345, 314, 289, 28, 17, 42, 400, 7]
     ref = reference_logits(path, ids)
     model = Model(gguf.load(path), NumpyDevice(), n_ctx=64)
     # Prefill all but the last two tokens, then decode token by token: exercises the KV cache and both paths.
@@ -81,7 +81,7 @@ def test_tiny_llama_matches_float64_reference(tiny_models, qtype):
 
 def test_tiny_qwen2_with_bias_and_neox_rope(tiny_models):
     path = tiny_models(Q.Q8_0, "qwen2")
-    ids = [3, 14, 159, 265, 358, 979]
+    ids = [3, 14, 159, 265, 358, 97]
     ref = reference_logits(path, ids)
     model = Model(gguf.load(path), NumpyDevice(), n_ctx=32)
     assert model.cfg.qkv_bias and model.cfg.rope_neox
@@ -90,7 +90,7 @@ def test_tiny_qwen2_with_bias_and_neox_rope(tiny_models):
 
 def test_prefix_reuse_and_chunked_prefill_equal_one_shot(tiny_models):
     path = tiny_models(Q.Q4_K)
-    ids = list(range(100, 140))
+    ids = list(range(100, 140))  # 40 tokens: several prefill chunks
     one = Model(gguf.load(path), NumpyDevice(), n_ctx=64)
     want = one.dev.download(one.prefill(ids))[0]
     chunked = Model(gguf.load(path), NumpyDevice(), n_ctx=64)
