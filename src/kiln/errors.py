@@ -23,3 +23,7 @@ class BackendUnavailable(KilnError):
 
 class ContextOverflow(KilnError):
     """The prompt (plus generation) does not fit in the model's context window."""
+
+
+class InvalidArgument(KilnError, ValueError):
+    """A parameter out of range (sampling settings, token counts)."""

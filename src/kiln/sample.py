@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .errors import InvalidArgument
+
 Sampler = Callable[[np.ndarray], int]
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
@@ -21,11 +23,11 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, m
                  seed: int | None = None) -> Sampler:
     """temperature 0 is greedy. Filters apply in llama.cpp's order: top-k, top-p, min-p, then temperature."""
     if temperature < 0:
-        raise ValueError("temperature must be >= 0")
+        raise InvalidArgument("temperature must be >= 0")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError("top_p must be in (0, 1]")
+        raise InvalidArgument("top_p must be in (0, 1]")
     if not 0.0 <= min_p < 1.0:
-        raise ValueError("min_p must be in [0, 1)")
+        raise InvalidArgument("min_p must be in [0, 1)")
     if temperature == 0:
         return greedy
     rng = np.random.default_rng(seed)

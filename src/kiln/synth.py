@@ -61,7 +61,8 @@ def _byte_tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValue
     tokens = list(SPECIALS) + _byte_chars() + ["ab"]  # one merge: the gguf writer cannot store an empty array
     tokens += [f"<pad_{i}>" for i in range(vocab_size - len(tokens))]
     types = [3] * len(SPECIALS) + [1] * (vocab_size - len(SPECIALS))
-    return [("tokenizer.ggml.model", "gpt2", GGUFValueType.STRING), ("tokenizer.ggml.pre", "gpt2", GGUFValueType.STRING),
+    return [("tokenizer.ggml.model", "gpt2", GGUFValueType.STRING),
+            ("tokenizer.ggml.pre", "gpt2", GGUFValueType.STRING),
             ("tokenizer.ggml.tokens", tokens, None), ("tokenizer.ggml.token_type", types, None),
             ("tokenizer.ggml.merges", ["a b"], None),
             ("tokenizer.ggml.bos_token_id", 0, GGUFValueType.UINT32),
@@ -92,23 +93,30 @@ def _tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType 
 
 def write_model(path: str, shape: Shape, qtype: GGMLQuantizationType, arch: str = "llama", seed: int = 0,
                 embed_type: GGMLQuantizationType | None = GGMLQuantizationType.Q8_0, tied: bool = True,
-                progress: bool = False, scale: float = 0.02) -> str:
+                progress: bool = False, scale: float = 0.02, meta_overrides: dict | None = None) -> str:
     """Write a random-weight model. Matrices use `qtype`; norms are F32 near 1; qwen2 gets QKV biases."""
     rng = np.random.default_rng(seed)
     hd = shape.d_model // shape.n_heads
     w = GGUFWriter(path, arch)
-    w.add_name(f"random {arch} {shape.n_layers}x{shape.d_model} {qtype.name}")
-    w.add_block_count(shape.n_layers)
-    w.add_context_length(shape.context_length)
-    w.add_embedding_length(shape.d_model)
-    w.add_feed_forward_length(shape.d_ff)
-    w.add_head_count(shape.n_heads)
-    w.add_head_count_kv(shape.n_kv_heads)
-    w.add_rope_freq_base(shape.rope_theta)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(shape.vocab_size)
-    w.add_rope_dimension_count(hd)
-    w.add_file_type(int(qtype))
+    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+    meta = {
+        "general.name": (f"random {arch} {shape.n_layers}x{shape.d_model} {qtype.name}", GGUFValueType.STRING),
+        "general.file_type": (int(qtype), u32),
+        f"{arch}.block_count": (shape.n_layers, u32),
+        f"{arch}.context_length": (shape.context_length, u32),
+        f"{arch}.embedding_length": (shape.d_model, u32),
+        f"{arch}.feed_forward_length": (shape.d_ff, u32),
+        f"{arch}.attention.head_count": (shape.n_heads, u32),
+        f"{arch}.attention.head_count_kv": (shape.n_kv_heads, u32),
+        f"{arch}.rope.freq_base": (shape.rope_theta, f32),
+        f"{arch}.attention.layer_norm_rms_epsilon": (1e-5, f32),
+        f"{arch}.vocab_size": (shape.vocab_size, u32),
+        f"{arch}.rope.dimension_count": (hd, u32),
+    }
+    for key, value in (meta_overrides or {}).items():  # tests write inconsistent files on purpose
+        meta[key] = (value, meta[key][1] if key in meta else u32)
+    for key, (value, vtype) in meta.items():
+        w.add_key_value(key, value, vtype)
     for key, value, vtype in _tokenizer_fields(shape.vocab_size):
         if isinstance(value, list):
             w.add_array(key, value)

@@ -21,7 +21,7 @@ def reference_logits(path: str, ids: list[int]) -> np.ndarray:
     r = GGUFReader(path)
     arch = r.fields["general.architecture"].contents()
     meta = {k: f.contents() for k, f in r.fields.items() if k.startswith(arch)}
-    W = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64).reshape(tuple(reversed([int(x) for x in t.shape])))
+    W = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64).reshape([int(x) for x in reversed(t.shape)])
          for t in r.tensors}
     d, H = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
     Hkv, eps = meta[f"{arch}.attention.head_count_kv"], meta[f"{arch}.attention.layer_norm_rms_epsilon"]
