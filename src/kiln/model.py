@@ -56,8 +56,11 @@ class Activations:
 class Model:
     """A loaded model on one device, with its KV cache. Not thread-safe: one generation at a time."""
 
-    def __init__(self, gguf: GGUFFile, dev: Device, n_ctx: int | None = None, progress: bool = False):
+    def __init__(self, gguf: GGUFFile, dev: Device, n_ctx: int | None = None, progress: bool = False,
+                 all_reduce=None):
+        """all_reduce(tensor) sums a tensor across tensor-parallel ranks in place; None on a single device."""
         self.cfg, self.dev, self.gguf = gguf.config, dev, gguf
+        self.all_reduce = all_reduce
         self.n_ctx = min(n_ctx or 4096, self.cfg.context_length)
         self._load_weights(gguf, progress)
         cache_shape = (self.cfg.n_kv_heads, self.n_ctx, self.cfg.head_dim)
@@ -137,16 +140,22 @@ class Model:
             dev.attention(a.q, a.k, a.v, self.k_cache[i], self.v_cache[i], a.pos, a.attn,
                           c.n_heads, c.n_kv_heads, c.head_dim, n_kv)
             dev.matmul(a.attn, L.wo, a.h)  # h: [T, d]
+            self._reduce(a.h)
             dev.add(a.x, a.h, a.x)
             dev.rms_norm(a.x, L.ffn_norm, c.norm_eps, a.h)
             dev.matmul(a.h, L.w_gate, a.gate)  # gate, up: [T, d_ff]
             dev.matmul(a.h, L.w_up, a.up)
             dev.swiglu(a.gate, a.up, a.gate)
             dev.matmul(a.gate, L.w_down, a.h)
+            self._reduce(a.h)
             dev.add(a.x, a.h, a.x)
         dev.copy_row(a.x, a.T - 1, a.last)  # only the last token needs logits
         dev.rms_norm(a.last, self.output_norm, c.norm_eps, a.last)
         dev.matmul(a.last, self.output, a.logits)  # logits: [1, vocab]
+
+    def _reduce(self, t: Tensor) -> None:
+        if self.all_reduce is not None:  # tensor parallel: each rank holds a partial sum of the block's output
+            self.all_reduce(t)
 
     # --- KV-cache bookkeeping -----------------------------------------------------------------------------------
     def prefill(self, ids: list[int], chunk: int = 512) -> Tensor:
