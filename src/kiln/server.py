@@ -1,0 +1,817 @@
+"""`kiln serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one loaded model.
+
+Scheduling: model.py keeps a single-sequence KV cache, so exactly one generation runs at a time, in one worker
+thread; requests wait in a FIFO queue (first come, first served) and --max-concurrency bounds queued + active.
+Continuous batching (decode steps of many requests run as one batch) is the goal, but it needs a KV cache with
+one slot per sequence and a batched decode step in model.py; until then it is not pretended here. Consecutive
+requests do share the cache's longest common token prefix (Model.prefill), so a repeated system prompt or a
+growing chat history is not prefilled again.
+
+FastAPI and uvicorn are optional (`pip install 'kiln[server]'`): they are imported only when a server is built,
+so `kiln --help` works without them and `kiln serve` says what to install. (No `from __future__ import
+annotations` here: FastAPI must see the real `Request` class on the route functions built inside create_app.)
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import queue
+import secrets
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__ as _kiln_version
+from .errors import ContextOverflow, KilnError
+
+log = logging.getLogger("kiln.server")
+
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: far more than any prompt that fits a context, small enough to refuse abuse
+MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20
+ROLES = ("system", "developer", "user", "assistant", "tool")
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+
+
+def _require_deps() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise KilnError(f"kiln serve needs FastAPI and uvicorn ({e.name} is missing): "
+                        "pip install 'kiln[server]'") from None
+
+
+# --- errors in OpenAI's format --------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A request the client must fix (or retry later): becomes {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+# --- request parsing --------------------------------------------------------------------------------------------
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
+               dict: "an object"}
+
+
+def _get(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
+    """body[name] checked against kind (bool is never accepted as a number; int is accepted as float)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds:
+        kinds = (*kinds, int)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(_KIND_NAMES[k] for k in kinds if k is not int or float not in kinds)
+        raise _invalid(name, f"'{name}' must be {names}, got {json.dumps(value)[:60]}", "invalid_type")
+    return value
+
+
+def _number(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> float:
+    value = float(_get(body, name, float, default))
+    if (lo is not None and (value < lo or lo_open and value == lo)) or (hi is not None and value > hi):
+        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
+        hi_s = "" if hi is None else f"<= {hi:g}"
+        raise _invalid(name, f"'{name}' must be {' and '.join(s for s in (lo_s, hi_s) if s)}, got {value:g}")
+    return value
+
+
+def _integer(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+    value = _get(body, name, int, default)
+    if value is None:
+        return None
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise _invalid(name, f"'{name}' must be between {lo} and {hi}, got {value}")
+    return value
+
+
+@dataclass
+class GenRequest:
+    """Everything the worker needs for one generation, validated; prompt_ids already tokenized."""
+
+    chat: bool
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt: str | list[int] = ""
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+def parse_request(body: Any, chat: bool, n_ctx: int) -> GenRequest:
+    """Validate an OpenAI (chat) completions body; messages/prompt are checked here and rendered by the caller."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
+    r = GenRequest(chat=chat)
+    r.stream = _get(body, "stream", bool, False)
+    options = _get(body, "stream_options", dict, {})
+    if options and not r.stream:
+        raise _invalid("stream_options", "'stream_options' is only allowed with \"stream\": true")
+    r.include_usage = _get(options, "include_usage", bool, False)
+    n = _integer(body, "n", 1)
+    if n != 1:
+        raise _invalid("n", f"only n=1 is supported (one model, one sequence), got {n}")
+    limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    r.max_tokens = _integer(body, limit, None if chat else 16, 1, n_ctx)
+    r.temperature = _number(body, "temperature", 1.0, 0.0)
+    r.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = _integer(body, "top_k", 0, -1)
+    r.top_k = max(top_k, 0)  # -1 means off, as in vLLM
+    r.min_p = _number(body, "min_p", 0.0, 0.0, 0.999999)
+    seed = _get(body, "seed", int)
+    r.seed = None if seed is None else seed & (2**64 - 1)  # OpenAI accepts any int64; numpy wants >= 0
+    r.presence_penalty = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    r.frequency_penalty = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    r.repetition_penalty = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
+    stop = _get(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop):
+        raise _invalid("stop", f"'stop' must be a string or a list of at most {MAX_STOP} strings")
+    r.stop = [s for s in stop if s]
+    if chat:
+        r.logprobs = _get(body, "logprobs", bool, False)
+        r.top_logprobs = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+        if r.top_logprobs and not r.logprobs:
+            raise _invalid("top_logprobs", "'top_logprobs' needs \"logprobs\": true")
+        if body.get("tools") or body.get("functions"):
+            raise _invalid("tools", "tool calling is not supported by kiln serve")
+    else:
+        lp = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+        r.logprobs, r.top_logprobs = lp is not None, lp or 0
+        if _get(body, "echo", bool, False):
+            raise _invalid("echo", "'echo' is not supported")
+        if _integer(body, "best_of", 1) != 1:
+            raise _invalid("best_of", "only best_of=1 is supported")
+        if _get(body, "suffix", str, ""):
+            raise _invalid("suffix", "'suffix' (insertion) is not supported")
+    return r
+
+
+def parse_messages(body: dict) -> list[dict]:
+    """OpenAI messages -> the plain {role, content: str} list chat templates expect (text parts joined)."""
+    if "messages" not in body:
+        raise ApiError(400, "'messages' is required", param="messages", code="missing_required_parameter")
+    messages = _get(body, "messages", list)
+    if not messages:
+        raise _invalid("messages", "'messages' must be a non-empty array")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _invalid(where, f"{where} must be an object with 'role' and 'content'", "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise _invalid(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is understood by a text-only model
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise _invalid(f"{where}.content", f"{where}.content: only text parts are supported")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None and role == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise _invalid(f"{where}.content", f"{where}.content must be a string or an array of text parts",
+                           "invalid_type")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def parse_prompt(body: dict) -> str | list[int]:
+    """A completions prompt: a string, a one-element list of strings, or a list of token ids."""
+    if "prompt" not in body or body["prompt"] is None:
+        raise ApiError(400, "'prompt' is required", param="prompt", code="missing_required_parameter")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
+        raise _invalid("prompt", "only one prompt per request is supported")
+    raise _invalid("prompt", "'prompt' must be a string or an array of token ids", "invalid_type")
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Counters for /metrics in Prometheus' text format; plain ints under a lock (no client library needed)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.cancelled = 0
+        self.rejected = 0
+        self.tokens_per_second = 0.0
+        self.started = time.time()
+
+    def request(self, endpoint: str, status: int) -> None:
+        with self.lock:
+            self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
+
+    def render(self, queue_depth: int, active: int) -> str:
+        with self.lock:
+            lines = ["# HELP kiln_requests_total HTTP requests by endpoint and status code.",
+                     "# TYPE kiln_requests_total counter"]
+            for (ep, status), n in sorted(self.requests.items()):
+                lines.append(f'kiln_requests_total{{endpoint="{ep}",status="{status}"}} {n}')
+            for name, kind, value, text in (
+                ("kiln_prompt_tokens_total", "counter", self.prompt_tokens, "Prompt tokens of started generations."),
+                ("kiln_generation_tokens_total", "counter", self.generation_tokens, "Tokens generated."),
+                ("kiln_cancelled_requests_total", "counter", self.cancelled, "Generations stopped by a disconnect."),
+                ("kiln_rejected_requests_total", "counter", self.rejected, "Requests refused: queue full (429)."),
+                ("kiln_generation_tokens_per_second", "gauge", round(self.tokens_per_second, 3),
+                 "Decode speed of the latest generation."),
+                ("kiln_queue_depth", "gauge", queue_depth, "Requests waiting for the model."),
+                ("kiln_active_requests", "gauge", active, "Requests generating now (at most 1: one KV cache)."),
+                ("kiln_uptime_seconds", "gauge", round(time.time() - self.started, 1), "Seconds since start."),
+            ):
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+# --- the engine: one worker thread, a FIFO of jobs -----------------------------------------------------------
+
+
+_END = object()
+
+
+class Job:
+    """One admitted request. The worker pushes Chunks (then _END, or an exception) into `out` on the event loop."""
+
+    def __init__(self, engine: "Engine", req: GenRequest, loop: asyncio.AbstractEventLoop):
+        self.engine, self.req, self.loop = engine, req, loop
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self._released = False
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        """Client gone: the worker stops at its next token; the admission slot is given back now."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self.engine.release(self, cancelled=True)
+
+    def finish(self) -> None:
+        self.engine.release(self, cancelled=False)
+
+
+class Engine:
+    """Owns the model: runs one generation at a time in a worker thread, in arrival order."""
+
+    def __init__(self, model, max_concurrency: int = 64):
+        if max_concurrency < 1:
+            raise KilnError("--max-concurrency must be at least 1")
+        self.model, self.tokenizer = model, model.tokenizer
+        self.max_concurrency = max_concurrency
+        self.metrics = Metrics()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._admitted = 0  # queued + active, cancelled ones excluded
+        self._queued = 0
+        self.active: Job | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="kiln-generate", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def depth(self) -> tuple[int, int]:
+        with self._lock:
+            return self._queued, int(self.active is not None and not self.active.cancelled.is_set())
+
+    def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop) -> Job:
+        job = Job(self, req, loop)
+        with self._lock:
+            if self._admitted >= self.max_concurrency:
+                self.metrics.rejected += 1
+                raise ApiError(429, f"the server is busy ({self._admitted} requests queued or running, limit "
+                               f"{self.max_concurrency}); retry later", code="rate_limit_exceeded",
+                               type="rate_limit_error")
+            self._admitted += 1
+            self._queued += 1
+            self._idle.clear()
+            self._jobs.put(job)  # under the lock, so the worker never sees "empty" between clear() and put()
+        return job
+
+    def release(self, job: Job, cancelled: bool) -> None:
+        with self._lock:
+            if job._released:
+                return
+            job._released = True
+            self._admitted -= 1
+            if job is not self.active:
+                self._queued -= 1
+            if cancelled:
+                self.metrics.cancelled += 1
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """True once no job is queued or running (tests use it before touching the model directly)."""
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._lock:
+                if not job.cancelled.is_set():
+                    self.active = job
+                    self._queued -= 1
+            if self.active is job:
+                try:
+                    self._generate(job)
+                except KilnError as e:
+                    job.put(e)
+                except Exception as e:  # a bug: log it with its traceback, tell the client only that it failed
+                    log.exception("generation failed")
+                    self.model.reset()  # the KV cache may be half-written
+                    job.put(e)
+                finally:
+                    job.finish()  # release before _END reaches the handler, whose cleanup would count a cancel
+                    with self._lock:
+                        self.active = None
+                    job.put(_END)
+            with self._lock:
+                if self._jobs.empty() and self.active is None:
+                    self._idle.set()
+
+    def _generate(self, job: Job) -> None:
+        from .generate import stream_generate
+        from .sample import make_logits_processors, make_sampler
+
+        r, m = job.req, self.metrics
+        sampler = make_sampler(r.temperature, r.top_k, r.top_p, r.min_p, r.seed) if r.temperature > 0 else None
+        procs = make_logits_processors(repeat_penalty=r.repetition_penalty, presence_penalty=r.presence_penalty,
+                                       frequency_penalty=r.frequency_penalty, prompt_len=len(r.prompt_ids))
+        room = self.model.n_ctx - len(r.prompt_ids)
+        max_tokens = min(r.max_tokens or room, room)
+        k = max(r.top_logprobs, 1) if r.logprobs else 0
+        gen = stream_generate(self.model, self.tokenizer, r.prompt_ids, max_tokens=max_tokens, sampler=sampler,
+                              logits_processors=procs, stop=r.stop, logprobs=k)
+        n_seen = 0
+        try:
+            for chunk in gen:
+                if job.cancelled.is_set():
+                    return
+                with m.lock:
+                    if n_seen == 0:
+                        m.prompt_tokens += chunk.prompt_tokens
+                    m.generation_tokens += chunk.generation_tokens - n_seen
+                    n_seen = chunk.generation_tokens
+                    m.tokens_per_second = chunk.generation_tps or m.tokens_per_second
+                job.put(chunk)
+        finally:
+            gen.close()
+
+
+# --- response building ------------------------------------------------------------------------------------------
+
+
+def _token_info(tok, token_id: int) -> tuple[str, list[int]]:
+    piece = tok.piece(token_id)
+    return piece.decode("utf-8", errors="replace"), list(piece)
+
+
+def _chat_logprobs(tok, chunk, top_n: int) -> list[dict]:
+    if chunk.token is None or chunk.logprob is None:
+        return []
+    text, raw = _token_info(tok, chunk.token)
+    top = []
+    for tid, lp in list((chunk.top_logprobs or {}).items())[:top_n]:
+        t, b = _token_info(tok, tid)
+        top.append({"token": t, "logprob": lp, "bytes": b})
+    return [{"token": text, "logprob": chunk.logprob, "bytes": raw, "top_logprobs": top}]
+
+
+def _completion_logprobs(tok, chunk, top_n: int, offset: int) -> dict:
+    if chunk.token is None or chunk.logprob is None:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    top = {}
+    for tid, lp in list((chunk.top_logprobs or {}).items())[:top_n]:
+        top.setdefault(_token_info(tok, tid)[0], lp)
+    return {"tokens": [_token_info(tok, chunk.token)[0]], "token_logprobs": [chunk.logprob], "top_logprobs": [top],
+            "text_offset": [offset]}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _Reply:
+    """Builds OpenAI response objects (whole or chunked) for one request."""
+
+    def __init__(self, req: GenRequest, model_id: str, tok, fingerprint: str):
+        self.req, self.model_id, self.tok, self.fingerprint = req, model_id, tok, fingerprint
+        self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id,
+                "system_fingerprint": self.fingerprint}
+
+    def chunk(self, chunk=None, role: bool = False, offset: int = 0) -> dict:
+        """One streamed event: the role announcement (chat), a text delta, or the final one with finish_reason."""
+        r = self.req
+        text = "" if chunk is None else chunk.text
+        finish = None if chunk is None else chunk.finish_reason
+        if r.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text or not finish else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if r.logprobs and chunk is not None and chunk.logprob is not None:
+                choice["logprobs"] = {"content": _chat_logprobs(self.tok, chunk, r.top_logprobs)}
+            out = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            if r.logprobs and chunk is not None and chunk.logprob is not None:
+                choice["logprobs"] = _completion_logprobs(self.tok, chunk, r.top_logprobs, offset)
+            out = {**self._head("text_completion"), "choices": [choice]}
+        if r.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._head("chat.completion.chunk" if self.req.chat else "text_completion"), "choices": [],
+                "usage": usage}
+
+    def whole(self, chunks: list, prompt_tokens: int) -> dict:
+        r = self.req
+        text = "".join(c.text for c in chunks)
+        last = chunks[-1] if chunks else None
+        finish = last.finish_reason if last else "length"
+        usage = _usage(prompt_tokens, last.generation_tokens if last else 0)
+        if r.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+            if r.logprobs:
+                choice["logprobs"] = {"content": [e for c in chunks for e in _chat_logprobs(self.tok, c,
+                                                                                            r.top_logprobs)]}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if r.logprobs:
+            merged: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            offset = 0
+            for c in chunks:
+                for key, vals in _completion_logprobs(self.tok, c, r.top_logprobs, offset).items():
+                    merged[key] += vals
+                offset += len(c.text)
+            choice["logprobs"] = merged
+        return {**self._head("text_completion"), "choices": [choice], "usage": usage}
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+# --- the ASGI app ---------------------------------------------------------------------------------------------
+
+
+class _MetricsMiddleware:
+    """Counts every response by endpoint and status; a bare ASGI middleware so streamed responses count too."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        status: list[int] = []
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                self.metrics.request(endpoint, message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        except BaseException:
+            if not status:
+                self.metrics.request(endpoint, 500)
+            raise
+
+
+def create_app(engine: Engine, model_id: str | None = None, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY):
+    """The FastAPI app for an engine; `model_id` is the name clients use (default: the GGUF file stem)."""
+    _require_deps()
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    model = engine.model
+    path = getattr(model.gguf, "path", None) or ""
+    model_id = model_id or (os.path.splitext(os.path.basename(str(path)))[0] if path else "") or "kiln"
+    aliases = {model_id, "default"}
+    created = int(os.path.getmtime(path)) if path and os.path.exists(path) else int(time.time())
+    fingerprint = f"kiln-{_kiln_version}-{model.dev.name.split()[0]}"
+    n_ctx = model.n_ctx
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="kiln", version=_kiln_version, docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.engine = engine
+    app.state.model_id = model_id
+    app.add_middleware(_MetricsMiddleware, metrics=engine.metrics)
+
+    def error(e: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error(e)
+
+    @app.exception_handler(KilnError)
+    async def _kiln_error(request, e: KilnError):
+        code = "context_length_exceeded" if isinstance(e, ContextOverflow) else None
+        return error(ApiError(400, str(e), code=code))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        return error(ApiError(400, "invalid request", code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e: Exception):  # logged by uvicorn with its traceback; the client gets no internals
+        return error(ApiError(500, "internal server error; see the server log", type="server_error"))
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def check_model(name: Any) -> None:
+        if name is not None and not isinstance(name, str):
+            raise _invalid("model", "'model' must be a string", "invalid_type")
+        if name is not None and name not in aliases:
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{model_id}'",
+                           param="model", code="model_not_found")
+
+    async def read_json(request: Request) -> Any:
+        """The body as JSON, refusing more than max_body_bytes before reading it all (chunked bodies too)."""
+        declared = request.headers.get("content-length")
+        too_big = ApiError(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            raise too_big
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > max_body_bytes:
+                raise too_big
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    async def tokenize(req: GenRequest, param: str) -> None:
+        if isinstance(req.prompt, list):
+            vocab = engine.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for t in req.prompt):
+                raise _invalid(param, f"token ids must be in [0, {vocab})")
+            ids = list(req.prompt)
+        else:
+            ids = await run_in_threadpool(engine.tokenizer.encode, req.prompt)
+        if not ids:
+            raise _invalid(param, f"'{param}' is empty")
+        if len(ids) >= n_ctx:
+            raise ApiError(400, f"this model's context holds {n_ctx} tokens, but the {param} has {len(ids)} tokens "
+                           "(leave room for at least one generated token); shorten it", param=param,
+                           code="context_length_exceeded")
+        req.prompt_ids = ids
+
+    async def run(request: Request, req: GenRequest):
+        job = engine.submit(req, asyncio.get_running_loop())
+        reply = _Reply(req, model_id, engine.tokenizer, fingerprint)
+        if req.stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": reply.id}
+            return _JobStream(stream_events(job, reply), job, media_type="text/event-stream", headers=headers)
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            chunks = []
+            while (item := await job.out.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                chunks.append(item)
+        finally:
+            watcher.cancel()
+            job.cancel()  # no-op when it finished; frees the slot if we are unwinding early
+        return JSONResponse(reply.whole(chunks, len(req.prompt_ids)), headers={"X-Request-Id": reply.id})
+
+    async def watch_disconnect(request: Request, job: Job) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        job.cancel()
+
+    async def stream_events(job: Job, reply: _Reply) -> AsyncIterator[bytes]:
+        req = reply.req
+        if req.chat:
+            yield _sse(reply.chunk(role=True))
+        offset, last = 0, None
+        while (item := await job.out.get()) is not _END:
+            if isinstance(item, BaseException):  # headers are sent: report in-band, as OpenAI does
+                e = item if isinstance(item, KilnError) else None
+                msg = str(e) if e else "internal server error; see the server log"
+                yield _sse(ApiError(400 if e else 500, msg, type="invalid_request_error" if e else "server_error")
+                           .body())
+                break
+            last = item
+            if item.text or item.finish_reason or (req.logprobs and item.logprob is not None):
+                yield _sse(reply.chunk(item, offset=offset))
+            offset += len(item.text)
+        if req.include_usage and last is not None:
+            yield _sse(reply.usage_chunk(_usage(len(req.prompt_ids), last.generation_tokens)))
+        yield b"data: [DONE]\n\n"
+
+    @app.get("/health")
+    async def health():
+        queued, active = engine.depth()
+        ok = engine.alive
+        return JSONResponse({"status": "ok" if ok else "error", "model": model_id, "backend": model.dev.name,
+                             "n_ctx": n_ctx, "queue_depth": queued, "active_requests": active},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.render(*engine.depth()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card() -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "kiln",
+                "context_length": n_ctx, "backend": model.dev.name}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str, request: Request):
+        check_auth(request)
+        check_model(name)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_auth(request)
+        body = await read_json(request)
+        req = parse_request(body, chat=False, n_ctx=n_ctx)
+        check_model(body.get("model"))
+        req.prompt = parse_prompt(body)
+        await tokenize(req, "prompt")
+        return await run(request, req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        body = await read_json(request)
+        req = parse_request(body, chat=True, n_ctx=n_ctx)
+        check_model(body.get("model"))
+        from .api import apply_chat_template
+
+        req.prompt = apply_chat_template(model, parse_messages(body))
+        await tokenize(req, "messages")
+        return await run(request, req)
+
+    class _JobStream(StreamingResponse):
+        """Cancels its job however the response ends (client gone, server stopping), so the slot is freed."""
+
+        def __init__(self, content, job: Job, **kwargs):
+            super().__init__(content, **kwargs)
+            self.job = job
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.job.cancel()
+
+    return app
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before uvicorn starts so --port 0 works and the real address can be printed."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise KilnError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(args) -> int:
+    _require_deps()
+    import uvicorn
+
+    from . import api
+
+    api_key = args.api_key or os.environ.get("KILN_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    sock = bind(args.host, args.port)
+    model = api.load(args.model, backend=args.backend, device=args.device, n_ctx=args.ctx,
+                     progress=sys.stderr.isatty(), quiet=False)
+    engine = Engine(model, max_concurrency=args.max_concurrency)
+    app = create_app(engine, model_id=args.model_id, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    host, port = sock.getsockname()[:2]
+    print(f"kiln: serving {app.state.model_id} ({model.dev.name}, ctx {model.n_ctx}) on http://{host}:{port}/v1",
+          flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    from .cli import _add_model_args
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $KILN_API_KEY)")
+    p.add_argument("--max-concurrency", type=int, default=64,
+                   help="requests queued + running before new ones get 429 (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body (default 1 MiB)")
+    p.add_argument("--model-id", default=None, help="model name clients use (default: the GGUF file name stem)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(handler=cmd_serve)

@@ -1,0 +1,56 @@
+"""One real server for the whole module: uvicorn in a background thread on a free loopback port, serving the
+embedded model on the numpy backend. Loading once keeps the suite fast on a small CPU."""
+
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
+pytest.importorskip("openai")
+
+API_KEY = "test-key"
+N_CTX = 1024
+MAX_CONCURRENCY = 2  # small, so the 429 and slot-freeing tests need only two held requests
+
+
+@dataclass
+class Served:
+    url: str
+    model_id: str
+    model: object
+    engine: object
+    api_key: str
+
+    def idle(self) -> None:
+        """Wait until no generation is queued or running, so a test may use the model directly."""
+        assert self.engine.wait_idle(120), "server still busy"
+
+
+@pytest.fixture(scope="session")
+def served():
+    import uvicorn
+
+    from kiln import api
+    from kiln.server import Engine, bind, create_app
+
+    model = api.load(None, backend="numpy", n_ctx=N_CTX)
+    engine = Engine(model, max_concurrency=MAX_CONCURRENCY)
+    app = create_app(engine, api_key=API_KEY, max_body_bytes=64 * 1024)
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield Served(f"http://127.0.0.1:{port}", app.state.model_id, model, engine, API_KEY)
+    server.should_exit = True
+    thread.join(15)
+    sock.close()
+    model.close()
