@@ -1,0 +1,38 @@
+// Flash-decoding, pass 2: merge the splits' partials of one (token, head): out = sum_s acc_s e^(m_s - M) /
+// sum_s l_s e^(m_s - M) with M the largest split max (split 0 always holds key 0, so M is finite).
+
+struct Params {
+    T: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    n_ctx: u32,
+    n_splits: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> partial: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<act>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let th = wid.y * p.n_heads + wid.x;   // t * n_heads + h
+    let base = th * p.n_splits * (HD + 2u);
+    var M = -1.0e30;
+    for (var s = 0u; s < p.n_splits; s++) {
+        M = max(M, partial[base + s * (HD + 2u) + HD]);
+    }
+    var den = 0.0;
+    for (var s = 0u; s < p.n_splits; s++) {
+        let o = base + s * (HD + 2u);
+        den += partial[o + HD + 1u] * exp(partial[o + HD] - M);
+    }
+    for (var d = lid; d < HD; d += 64u) {
+        var num = 0.0;
+        for (var s = 0u; s < p.n_splits; s++) {
+            let o = base + s * (HD + 2u);
+            num += partial[o + d] * exp(partial[o + HD] - M);
+        }
+        y[th * HD + d] = act(num / den);
+    }
+}

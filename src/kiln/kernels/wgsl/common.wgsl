@@ -1,0 +1,27 @@
+// Helpers prepended to every kiln kernel (after the generated alias/const header).
+
+// Dispatches larger than 65535 workgroups use a 2-D grid; kernels see one linear workgroup index.
+fn linear_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+// One f16 of a word holding two (little-endian: element 0 in the low half).
+fn half_at(w: u32, odd: u32) -> f32 {
+    let v = unpack2x16float(w);
+    return select(v.x, v.y, odd == 1u);
+}
+
+// Four bit fields (one per byte, starting at bit `shift` of each byte, `mask` wide) as floats.
+fn field4(w: u32, shift: u32, mask: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<u32>(w) >> (vec4<u32>(0u, 8u, 16u, 24u) + shift)) & vec4<u32>(mask));
+}
+
+// Four signed bytes as floats.
+fn i8x4(w: u32) -> vec4<f32> {
+    let s = bitcast<vec4<i32>>(vec4<u32>(w << 24u, w << 16u, w << 8u, w));
+    return vec4<f32>(s >> vec4<u32>(24u));
+}
+
+fn byte_of(w: u32, i: u32) -> u32 {
+    return (w >> (8u * (i & 3u))) & 255u;
+}

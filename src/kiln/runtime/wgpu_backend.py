@@ -1,0 +1,581 @@
+"""WebGPU backend (wgpu-py: Vulkan, Metal, D3D12; lavapipe on a CPU). Kernels live in kernels/wgsl/*.wgsl.
+
+Execution model: every op records one or more dispatches into a single open compute pass; `flush()` ends the pass
+and submits the whole step at once. `queue.write_buffer` runs on the queue timeline as soon as it is called, so
+`write()` flushes recorded work first, and `download()` flushes and reads back through one persistent staging
+buffer. Pipelines are cached by (kernel, header); parameters live in small uniform buffers cached by content and
+bind groups are cached by their resources, so a decode step creates nothing new after the first token.
+
+Weights stay in their GGUF block formats. Formats whose blocks are not a multiple of 4 bytes (Q8_0, Q4_0, Q5_0,
+Q6_K) are repacked at upload into a word-aligned quant array plus an array of their f16 scales; the others are
+uploaded as they are. A matrix larger than one storage binding allows is split by rows into parts, each its own
+buffers and dispatch. Each format's `kernels/wgsl/w_<format>.wgsl` defines `load8(row, k, K)`, eight dequantized
+weights, and is pasted in front of the op kernels that read weights (GEMV, GEMM, embed).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from .. import quant
+from ..errors import BackendUnavailable, UnsupportedOp
+from .base import DTYPES, BufferPool, Device, Tensor, Weight
+
+try:
+    import wgpu
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"wgpu-py is not installed ({e})") from None
+
+_KERNELS = resources.files("kiln") / "kernels" / "wgsl"
+
+# GGUF type -> weight snippet (w_<name>.wgsl); the (scale byte offset, block bytes) of formats repacked at upload.
+_FORMATS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
+            "Q5_0": "q5_0", "Q5_1": "q5_1", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
+_SPLIT_SCALE = {"Q8_0": (0, 34), "Q4_0": (0, 18), "Q5_0": (0, 22), "Q6_K": (208, 210)}
+
+_STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+_MAX_GROUPS = 65535  # per grid dimension (WebGPU default limit)
+_LIMITS = ("max-storage-buffer-binding-size", "max-buffer-size", "max-compute-workgroup-storage-size",
+           "max-storage-buffers-per-shader-stage", "max-compute-invocations-per-workgroup",
+           "max-compute-workgroup-size-x")
+_ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "Unknown": 3, "CPU": 4}
+
+
+def _ceil4(n: int) -> int:
+    return max(4, (n + 3) & ~3)
+
+
+def _subgroup_feature(features) -> str | None:
+    return next((f for f in ("subgroup", "subgroups") if f in features), None)
+
+
+def _adapter_line(i: int, adapter) -> str:
+    info, lim = adapter.info, adapter.limits
+    feats = [f for f in ("shader-f16", _subgroup_feature(adapter.features)) if f and f in adapter.features]
+    return (f"[{i}] {info['device']} ({info['backend_type']}, {info['adapter_type']})\n"
+            f"      max binding {lim['max-storage-buffer-binding-size'] >> 20} MiB, "
+            f"max buffer {lim['max-buffer-size'] >> 20} MiB, "
+            f"workgroup memory {lim['max-compute-workgroup-storage-size'] >> 10} KiB, "
+            f"storage buffers/stage {lim['max-storage-buffers-per-shader-stage']}; "
+            f"features: {', '.join(feats) or 'none'}")
+
+
+def _preference(adapter) -> tuple[int, int]:
+    """Real GPUs before CPU rasterizers (llvmpipe), and native APIs before OpenGL."""
+    info = adapter.info
+    return _ADAPTER_RANK.get(info["adapter_type"], 3), int(info["backend_type"] == "OpenGL")
+
+
+def _pack_params(values: tuple) -> bytes:
+    """A uniform struct of 4-byte scalars (u32, i32 or f32), padded to 16 bytes."""
+    out = b"".join(struct.pack("<f", v) if isinstance(v, float) else struct.pack("<I" if v >= 0 else "<i", v)
+                   for v in values)
+    return out.ljust(max(16, -(-len(out) // 16) * 16), b"\0")
+
+
+def _groups(n: int) -> tuple[int, int, int]:
+    """A grid of n workgroups, folded into 2-D past the per-dimension limit (kernels use linear_group)."""
+    n = max(1, n)
+    return (min(n, _MAX_GROUPS), -(-n // _MAX_GROUPS), 1)
+
+
+def _split_bits(v: np.ndarray, bits: int) -> np.ndarray:
+    mant, exp = np.frexp(v)
+    return np.ldexp(np.round(mant * (1 << bits)), exp - bits)
+
+
+def _rope_turns(theta: float, head_dim: int) -> np.ndarray:
+    """inv_freq / 2pi per pair, split into 4 f32 pieces so that pos * piece is exact for pos < 2^18 (rope.wgsl)."""
+    g = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim) / (2 * np.pi)
+    pieces = []
+    for _ in range(3):
+        pieces.append(_split_bits(g, 6))
+        g = g - pieces[-1]
+    pieces.append(g)
+    return np.stack(pieces, axis=1).astype(np.float32)
+
+
+@dataclass
+class _Part:
+    """Rows [row0, row0 + rows) of a weight matrix: its buffers in binding order (8, 9) with their sizes."""
+
+    row0: int
+    rows: int
+    buffers: list
+
+
+@dataclass(frozen=True)
+class WgpuKernel:
+    """A compiled user kernel (see WgpuDevice.compile)."""
+
+    name: str
+    pipeline: Any
+
+
+class WgpuDevice(Device):
+    backend = "wgpu"
+    GEMV_TPR = 16  # threads per row in the GEMV: a power of two
+    GEMV_RPW = 4  # rows per GEMV workgroup
+    ATTN_SPLITS = 16  # flash-decoding splits per head (fixed per context size, whatever the KV length)
+
+    def __init__(self, index: int | None = None):
+        super().__init__()
+        self.adapters = wgpu.gpu.enumerate_adapters_sync()
+        if not self.adapters:
+            raise BackendUnavailable("wgpu: no WebGPU adapter found; install a GPU driver with Vulkan/Metal/D3D12 "
+                                     "support, or Mesa's lavapipe (apt-get install mesa-vulkan-drivers) for a CPU one")
+        if index is None:
+            index = min(range(len(self.adapters)), key=lambda i: _preference(self.adapters[i]))
+        if not 0 <= index < len(self.adapters):
+            raise BackendUnavailable(f"wgpu: no adapter {index}; found {len(self.adapters)} (see `kiln devices`)")
+        self.index = index
+        self.adapter = adapter = self.adapters[index]
+        features = [f for f in ("shader-f16", _subgroup_feature(adapter.features)) if f and f in adapter.features]
+        limits = {k: adapter.limits[k] for k in _LIMITS if k in adapter.limits}
+        self.device = adapter.request_device_sync(required_features=features, required_limits=limits)
+        self.has_f16 = "shader-f16" in features
+        self.has_subgroups = len(features) > int(self.has_f16)
+        self.kv_dtype = "f16" if self.has_f16 else "f32"
+        self.max_binding = min(self.device.limits["max-storage-buffer-binding-size"],
+                               self.device.limits["max-buffer-size"]) & ~255
+        info = adapter.info
+        kind = {"DiscreteGPU": "GPU", "IntegratedGPU": "integrated GPU"}.get(info["adapter_type"], info["adapter_type"])
+        self.name = f"wgpu: {info['device']} ({info['backend_type']}, {kind})"
+        acts = {"f32", "f16"} if self.has_f16 else {"f32"}
+        weights = set(_FORMATS)
+        self.SUPPORTED_OPS = {
+            "embed": weights, "matmul": weights | {"f32"}, "rms_norm": {"F32", "F16", "BF16"} | acts,
+            "rope": acts, "attention": acts, "swiglu": acts, "add": acts, "copy_row": acts | {"i32"},
+            "argmax": acts,
+        }
+        self.queue = self.device.queue
+        self.pool = BufferPool(self._make_buffer, lambda b: b.destroy())
+        self._live: dict[int, tuple[Any, int]] = {}  # id(tensor) -> (buffer, bucket size) of owned tensors
+        self._weight_buffers: dict[int, Any] = {}  # id(buffer) -> buffer, for close()
+        self.weight_bytes = 0
+        self._pipelines: dict[tuple, Any] = {}
+        self._uniforms: dict[bytes, Any] = {}
+        self._bind_groups: dict[tuple, Any] = {}
+        self._scratch: dict[tuple, Tensor] = {}  # internal tensors (attention partials, argmax result, ...)
+        self._rope_tables: dict[tuple, Any] = {}
+        self._staging = None
+        self._encoder = self._pass = None
+        self.dispatches = 0  # recorded dispatches, for tests and benchmarks
+        self._dummy = self._make_weight_buffer(np.zeros(4, np.float32))  # bound where an optional input is absent
+
+    # --- discovery ----------------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """Every adapter wgpu sees, the chosen one marked."""
+        lines = [self.name]
+        for i, adapter in enumerate(self.adapters):
+            mark = "*" if i == self.index else " "
+            lines.append(f"  {mark} " + _adapter_line(i, adapter))
+        return "\n".join(lines)
+
+    # --- memory -------------------------------------------------------------------------------------------------
+    def _make_buffer(self, size: int):
+        return self.device.create_buffer(size=size, usage=_STORAGE)
+
+    def _make_weight_buffer(self, data: np.ndarray):
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        size = _ceil4(data.nbytes)
+        buf = self.device.create_buffer(size=size, usage=_STORAGE)
+        if data.nbytes:
+            self.queue.write_buffer(buf, 0, data if data.nbytes == size else np.pad(data, (0, size - data.nbytes)))
+        self._weight_buffers[id(buf)] = buf
+        self.weight_bytes += size
+        return buf
+
+    def _destroy_weight_buffer(self, buf) -> None:
+        if self._weight_buffers.pop(id(buf), None) is not None:
+            self.weight_bytes -= buf.size
+            buf.destroy()
+
+    def empty(self, shape, dtype="f32") -> Tensor:
+        nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+        buf, size = self.pool.take(nbytes)
+        tensor = Tensor(self, shape, dtype, (buf, 0, nbytes))
+        self._live[id(tensor)] = (buf, size)
+        return tensor
+
+    def view(self, tensor: Tensor, offset: int, shape) -> Tensor:
+        buf, base, nbytes = tensor.storage
+        itemsize = np.dtype(DTYPES[tensor.dtype]).itemsize
+        start, size = offset * itemsize, math.prod(shape) * itemsize
+        if start % 256:
+            raise ValueError(f"wgpu views must start at a multiple of 256 bytes (got byte offset {start})")
+        if start + size > nbytes:
+            raise ValueError(f"view [{offset}, {offset + math.prod(shape)}) is outside a tensor of {tensor.size}")
+        return Tensor(self, shape, tensor.dtype, (buf, base + start, size))
+
+    def write(self, tensor: Tensor, array: np.ndarray) -> None:
+        self.flush()  # recorded work that reads this tensor must run before the queue overwrites it
+        buf, offset, nbytes = tensor.storage
+        data = np.ascontiguousarray(array, DTYPES[tensor.dtype]).reshape(-1).view(np.uint8)
+        if data.nbytes != nbytes:
+            raise ValueError(f"write of {data.nbytes} bytes into a tensor of {nbytes}")
+        if nbytes % 4:  # pad to a whole word, keeping the bytes after the tensor (a view's neighbours)
+            tail = self._read_bytes(buf, offset + nbytes - nbytes % 4, 4)
+            data = np.concatenate([data, tail[nbytes % 4 :]])
+        if data.nbytes:
+            self.queue.write_buffer(buf, offset, data)
+
+    def download(self, tensor: Tensor) -> np.ndarray:
+        buf, offset, nbytes = tensor.storage
+        raw = self._read_bytes(buf, offset, nbytes)
+        return raw.view(DTYPES[tensor.dtype]).reshape(tensor.shape).copy()
+
+    def _read_bytes(self, buf, offset: int, nbytes: int) -> np.ndarray:
+        """Flush, copy [offset, offset + nbytes) into the persistent staging buffer, map and read it."""
+        size = _ceil4(nbytes)
+        if self._staging is None or self._staging.size < size:
+            if self._staging is not None:
+                self._staging.destroy()
+            self._staging = self.device.create_buffer(size=self.pool.bucket(size),
+                                                      usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        encoder = self._end_pass() or self.device.create_command_encoder()
+        encoder.copy_buffer_to_buffer(buf, offset, self._staging, 0, size)
+        self.queue.submit([encoder.finish()])
+        self._staging.map_sync(wgpu.MapMode.READ, 0, size)
+        try:
+            data = np.frombuffer(self._staging.read_mapped(0, size), np.uint8)
+        finally:
+            self._staging.unmap()
+        return data[:nbytes]
+
+    def free(self, tensor: Tensor) -> None:
+        owned = self._live.pop(id(tensor), None)
+        if owned is None:
+            raise ValueError("free() of a tensor this device does not own (a view, or freed twice)")
+        self.pool.give(*owned)
+        tensor.storage = None
+
+    def memory_stats(self) -> dict:
+        uniform_bytes = sum(b.size for b in self._uniforms.values())
+        return {**self.pool.stats(), "weight_bytes": self.weight_bytes, "uniform_bytes": uniform_bytes,
+                "pipelines": len(self._pipelines), "bind_groups": len(self._bind_groups)}
+
+    # --- weights ------------------------------------------------------------------------------------------------
+    def load_weight(self, name, qtype, raw, shape) -> Weight:
+        weight = Weight(name, qtype, tuple(shape))
+        fmt = qtype.name
+        if len(shape) == 1:  # norms and biases: f32, whatever the file stores
+            values = quant.dequantize(np.asarray(raw).reshape(1, -1).view(np.uint8), qtype, shape[0])[0]
+            weight.storage = self._make_weight_buffer(values)
+            return weight
+        if fmt not in _FORMATS:
+            raise UnsupportedOp(f"backend 'wgpu' does not support {fmt} weights ({name})")
+        rows, cols = shape
+        arrays = self._repack(fmt, np.asarray(raw).reshape(rows, -1).view(np.uint8))
+        row_bytes = max(a.shape[1] for a in arrays)
+        per_part = max(1, self.max_binding // max(1, row_bytes))
+        weight.storage = [
+            _Part(r0, min(per_part, rows - r0), [self._make_weight_buffer(a[r0 : r0 + per_part]) for a in arrays])
+            for r0 in range(0, rows, per_part)
+        ]
+        weight.extra["fmt"] = _FORMATS[fmt]
+        return weight
+
+    @staticmethod
+    def _repack(fmt: str, raw: np.ndarray) -> list[np.ndarray]:
+        """Per-row arrays in binding order: word-aligned quants (binding 8), then f16 scales (binding 9)."""
+        if fmt not in _SPLIT_SCALE:
+            return [raw]
+        at, size = _SPLIT_SCALE[fmt]
+        rows = raw.shape[0]
+        blocks = raw.reshape(rows, -1, size)
+        quants = np.concatenate([blocks[..., :at], blocks[..., at + 2 :]], axis=2).reshape(rows, -1)
+        scales = np.ascontiguousarray(blocks[..., at : at + 2]).reshape(rows, -1)
+        return [quants, scales]
+
+    def free_weight(self, weight: Weight) -> None:
+        if weight.storage is None:
+            return
+        self.flush()  # recorded dispatches may still use these buffers
+        parts = weight.storage if isinstance(weight.storage, list) else [_Part(0, 0, [weight.storage])]
+        for part in parts:
+            for buf in part.buffers:
+                self._destroy_weight_buffer(buf)
+        self._bind_groups.clear()  # they may reference the destroyed buffers
+        weight.storage = None
+        weight.extra.clear()
+
+    # --- recording ----------------------------------------------------------------------------------------------
+    def _compute_pass(self):
+        if self._pass is None:
+            self._encoder = self.device.create_command_encoder()
+            self._pass = self._encoder.begin_compute_pass()
+        return self._pass
+
+    def _end_pass(self):
+        """End the open pass; returns its encoder (or None) for the caller to finish and submit."""
+        encoder = self._encoder
+        if self._pass is not None:
+            self._pass.end()
+        self._encoder = self._pass = None
+        return encoder
+
+    def flush(self) -> None:
+        encoder = self._end_pass()
+        if encoder is not None:
+            self.queue.submit([encoder.finish()])
+
+    def sync(self) -> None:
+        self._read_bytes(self._dummy, 0, 4)  # a mapped read completes only after all submitted work
+
+    def _source(self, kernel: str, fmt: str | None, defs: dict) -> str:
+        """Header (enable f16, type aliases, constants) + common helpers + weight snippet + kernel."""
+        head = ["enable f16;"] if self.has_f16 else []
+        for key, value in sorted(defs.items()):
+            head.append(f"alias {key} = {value};" if isinstance(value, str) else f"const {key}: u32 = {value}u;")
+        parts = ["\n".join(head), (_KERNELS / "common.wgsl").read_text()]
+        if fmt is not None:
+            parts.append((_KERNELS / f"w_{fmt}.wgsl").read_text())
+        parts.append((_KERNELS / f"{kernel}.wgsl").read_text())
+        return "\n".join(parts)
+
+    def _pipeline(self, kernel: str, entry: str = "main", fmt: str | None = None, **defs):
+        key = (kernel, entry, fmt, tuple(sorted(defs.items())))
+        pipeline = self._pipelines.get(key)
+        if pipeline is None:
+            module = self.device.create_shader_module(label=kernel, code=self._source(kernel, fmt, defs))
+            pipeline = self.device.create_compute_pipeline(label=f"{kernel}:{entry}", layout="auto",
+                                                           compute={"module": module, "entry_point": entry})
+            self._pipelines[key] = pipeline
+        return pipeline
+
+    def _uniform(self, values: tuple):
+        data = _pack_params(values)
+        buf = self._uniforms.get(data)
+        if buf is None:
+            if len(self._uniforms) >= 4096:  # bounded: prompts of many sizes each bring their own parameters
+                self._drop_uniforms()
+            buf = self.device.create_buffer(size=len(data), usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
+            self.queue.write_buffer(buf, 0, data)  # a new buffer: no recorded work reads it yet
+            self._uniforms[data] = buf
+        return buf
+
+    def _drop_uniforms(self) -> None:
+        self.flush()
+        for buf in self._uniforms.values():
+            buf.destroy()
+        self._uniforms.clear()
+        self._bind_groups.clear()
+
+    def _dispatch(self, pipeline, bindings: list, groups: tuple[int, int, int]) -> None:
+        """Record one dispatch. bindings: (binding index, buffer, offset, size) for each resource."""
+        key = (id(pipeline), *bindings)
+        group = self._bind_groups.get(key)
+        if group is None:
+            if len(self._bind_groups) >= 8192:
+                self._bind_groups.clear()
+            entries = [{"binding": i, "resource": {"buffer": b, "offset": o, "size": s}} for i, b, o, s in bindings]
+            group = self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+            self._bind_groups[key] = group
+        cp = self._compute_pass()
+        cp.set_pipeline(pipeline)
+        cp.set_bind_group(0, group)
+        cp.dispatch_workgroups(*groups)
+        self.dispatches += 1
+
+    @staticmethod
+    def _bind(index: int, tensor: Tensor) -> tuple:
+        buf, offset, nbytes = tensor.storage
+        return (index, buf, offset, _ceil4(nbytes))
+
+    def _bind_params(self, *values) -> tuple:
+        buf = self._uniform(values)
+        return (0, buf, 0, buf.size)
+
+    @staticmethod
+    def _bind_buffer(index: int, buf) -> tuple:
+        return (index, buf, 0, buf.size)
+
+    def _internal(self, key: tuple, shape: tuple, dtype: str = "f32") -> Tensor:
+        """A device-owned scratch tensor, reused for every call with the same key."""
+        t = self._scratch.get(key)
+        if t is None:
+            t = self._scratch[key] = self.empty(shape, dtype)
+        return t
+
+    # --- user kernels -------------------------------------------------------------------------------------------
+    def compile(self, name: str, source: str, **constants: Any) -> WgpuKernel:
+        """Compile WGSL `source` (entry point `main`); constants set its `override` declarations.
+
+        Cached by (name, source, constants). Bind tensors with @group(0) @binding(0..n-1) in launch order, and
+        the params struct (if any) as a `var<uniform>` at @binding(n).
+        """
+        key = ("user", name, source, tuple(sorted(constants.items())))
+        pipeline = self._pipelines.get(key)
+        if pipeline is None:
+            module = self.device.create_shader_module(label=name, code=source)
+            stage = {"module": module, "entry_point": "main"}
+            if constants:
+                stage["constants"] = {k: float(v) if not isinstance(v, bool) else v for k, v in constants.items()}
+            pipeline = self.device.create_compute_pipeline(label=name, layout="auto", compute=stage)
+            self._pipelines[key] = pipeline
+        return WgpuKernel(name, pipeline)
+
+    def launch(self, kernel: WgpuKernel, grid, buffers, params=None, block=None) -> None:
+        """Record `kernel` over `grid` workgroups (int or up to 3 ints). The workgroup size is the kernel's own
+        @workgroup_size (`block` is accepted for API symmetry with CUDA and must match it if given). params: a
+        sequence of ints/floats (packed as 4-byte u32/i32/f32) or a NumPy array / bytes, bound as a uniform."""
+        grid = (grid,) if isinstance(grid, int) else tuple(grid)
+        groups = (*grid, 1, 1)[:3]
+        bindings = [self._bind(i, t) for i, t in enumerate(buffers)]
+        if params is not None:
+            if isinstance(params, (bytes, bytearray, np.ndarray)):
+                data = bytes(np.ascontiguousarray(params).view(np.uint8)) if isinstance(params, np.ndarray) else params
+                data = bytes(data) + b"\0" * (-len(data) % 16)
+                buf = self._uniforms.get(data)
+                if buf is None:
+                    buf = self.device.create_buffer(size=max(16, len(data)),
+                                                    usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
+                    if data:
+                        self.queue.write_buffer(buf, 0, data)
+                    self._uniforms[data] = buf
+            else:
+                buf = self._uniform(tuple(params))
+            bindings.append((len(buffers), buf, 0, buf.size))
+        self._dispatch(kernel.pipeline, bindings, groups)
+
+    # --- ops ----------------------------------------------------------------------------------------------------
+    def embed(self, weight, ids, out) -> None:
+        fmt = weight.extra["fmt"]
+        T, d = out.shape
+        pipeline = self._pipeline("embed", fmt=fmt)
+        groups = _groups(-(-T * -(-d // 8) // 64))
+        for part in weight.storage:
+            self._dispatch(pipeline, [self._bind_params(d, part.rows, part.row0, T), self._bind(1, ids),
+                                      self._bind(2, out), *self._weight_bindings(part)], groups)
+
+    @staticmethod
+    def _weight_bindings(part: _Part) -> list:
+        return [(8 + i, b, 0, b.size) for i, b in enumerate(part.buffers)]
+
+    def rms_norm(self, x, weight, eps, out) -> None:
+        self.require_op("rms_norm", x.dtype)
+        d = x.shape[-1]
+        rows = x.size // d
+        pipeline = self._pipeline("rms_norm", act=x.dtype)
+        self._dispatch(pipeline, [self._bind_params(d, rows, float(eps)), self._bind(1, x), self._bind(2, out),
+                                  self._bind_buffer(3, weight.storage)], _groups(rows))
+
+    def matmul(self, x, weight, out, bias=None) -> None:
+        self.require_op("matmul", x.dtype)
+        fmt = weight.extra["fmt"]
+        T, K = x.shape
+        N = weight.shape[0]
+        bias_binding = self._bind_buffer(3, bias.storage if bias is not None else self._dummy)
+        if T == 1:
+            tpr, rpw = self.GEMV_TPR, self.GEMV_RPW
+            pipeline = self._pipeline("gemv", fmt=fmt, TPR=tpr, RPW=rpw)
+            for part in weight.storage:
+                params = self._bind_params(K, part.rows, part.row0, int(bias is not None))
+                self._dispatch(pipeline, [params, self._bind(1, x), self._bind(2, out), bias_binding,
+                                          *self._weight_bindings(part)], _groups(-(-part.rows // rpw)))
+            return
+        pipeline = self._pipeline("gemm", fmt=fmt)
+        for part in weight.storage:
+            params = self._bind_params(K, part.rows, part.row0, int(bias is not None), T, N)
+            self._dispatch(pipeline, [params, self._bind(1, x), self._bind(2, out), bias_binding,
+                                      *self._weight_bindings(part)], (-(-part.rows // 64), -(-T // 32), 1))
+
+    def rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
+        self.require_op("rope", x.dtype)
+        T = x.shape[0]
+        key = (float(theta), head_dim)
+        table = self._rope_tables.get(key)
+        if table is None:
+            table = self._rope_tables[key] = self._make_weight_buffer(_rope_turns(theta, head_dim))
+        pipeline = self._pipeline("rope", act=x.dtype)
+        n = T * n_heads * (head_dim // 2)
+        self._dispatch(pipeline, [self._bind_params(T, n_heads, head_dim, int(bool(neox))), self._bind(1, x),
+                                  self._bind(2, pos), self._bind_buffer(3, table)], _groups(-(-n // 64)))
+
+    def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
+        self.require_op("attention", q.dtype)
+        T = q.shape[0]
+        n_ctx = k_cache.shape[1]
+        types = {"act": q.dtype, "kv": k_cache.dtype}
+        width = n_kv_heads * head_dim
+        self._dispatch(self._pipeline("kv_write", **types),
+                       [self._bind_params(T, n_kv_heads, head_dim, n_ctx), self._bind(1, k), self._bind(2, v),
+                        self._bind(3, k_cache), self._bind(4, v_cache), self._bind(5, pos)],
+                       _groups(-(-T * width // 64)))
+        scale = float(np.float32(1.0 / np.sqrt(head_dim)))
+        if T > 1:
+            params = self._bind_params(T, n_heads, n_kv_heads, n_ctx, 1, scale)
+            self._dispatch(self._pipeline("attn_prefill", HD=head_dim, **types),
+                           [params, self._bind(1, q), self._bind(2, k_cache), self._bind(3, v_cache),
+                            self._bind(4, pos), self._bind(5, out)], (-(-T // 64), n_heads, 1))
+            return
+        chunk = 64
+        splits = max(1, min(self.ATTN_SPLITS, -(-n_ctx // chunk)))
+        partial = self._internal(("attn_partial", T, n_heads, splits, head_dim), (T * n_heads * splits * (head_dim + 2),))
+        params = self._bind_params(T, n_heads, n_kv_heads, n_ctx, splits, scale)
+        ndt = -(-head_dim // 64)
+        self._dispatch(self._pipeline("attn_decode", HD=head_dim, CHUNK=chunk, NDT=ndt, **types),
+                       [params, self._bind(1, q), self._bind(2, k_cache), self._bind(3, v_cache), self._bind(4, pos),
+                        self._bind(5, partial)], (splits, n_heads, T))
+        self._dispatch(self._pipeline("attn_combine", HD=head_dim, act=q.dtype),
+                       [params, self._bind(1, partial), self._bind(2, out)], (n_heads, T, 1))
+
+    def _elementwise(self, entry: str, dtype: str, n: int, a: Tensor, b: Tensor | None, out: Tensor, row=0) -> None:
+        pipeline = self._pipeline("elementwise", entry=entry, act=dtype)
+        bindings = [self._bind_params(n, row), self._bind(1, a), self._bind(3, out)]
+        if b is not None:
+            bindings.insert(2, self._bind(2, b))
+        self._dispatch(pipeline, bindings, _groups(-(-n // 256)))
+
+    def swiglu(self, gate, up, out) -> None:
+        self.require_op("swiglu", gate.dtype)
+        self._elementwise("swiglu", gate.dtype, gate.size, gate, up, out)
+
+    def add(self, a, b, out) -> None:
+        self.require_op("add", a.dtype)
+        self._elementwise("add", a.dtype, a.size, a, b, out)
+
+    def copy_row(self, x, row, out) -> None:
+        self.require_op("copy_row", x.dtype)
+        self._elementwise("copy_row", x.dtype, x.size // x.shape[0], x, None, out, row)
+
+    def argmax(self, x: Tensor) -> int:
+        self.require_op("argmax", x.dtype)
+        result = self._internal(("argmax",), (1,), "u32")
+        self._dispatch(self._pipeline("argmax", act=x.dtype), [self._bind_params(x.size), self._bind(1, x),
+                                                               self._bind(2, result)], (1, 1, 1))
+        return int(self.download(result)[0])
+
+    # --- lifetime -----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Destroy every buffer this device made and drop its pipelines and bind groups."""
+        if getattr(self, "device", None) is None:
+            return
+        self._end_pass()  # recorded but never submitted: discard
+        for buf, _ in self._live.values():
+            buf.destroy()
+        self._live.clear()
+        self._scratch.clear()
+        self.pool.clear()
+        for buf in list(self._weight_buffers.values()):
+            buf.destroy()
+        self._weight_buffers.clear()
+        self.weight_bytes = 0
+        for buf in self._uniforms.values():
+            buf.destroy()
+        self._uniforms.clear()
+        if self._staging is not None:
+            self._staging.destroy()
+            self._staging = None
+        self._rope_tables.clear()
+        self._bind_groups.clear()
+        self._pipelines.clear()
+        self.device.destroy()
+        self.device = self.queue = None

@@ -1,0 +1,241 @@
+"""Quick check of every wgpu op against the NumPy reference on small odd shapes (fast on lavapipe).
+
+The shared conformance suite (tests/conformance/test_conformance.py) covers the full grid; this file pins down the
+wgpu-specific paths: repacked and row-split weights, GEMV vs GEMM, flash-decode splits vs the prefill kernel,
+in-place aliasing, views with sentinels, user kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from kiln import quant
+from kiln.errors import BackendUnavailable
+from kiln.runtime.base import DTYPES
+from kiln.runtime.numpy_backend import NumpyDevice
+
+wgpu_backend = pytest.importorskip("kiln.runtime.wgpu_backend", reason="wgpu-py is not installed")
+
+EXACT = 1e-7  # NMSE: exact ops (same arithmetic up to rounding)
+APPROX = 5e-4  # NMSE: quantized matmul, attention over an f16 KV cache
+FORMATS = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@pytest.fixture(scope="module")
+def dev():
+    try:
+        device = wgpu_backend.WgpuDevice()
+    except BackendUnavailable as e:
+        pytest.skip(f"no WebGPU adapter: {e}")
+    yield device
+    device.close()
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return NumpyDevice()
+
+
+def nmse(got: np.ndarray, want: np.ndarray) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.isfinite(got).all(), "NaN/Inf in the output"
+    return float(np.sum((got - want) ** 2) / max(np.sum(want**2), 1e-30))
+
+
+def both(dev, ref, array: np.ndarray):
+    return dev.upload(array), ref.upload(array)
+
+
+def cols_for(qtype) -> int:
+    return {Q.F32: 45, Q.F16: 45, Q.BF16: 46}.get(qtype, 256 if qtype.name.endswith("_K") else 96)
+
+
+def weights(dev, ref, qtype, rows, cols, rng, name="w"):
+    raw = quant.random_weight(qtype, rows, cols, rng, scale=0.5)
+    return dev.load_weight(name, qtype, raw, (rows, cols)), ref.load_weight(name, qtype, raw, (rows, cols))
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_matmul_gemv_and_gemm(dev, ref, qtype):
+    rng = np.random.default_rng(int(qtype))
+    K, N = cols_for(qtype), 37
+    w, w_ref = weights(dev, ref, qtype, N, K, rng)
+    for T in (1, 35):
+        x = rng.standard_normal((T, K), dtype=np.float32)
+        out, out_ref = dev.empty((T, N)), ref.empty((T, N))
+        dev.matmul(dev.upload(x), w, out)
+        ref.matmul(ref.upload(x), w_ref, out_ref)
+        assert nmse(out.numpy(), out_ref.numpy()) < APPROX, f"{qtype.name} T={T}"
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_embed(dev, ref, qtype):
+    rng = np.random.default_rng(100 + int(qtype))
+    K, rows = cols_for(qtype), 29
+    w, w_ref = weights(dev, ref, qtype, rows, K, rng)
+    ids = np.array([3, 0, 28, 3, 17], np.int32)
+    out, out_ref = dev.empty((5, K)), ref.empty((5, K))
+    dev.embed(w, dev.upload(ids), out)
+    ref.embed(w_ref, ref.upload(ids), out_ref)
+    assert nmse(out.numpy(), out_ref.numpy()) < EXACT
+
+
+def test_split_weights_bias_and_row_parts(dev, ref):
+    """A matrix bigger than one binding is split by rows; GEMV, GEMM and embed must stitch the parts."""
+    rng = np.random.default_rng(7)
+    saved = dev.max_binding
+    dev.max_binding = 1024  # Q8_0 rows of 96 are 96 quant bytes: 10 rows per part
+    try:
+        w, w_ref = weights(dev, ref, Q.Q8_0, 45, 96, rng)
+    finally:
+        dev.max_binding = saved
+    assert len(w.storage) == 5
+    b = rng.standard_normal(45, dtype=np.float32)
+    bias, bias_ref = (d.load_weight("b", Q.F32, b.view(np.uint8), (45,)) for d in (dev, ref))
+    for T in (1, 3):
+        x = rng.standard_normal((T, 96), dtype=np.float32)
+        out, out_ref = dev.empty((T, 45)), ref.empty((T, 45))
+        dev.matmul(dev.upload(x), w, out, bias)
+        ref.matmul(ref.upload(x), w_ref, out_ref, bias_ref)
+        assert nmse(out.numpy(), out_ref.numpy()) < APPROX
+    ids = np.array([44, 0, 9, 10, 31], np.int32)
+    out, out_ref = dev.empty((5, 96)), ref.empty((5, 96))
+    dev.embed(w, dev.upload(ids), out)
+    ref.embed(w_ref, ref.upload(ids), out_ref)
+    assert nmse(out.numpy(), out_ref.numpy()) < EXACT
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_rms_norm_in_place_and_not(dev, ref, dtype):
+    if not dev.supports_op("rms_norm", (dtype,)):
+        pytest.skip(f"rms_norm({dtype}) unsupported on {dev.name}")
+    rng = np.random.default_rng(3)
+    for rows, d in ((1, 77), (3, 1000)):
+        x = rng.standard_normal((rows, d)).astype(DTYPES[dtype])
+        wv = rng.standard_normal(d, dtype=np.float32)
+        w, w_ref = (dv.load_weight("n", Q.F32, wv.view(np.uint8), (d,)) for dv in (dev, ref))
+        (xt, xr), out = both(dev, ref, x), dev.empty((rows, d), dtype)
+        dev.rms_norm(xt, w, 1e-5, out)
+        ref.rms_norm(xr, w_ref, 1e-5, xr)
+        assert nmse(out.numpy(), xr.numpy()) < EXACT
+        dev.rms_norm(xt, w, 1e-5, xt)  # in place
+        assert nmse(xt.numpy(), xr.numpy()) < EXACT
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_far_positions(dev, ref, neox):
+    rng = np.random.default_rng(4)
+    T, H, hd = 4, 3, 64
+    x = rng.standard_normal((T, H * hd), dtype=np.float32)
+    pos = np.array([0, 7, 5000, 70000], np.int32)
+    (xt, xr), (pt, pr) = both(dev, ref, x), both(dev, ref, pos)
+    dev.rope(xt, pt, H, hd, 10000.0, neox)
+    ref.rope(xr, pr, H, hd, 10000.0, neox)
+    assert nmse(xt.numpy(), xr.numpy()) < EXACT
+
+
+def _attention_case(dev, ref, kv_dtype, T, start, n_heads=4, n_kv_heads=2, hd=64, n_ctx=300, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((T, n_heads * hd), dtype=np.float32)
+    k = rng.standard_normal((T, n_kv_heads * hd), dtype=np.float32)
+    v = rng.standard_normal((T, n_kv_heads * hd), dtype=np.float32)
+    cache0 = rng.standard_normal((2, n_kv_heads, n_ctx, hd)).astype(DTYPES[kv_dtype])  # earlier tokens' K/V
+    pos = np.arange(start, start + T, dtype=np.int32)
+    outs = []
+    for d in (dev, ref):
+        kc, vc = d.upload(cache0[0]), d.upload(cache0[1])
+        out = d.empty((T, n_heads * hd))
+        d.attention(d.upload(q), d.upload(k), d.upload(v), kc, vc, d.upload(pos), out, n_heads, n_kv_heads, hd,
+                    start + T)
+        outs.append((out.numpy(), kc.numpy()))
+    (got, kc_got), (want, kc_want) = outs
+    assert np.array_equal(kc_got, kc_want), "K cache rows written differently"
+    return nmse(got, want)
+
+
+@pytest.mark.parametrize("kv_dtype", ["f16", "f32"])
+@pytest.mark.parametrize("T,start", [(1, 0), (1, 36), (1, 299), (5, 0), (7, 30), (70, 3)])
+def test_attention_decode_and_prefill(dev, ref, kv_dtype, T, start):
+    assert _attention_case(dev, ref, kv_dtype, T, start) < APPROX
+
+
+def test_attention_head_dim_80_gqa_3(dev, ref):
+    for T, start in ((1, 100), (3, 10)):
+        assert _attention_case(dev, ref, dev.kv_dtype, T, start, n_heads=6, n_kv_heads=2, hd=80, n_ctx=130) < APPROX
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_swiglu_add_in_place(dev, ref, dtype):
+    if not dev.supports_op("add", (dtype,)):
+        pytest.skip(f"add({dtype}) unsupported on {dev.name}")
+    rng = np.random.default_rng(5)
+    a, b = (rng.standard_normal((3, 333)).astype(DTYPES[dtype]) for _ in range(2))
+    (at, ar), (bt, br) = both(dev, ref, a), both(dev, ref, b)
+    dev.swiglu(at, bt, at)
+    ref.swiglu(ar, br, ar)
+    assert nmse(at.numpy(), ar.numpy()) < EXACT
+    dev.add(at, bt, bt)
+    ref.add(ar, br, br)
+    assert nmse(bt.numpy(), br.numpy()) < EXACT
+
+
+@pytest.mark.parametrize("dtype", ["f32", "i32"])
+def test_copy_row(dev, dtype):
+    x = np.arange(4 * 13).reshape(4, 13).astype(DTYPES[dtype])
+    out = dev.empty((1, 13), dtype)
+    dev.copy_row(dev.upload(x), 2, out)
+    assert np.array_equal(out.numpy()[0], x[2])
+
+
+def test_argmax_first_of_ties(dev):
+    x = np.full((1, 50001), -3.0, np.float32)
+    x[0, [123, 40000, 50000]] = 2.5
+    assert dev.argmax(dev.upload(x)) == 123
+    x[0, 49999] = np.float32(2.5000002)
+    assert dev.argmax(dev.upload(x)) == 49999
+
+
+def test_views_keep_sentinels_and_odd_f16_writes(dev):
+    parent = dev.upload(np.full(64 + 50 + 64, 7.0, np.float32))
+    view = dev.view(parent, 64, (2, 25))
+    a = np.arange(50, dtype=np.float32).reshape(2, 25)
+    dev.add(dev.upload(a), dev.upload(a), view)
+    got = parent.numpy()
+    assert np.array_equal(got[64:114], (2 * a).reshape(-1))
+    assert (got[:64] == 7).all() and (got[114:] == 7).all()
+    if dev.has_f16:
+        parent16 = dev.upload(np.full(128 + 8, 5, np.float16))
+        v16 = dev.view(parent16, 128, (3,))
+        dev.write(v16, np.array([1, 2, 3], np.float16))
+        assert parent16.numpy()[128:].tolist() == [1, 2, 3, 5, 5, 5, 5, 5]
+    with pytest.raises(ValueError):
+        dev.view(parent, 3, (4,))
+
+
+def test_user_kernel(dev):
+    source = """
+    override SCALE: f32 = 1.0;
+    struct P { n: u32, bias: f32 }
+    @group(0) @binding(0) var<storage, read_write> a: array<f32>;
+    @group(0) @binding(1) var<storage, read_write> out: array<f32>;
+    @group(0) @binding(2) var<uniform> p: P;
+    @compute @workgroup_size(64)
+    fn main(@builtin(global_invocation_id) g: vec3<u32>) {
+        if (g.x < p.n) { out[g.x] = a[g.x] * SCALE + p.bias; }
+    }
+    """
+    kernel = dev.compile("axpb", source, SCALE=3.0)
+    assert dev.compile("axpb", source, SCALE=3.0) is not None
+    a = np.arange(100, dtype=np.float32)
+    out = dev.zeros((100,))
+    dev.launch(kernel, 2, [dev.upload(a), out], params=(100, 0.5))
+    assert np.array_equal(out.numpy(), a * 3 + 0.5)
+
+
+def test_describe_and_supported_ops(dev):
+    text = dev.describe()
+    assert dev.name in text and "features" in text
+    assert dev.supports_op("matmul", ("Q4_K", "f32")) and not dev.supports_op("matmul", ("IQ2_XS",))
+    assert dev.kv_dtype == ("f16" if dev.has_f16 else "f32")
