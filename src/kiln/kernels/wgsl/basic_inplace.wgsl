@@ -8,7 +8,7 @@ struct Params { n: u32 }
 @group(0) @binding(1) var<uniform> p: Params;
 
 @compute @workgroup_size(WG)
-fn basic_inplace(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x < p.n) {
         x[gid.x] = x[gid.x] * 2.0 + 1.0;
     }

@@ -13,7 +13,7 @@ var<workgroup> ta: array<f32, TILE * TILE>;
 var<workgroup> tb: array<f32, TILE * TILE>;
 
 @compute @workgroup_size(TILE, TILE)
-fn basic_matmul_2d(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let col = gid.x;
     let row = gid.y;
     var acc = 0.0;

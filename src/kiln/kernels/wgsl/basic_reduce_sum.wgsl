@@ -11,7 +11,7 @@ struct Params { n: u32 }
 var<workgroup> partial: array<u32, WG>;
 
 @compute @workgroup_size(WG)
-fn basic_reduce_sum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     partial[lid] = select(0u, x[min(gid.x, p.n - 1u)], gid.x < p.n);
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {

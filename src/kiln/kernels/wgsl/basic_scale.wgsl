@@ -9,7 +9,7 @@ struct Params { s: f32, n: u32 }
 @group(0) @binding(2) var<uniform> p: Params;
 
 @compute @workgroup_size(WG)
-fn basic_scale(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x < p.n) {
         out[gid.x] = x[gid.x] * p.s;
     }

@@ -9,7 +9,7 @@ struct Params { n: u32 }
 @group(0) @binding(3) var<uniform> p: Params;
 
 @compute @workgroup_size(WG)
-fn basic_vector_add(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x < p.n) {
         c[gid.x] = a[gid.x] + b[gid.x];
     }
