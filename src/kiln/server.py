@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import secrets
@@ -92,6 +93,8 @@ def _get(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
 def _number(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
             lo_open: bool = False) -> float:
     value = float(_get(body, name, float, default))
+    if not math.isfinite(value):
+        raise _invalid(name, f"'{name}' must be a finite number")
     if (lo is not None and (value < lo or lo_open and value == lo)) or (hi is not None and value > hi):
         lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
         hi_s = "" if hi is None else f"<= {hi:g}"
@@ -554,6 +557,7 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     model = engine.model
     path = getattr(model.gguf, "path", None) or ""
@@ -622,10 +626,13 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
             raise too_big
         data = bytearray()
-        async for part in request.stream():
-            data += part
-            if len(data) > max_body_bytes:
-                raise too_big
+        try:
+            async for part in request.stream():
+                data += part
+                if len(data) > max_body_bytes:
+                    raise too_big
+        except ClientDisconnect:
+            raise ApiError(400, "the client disconnected while sending the body", code="client_disconnected") from None
         try:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:

@@ -270,6 +270,8 @@ BAD = [
     ("max_tokens string", COMP, {"prompt": "Hi", "max_tokens": "5"}, 400, "invalid_type", "max_tokens"),
     ("max_tokens bool", COMP, {"prompt": "Hi", "max_tokens": True}, 400, "invalid_type", "max_tokens"),
     ("temperature string", CHAT, {"messages": MSG, "temperature": "hot"}, 400, "invalid_type", "temperature"),
+    ("NaN temperature", CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', 400,
+     "invalid_value", "temperature"),
     ("negative temperature", CHAT, {"messages": MSG, "temperature": -1}, 400, "invalid_value", "temperature"),
     ("top_p zero", CHAT, {"messages": MSG, "top_p": 0}, 400, "invalid_value", "top_p"),
     ("n=2", CHAT, {"messages": MSG, "n": 2}, 400, "invalid_value", "n"),
