@@ -1,0 +1,65 @@
+// Shared device helpers for kiln's CUDA kernels. Header-free on purpose (NVRTC has no system headers): f16 and
+// bf16 are handled as raw 16-bit values with PTX conversions. The Python side prepends `#define NAME value` lines
+// for the compile-time constants of each kernel (cuda_backend.py caches one module per set of constants).
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef signed char i8;
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float bf2f(u16 h) { return __int_as_float(((u32)h) << 16); }
+
+// Unsigned byte k (0..3) of w as an exact float: 2^23 + b built in the mantissa, then 2^23 subtracted. Much
+// cheaper than I2F, which runs at a quarter of the FP32 rate and would bound the quantized GEMVs.
+#define BYTE_F(w, k) (__int_as_float(__byte_perm((w), 0x4B000000u, 0x7540u | (k))) - 8388608.0f)
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum for blockDim.x <= 1024; `scratch` holds 32 floats. Every thread gets the total.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// Activation element access for dtype DT (0 = f32, 1 = f16); kernels that take activations define DT.
+#ifdef DT
+#if DT == 0
+typedef float act_t;
+__device__ __forceinline__ float ld_act(const act_t* p, long i) { return p[i]; }
+__device__ __forceinline__ void st_act(act_t* p, long i, float v) { p[i] = v; }
+#else
+typedef u16 act_t;
+__device__ __forceinline__ float ld_act(const act_t* p, long i) { return h2f(p[i]); }
+__device__ __forceinline__ void st_act(act_t* p, long i, float v) { p[i] = f2h(v); }
+#endif
+#endif
+
+#define NEG_INF __int_as_float(0xff800000u)

@@ -1,0 +1,769 @@
+"""CUDA backend (CuPy: NVRTC, cuBLAS, CUDA graphs). Kernels live in kernels/cuda/*.cu.
+
+Weights stay in their GGUF block formats, repacked at upload (on the GPU) so every quant load is an aligned 16-byte
+load: scales split from quants for Q8_0/Q4_x/Q5_x/Q6_K, K-quant blocks as they are (kernels/cuda/quant.cuh).
+Decode (T = 1) multiplies with GEMV kernels that read those blocks directly; prefill dequantizes a matrix to f16
+and multiplies with cuBLAS on the tensor cores.
+
+Decode runs as a CUDA graph. `replay(key, step)` first records the step's ops instead of running them, fuses what
+it can (RMSNorm into the next GEMV; Q, K and V in one GEMV that also applies RoPE and writes the KV cache;
+gate and up with SwiGLU; each residual add into the GEMV before it), runs the fused plan once, and captures it.
+Later steps only write ids/pos and launch the graph: no allocation and no host sync inside a step. Kernels read
+positions and the KV length from the `pos` tensor, so one graph serves every position. A graph is dropped when any
+buffer it uses is freed. Prefill (T > 1) runs eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from .. import quant
+from ..errors import BackendUnavailable, UnsupportedOp
+from .base import DTYPES, BufferPool, Device, Tensor, Weight
+
+try:
+    import cupy
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise BackendUnavailable(f"cuda: CuPy is not installed ({e}); pip install 'kiln[cuda]'") from None
+
+_KERNELS = resources.files("kiln") / "kernels" / "cuda"
+
+# GGUF type -> format id of quant.cuh; block (elements, bytes) of the formats repacked at upload.
+FORMATS = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3, "Q4_0": 4, "Q4_1": 5, "Q5_0": 6, "Q5_1": 7, "Q4_K": 8,
+           "Q5_K": 9, "Q6_K": 10}
+_FLOAT = ("F32", "F16", "BF16")
+# Activations per 16-byte chunk of a GEMV lane (NA + NB in quant.cuh): K must be a multiple.
+_CHUNK = {"F32": 4, "F16": 8, "BF16": 8, "Q8_0": 16}
+_DT = {"f32": 0, "f16": 1}
+
+# cuBLAS / CUDA enums (cublas_api.h, library_types.h)
+_OP_N, _OP_T = 0, 1
+_R_16F, _R_32F = 2, 0
+_COMPUTE_32F = 68
+_GEMM_DEFAULT = -1
+
+_GEMV_MAX_T = 4  # up to this many tokens, one GEMV launch per token beats dequantize + GEMM
+_WARPS = 4  # warps per GEMV block (gemv.cu NWARPS)
+_ATT_TILE = 32
+_ATT_SMEM = 46 * 1024
+
+
+class _NotRecordable(Exception):
+    """A step did something other than ops (a download, a write) while being recorded: run it eagerly."""
+
+
+@dataclass(frozen=True)
+class CudaKernel:
+    """A compiled kernel (user kernels from `compile`, and the backend's own)."""
+
+    name: str
+    fn: Any
+
+
+@dataclass
+class _Graph:
+    graph: Any
+    ptrs: list[int] = field(default_factory=list)  # every pointer its kernels were given
+
+
+def _ptr(x) -> np.uint64:
+    """A kernel pointer argument: Tensor, CuPy array, or None (null)."""
+    if x is None:
+        return np.uint64(0)
+    if isinstance(x, Tensor):
+        x = x.storage
+    return np.uint64(x.data.ptr)
+
+
+def _tid(t: Tensor) -> int:
+    return t.storage.data.ptr
+
+
+# Which op arguments each recorded op reads and writes (indices), for the fusion pass's liveness checks.
+_READS = {"embed": (1,), "rms_norm": (0,), "matmul": (0,), "rope": (0, 1), "attention": (0, 1, 2, 3, 4, 5),
+          "swiglu": (0, 1), "add": (0, 1), "copy_row": (0,)}
+_WRITES = {"embed": (2,), "rms_norm": (3,), "matmul": (2,), "rope": (0,), "attention": (3, 4, 6),
+           "swiglu": (2,), "add": (2,), "copy_row": (2,)}
+
+
+class CudaDevice(Device):
+    backend = "cuda"
+    kv_dtype = "f16"
+    kernel_language = "cuda"
+
+    def __init__(self, index: int | None = None):
+        super().__init__()
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # CUDARuntimeError: no driver, no device, driver too old
+            raise BackendUnavailable(f"cuda: no usable NVIDIA GPU ({e})") from None
+        if count == 0:
+            raise BackendUnavailable("cuda: no NVIDIA GPU found")
+        index = 0 if index is None else index
+        if not 0 <= index < count:
+            raise BackendUnavailable(f"cuda: no device {index}; found {count} (see `kiln devices`)")
+        self.index = index
+        self._device = cupy.cuda.Device(index)
+        self._device.use()
+        props = cupy.cuda.runtime.getDeviceProperties(index)
+        self.gpu_name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        self.sm_count = int(props["multiProcessorCount"])
+        self.arch = f"sm_{props['major']}{props['minor']}"
+        self.total_memory = int(props["totalGlobalMem"])
+        self.name = f"cuda:{index} {self.gpu_name}"
+        weights = set(FORMATS)
+        self.SUPPORTED_OPS = {
+            "embed": weights, "matmul": weights | {"f32"}, "rms_norm": {"F32", "F16", "BF16", "f32", "f16"},
+            "rope": {"f32", "f16"}, "attention": {"f32", "f16"}, "swiglu": {"f32", "f16"}, "add": {"f32", "f16"},
+            "copy_row": {"f32", "f16", "i32"}, "argmax": {"f32", "f16"},
+        }
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.mempool = cupy.cuda.MemoryPool()
+        self.pool = BufferPool(self.mempool.malloc, lambda p: None)
+        self._live: dict[int, tuple[Any, int]] = {}  # id(tensor) -> (MemoryPointer, bucket size)
+        self.weight_bytes = 0
+        self.scratch_bytes = 0
+        self.peak = 0
+        self._modules: dict[tuple, Any] = {}
+        self._kernels: dict[tuple, CudaKernel] = {}
+        self._scratch: dict[str, Any] = {}
+        self._graphs: dict[tuple, _Graph] = {}
+        self._eager_keys: set = set()
+        self._rec: list | None = None  # ops being recorded by replay()
+        self._capture_ptrs: list | None = None
+        self._one = np.ones(1, np.float32)
+        self._zero = np.zeros(1, np.float32)
+        self._host_i32 = cupy.cuda.alloc_pinned_memory(4)
+        self._argmax_host = np.frombuffer(self._host_i32, np.int32, 1)
+        self.graphs_enabled = os.environ.get("KILN_CUDA_GRAPHS", "1") != "0"
+        self.fuse_enabled = os.environ.get("KILN_CUDA_FUSE", "1") != "0"
+        self.closed = False
+
+    def describe(self) -> str:
+        lines = [self.name]
+        for i in range(cupy.cuda.runtime.getDeviceCount()):
+            p = cupy.cuda.runtime.getDeviceProperties(i)
+            name = p["name"].decode() if isinstance(p["name"], bytes) else p["name"]
+            mark = "*" if i == self.index else " "
+            lines.append(f"  {mark} [{i}] {name} (sm_{p['major']}{p['minor']}, {p['multiProcessorCount']} SMs, "
+                         f"{p['totalGlobalMem'] / 2**30:.0f} GiB)")
+        return "\n".join(lines)
+
+    # --- memory -------------------------------------------------------------------------------------------------
+    def _track_peak(self) -> None:
+        self.peak = max(self.peak, self.pool.in_use + self.weight_bytes + self.scratch_bytes)
+
+    def _array(self, shape, dtype) -> Any:
+        """A device array outside the activation pool (weights, scratch), from this device's memory pool."""
+        nbytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
+        return cupy.ndarray(shape, dtype, memptr=self.mempool.malloc(nbytes))
+
+    def empty(self, shape, dtype="f32") -> Tensor:
+        shape = tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+        raw, size = self.pool.take(nbytes)
+        tensor = Tensor(self, shape, dtype, cupy.ndarray(shape, DTYPES[dtype], memptr=raw))
+        self._live[id(tensor)] = (raw, size)
+        self._track_peak()
+        return tensor
+
+    def view(self, tensor: Tensor, offset: int, shape) -> Tensor:
+        n = math.prod(shape)
+        flat = tensor.storage.reshape(-1)
+        return Tensor(self, tuple(shape), tensor.dtype, flat[offset : offset + n].reshape(shape))
+
+    def write(self, tensor: Tensor, array: np.ndarray) -> None:
+        if self._rec is not None:
+            raise _NotRecordable("write")
+        data = np.ascontiguousarray(np.asarray(array).astype(DTYPES[tensor.dtype], copy=False)).reshape(tensor.shape)
+        tensor.storage.set(data, stream=self.stream)
+
+    def download(self, tensor: Tensor) -> np.ndarray:
+        if self._rec is not None:
+            raise _NotRecordable("download")
+        out = tensor.storage.get(stream=self.stream)
+        self.stream.synchronize()
+        return out
+
+    def free(self, tensor: Tensor) -> None:
+        raw, size = self._live.pop(id(tensor))
+        self._forget(raw.ptr, size)
+        self.pool.give(raw, size)
+        tensor.storage = None
+
+    def memory_stats(self) -> dict:
+        return {**self.pool.stats(), "bytes_in_use": self.pool.in_use + self.weight_bytes + self.scratch_bytes,
+                "peak_bytes": self.peak, "weight_bytes": self.weight_bytes, "scratch_bytes": self.scratch_bytes,
+                "activation_bytes": self.pool.in_use, "device_pool_bytes": self.mempool.total_bytes(),
+                "graphs": len(self._graphs)}
+
+    def _scratch_array(self, name: str, nbytes: int, zero: bool = False):
+        """A grow-only internal buffer (GEMM operands, attention partials). Growing frees the old one, which drops
+        any graph that used it."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            if buf is not None:
+                self._forget(buf.data.ptr, buf.nbytes)
+                self.scratch_bytes -= buf.nbytes
+            buf = self._array((max(256, nbytes),), np.uint8)
+            if zero:
+                buf.fill(0)
+            self._scratch[name] = buf
+            self.scratch_bytes += buf.nbytes
+            self._track_peak()
+        return buf
+
+    def sync(self) -> None:
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.sync()
+        self._graphs.clear()
+        self._scratch.clear()
+        self.scratch_bytes = 0
+        for raw, size in self._live.values():
+            self.pool.give(raw, size)
+        self._live.clear()
+        self.pool.clear()
+        self._modules.clear()
+        self._kernels.clear()
+        self.mempool.free_all_blocks()
+        self.closed = True
+
+    # --- weights ------------------------------------------------------------------------------------------------
+    def load_weight(self, name, qtype, raw, shape) -> Weight:
+        fmt = qtype.name
+        if fmt not in FORMATS:
+            raise UnsupportedOp(f"backend 'cuda' does not support weight type {fmt} ({name})")
+        weight = Weight(name, qtype, tuple(shape))
+        weight.extra["fmt"] = fmt
+        with self.stream, cupy.cuda.using_allocator(self.mempool.malloc):
+            if len(shape) == 1:
+                values = quant.dequantize(np.asarray(raw).reshape(1, -1).view(np.uint8), qtype, shape[0])[0]
+                weight.storage = {"v": self._upload(values.astype(np.float32))}
+            else:
+                weight.storage = self._repack(fmt, self._upload(np.asarray(raw, np.uint8)), shape)
+        nbytes = sum(a.nbytes for a in weight.storage.values())
+        weight.extra["nbytes"] = nbytes
+        self.weight_bytes += nbytes
+        self._track_peak()
+        return weight
+
+    def _upload(self, host: np.ndarray):
+        arr = cupy.empty(host.shape, host.dtype)
+        arr.set(np.ascontiguousarray(host), stream=self.stream)
+        return arr
+
+    @staticmethod
+    def _repack(fmt: str, raw, shape) -> dict:
+        """Raw GGUF rows (N, row_bytes) -> aligned arrays: q (quants), s (scales), h (Q5 high bits), see quant.cuh."""
+        if fmt in _FLOAT or fmt in ("Q4_K", "Q5_K"):
+            return {"q": raw}
+        n_rows = shape[0]
+        size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q6_K": 210}[fmt]
+        b = raw.reshape(-1, size)
+        if fmt == "Q6_K":
+            s = cupy.zeros((b.shape[0], 20), np.uint8)
+            s[:, :18] = b[:, 192:210]
+            return {"q": b[:, :192].copy().reshape(n_rows, -1), "s": s.reshape(n_rows, -1)}
+        ns = 4 if fmt in ("Q4_1", "Q5_1") else 2  # f16 d, or (d, m)
+        nh = 4 if fmt in ("Q5_0", "Q5_1") else 0
+        out = {"q": b[:, ns + nh :].copy().reshape(n_rows, -1), "s": b[:, :ns].copy().reshape(n_rows, -1)}
+        if nh:
+            out["h"] = b[:, ns : ns + nh].copy().reshape(n_rows, -1)
+        return out
+
+    def free_weight(self, weight: Weight) -> None:
+        if isinstance(weight.storage, dict):
+            for a in weight.storage.values():
+                self._forget(a.data.ptr, a.nbytes)
+            self.weight_bytes -= weight.extra.get("nbytes", 0)
+        weight.storage = None
+
+    @staticmethod
+    def _wptrs(w: Weight) -> tuple:
+        st = w.storage
+        q = st["q"]
+        return _ptr(q), _ptr(st.get("s", q)), _ptr(st.get("h", q))
+
+    # --- kernels ------------------------------------------------------------------------------------------------
+    def _module(self, file: str, source: str, defines: dict):
+        key = (file, source if file == "user" else None, tuple(sorted(defines.items())))
+        mod = self._modules.get(key)
+        if mod is None:
+            head = "".join(f"#define {k} {int(v) if isinstance(v, bool) else v}\n" for k, v in defines.items())
+            if file != "user":
+                parts = ["common.cuh"] + (["quant.cuh"] if "FMT" in defines else []) + [file]
+                source = "".join((_KERNELS / p).read_text() + "\n" for p in parts)
+            mod = cupy.RawModule(code=head + source, options=("-std=c++17",))
+            self._modules[key] = mod
+        return mod
+
+    def _kernel(self, file: str, name: str, **defines) -> CudaKernel:
+        key = (file, name, tuple(sorted(defines.items())))
+        k = self._kernels.get(key)
+        if k is None:
+            k = CudaKernel(name, self._module(file, "", defines).get_function(name))
+            self._kernels[key] = k
+        return k
+
+    def _launch(self, k: CudaKernel, grid, block, args, smem: int = 0) -> None:
+        grid = (grid,) if isinstance(grid, int) else tuple(grid)
+        block = (block,) if isinstance(block, int) else tuple(block)
+        if self._capture_ptrs is not None:
+            self._capture_ptrs.extend(int(a) for a in args if isinstance(a, np.uint64) and a)
+        with self.stream:
+            k.fn(grid, block, args, shared_mem=smem)
+
+    def compile(self, name: str, source: str, **constants: Any) -> CudaKernel:
+        """Compile CUDA C `source` with NVRTC; its `extern "C" __global__` function `name` is the entry point.
+        Constants become `#define NAME value` lines (cached by (name, source, constants))."""
+        key = ("user", name, source, tuple(sorted(constants.items())))
+        k = self._kernels.get(key)
+        if k is None:
+            k = CudaKernel(name, self._module("user", source, constants).get_function(name))
+            self._kernels[key] = k
+        return k
+
+    def launch(self, kernel: CudaKernel, grid, buffers, params=None, block=None) -> None:
+        """Arguments: each buffer's device pointer, then each param as a 4-byte scalar (Python float -> f32,
+        int -> u32, or i32 if negative; NumPy scalars keep their type)."""
+        args = [_ptr(t) for t in buffers]
+        for p in params or ():
+            if isinstance(p, np.generic):
+                args.append(p)
+            elif isinstance(p, float):
+                args.append(np.float32(p))
+            else:
+                args.append(np.int32(p) if p < 0 else np.uint32(p))
+        self._launch(kernel, grid, block or 256, tuple(args))
+
+    # --- op dispatch: run now, or record for replay() -----------------------------------------------------------
+    def _op(self, name: str, *args) -> None:
+        if self._rec is not None:
+            self._rec.append((name, args))
+        else:
+            with self.stream:
+                getattr(self, "_do_" + name)(*args)
+
+    def embed(self, weight, ids, out) -> None:
+        self._op("embed", weight, ids, out)
+
+    def rms_norm(self, x, weight, eps, out) -> None:
+        self._op("rms_norm", x, weight, eps, out)
+
+    def matmul(self, x, weight, out, bias=None) -> None:
+        self._op("matmul", x, weight, out, bias)
+
+    def rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
+        self._op("rope", x, pos, n_heads, head_dim, theta, neox)
+
+    def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
+        self._op("attention", q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv)
+
+    def swiglu(self, gate, up, out) -> None:
+        self._op("swiglu", gate, up, out)
+
+    def add(self, a, b, out) -> None:
+        self._op("add", a, b, out)
+
+    def copy_row(self, x, row, out) -> None:
+        self._op("copy_row", x, row, out)
+
+    # --- ops ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _blocks(n: int, per: int = 256) -> int:
+        return max(1, -(-n // per))
+
+    def _do_embed(self, weight, ids, out) -> None:
+        fmt, K, T = weight.extra["fmt"], weight.shape[1], ids.shape[0]
+        n = T * K if fmt in _FLOAT else T * K // 32
+        k = self._kernel("dequant.cu", "embed", FMT=FORMATS[fmt], DT=_DT[out.dtype])
+        self._launch(k, self._blocks(n), 256, (*self._wptrs(weight), _ptr(ids), _ptr(out), np.int32(T), np.int32(K)))
+
+    def _do_rms_norm(self, x, weight, eps, out) -> None:
+        d = x.shape[-1]
+        rows = x.size // d
+        k = self._kernel("elementwise.cu", "rms_norm", DT=_DT[x.dtype])
+        self._launch(k, rows, 1024 if d >= 4096 else 256,
+                     (_ptr(x), _ptr(weight.storage["v"]), _ptr(out), np.int32(d), np.float32(eps)))
+
+    def _fast_gemv(self, x: Tensor, weight: Weight) -> bool:
+        fmt, K = weight.extra["fmt"], weight.shape[1]
+        return x.dtype == "f32" and K % _CHUNK.get(fmt, 32) == 0 and _tid(x) % 16 == 0
+
+    def _do_matmul(self, x, weight, out, bias=None) -> None:
+        if x.dtype != "f32" or out.dtype != "f32":
+            raise UnsupportedOp(f"cuda matmul takes f32 activations, got {x.dtype} -> {out.dtype}")
+        T, K = x.shape
+        N = weight.shape[0]
+        fmt = weight.extra["fmt"]
+        if T <= _GEMV_MAX_T and self._fast_gemv(x, weight):
+            for t in range(T):
+                self._gemv(_ptr(x) + np.uint64(4 * t * K), K, [(weight, bias, _ptr(out) + np.uint64(4 * t * N))])
+        elif T <= _GEMV_MAX_T and fmt in _FLOAT:
+            k = self._kernel("dequant.cu", "matvec_float", FMT=FORMATS[fmt], DT=0)
+            args = (_ptr(x), _ptr(weight.storage["q"]), _ptr(bias.storage["v"] if bias else None), _ptr(out),
+                    np.int32(T), np.int32(N), np.int32(K))
+            self._launch(k, self._blocks(T * N * 32), 256, args)
+        else:
+            self._gemm(x, weight, out, bias)
+
+    def _gemv(self, x_ptr, K: int, segs: list, mode: int = 0, norm=None, resid=None, rope=None) -> None:
+        """One GEMV launch over up to three weight segments [(weight, bias, out_ptr)] (gemv.cu)."""
+        w0 = segs[0][0]
+        fmt = w0.extra["fmt"]
+        u = 4 if fmt in ("F32", "F16", "BF16", "Q8_0") else 2
+        k = self._kernel("gemv.cu", "gemv", FMT=FORMATS[fmt], MODE=mode, R=2, U=u, NORM=int(norm is not None))
+        rows = [w.shape[0] for w, _, _ in segs]
+        warps = rows[0] if mode == 2 else sum(rows) // 2 if mode == 3 else -(-sum(rows) // 2)
+        args = [x_ptr, _ptr(norm[0].storage["v"]) if norm else np.uint64(0), np.float32(norm[1] if norm else 0.0),
+                np.int32(K)]
+        for i in range(3):
+            if i < len(segs):
+                w, b, o = segs[i]
+                args += [*self._wptrs(w), _ptr(b.storage["v"] if b is not None else None), o, np.int32(w.shape[0])]
+            else:
+                args += [np.uint64(0)] * 5 + [np.int32(0)]
+        args.append(resid if resid is not None else np.uint64(0))
+        if rope is not None:
+            pos, theta, hd, neox, kc, vc = rope
+            args += [_ptr(pos), np.float32(theta), np.int32(hd), np.int32(neox), _ptr(kc), _ptr(vc),
+                     np.int32(kc.shape[1])]
+        else:
+            args += [np.uint64(0), np.float32(0), np.int32(2), np.int32(0), np.uint64(0), np.uint64(0), np.int32(0)]
+        self._launch(k, self._blocks(warps, _WARPS), 32 * _WARPS, tuple(args))
+
+    def _gemm(self, x, weight, out, bias) -> None:
+        """out = x @ W^T through cuBLAS: quantized W dequantized to f16 (x converted to f16), f32 accumulation."""
+        from cupy_backends.cuda.libs import cublas
+
+        T, K = x.shape
+        N = weight.shape[0]
+        fmt = weight.extra["fmt"]
+        if fmt in ("F32", "BF16"):
+            if fmt == "F32":
+                w_ptr = _ptr(weight.storage["q"])
+            else:
+                w32 = self._scratch_array("gemm_w", N * K * 4)
+                k = self._kernel("dequant.cu", "bf16_to_f32", FMT=FORMATS[fmt], DT=0)
+                self._launch(k, self._blocks(N * K), 256, (_ptr(weight.storage["q"]), _ptr(w32), np.int32(N * K)))
+                w_ptr = _ptr(w32)
+            a_type, b_ptr = _R_32F, _ptr(x)
+        else:
+            xh = self._scratch_array("gemm_x", T * K * 2)
+            k = self._kernel("elementwise.cu", "to_f16", DT=0)
+            self._launch(k, self._blocks(T * K), 256, (_ptr(x), _ptr(xh), np.int32(T * K)))
+            b_ptr = _ptr(xh)
+            if fmt == "F16":
+                w_ptr = _ptr(weight.storage["q"])
+            else:
+                w16 = self._scratch_array("gemm_w", N * K * 2)
+                k = self._kernel("dequant.cu", "dequant_f16", FMT=FORMATS[fmt], DT=0)
+                self._launch(k, self._blocks(N * K // 32), 256,
+                             (*self._wptrs(weight), _ptr(w16), np.int32(N), np.int32(K)))
+                w_ptr = _ptr(w16)
+            a_type = _R_16F
+        with self.stream:
+            handle = cupy.cuda.device.get_cublas_handle()
+            cublas.gemmEx(handle, _OP_T, _OP_N, N, T, K, self._one.ctypes.data, int(w_ptr), a_type, K, int(b_ptr),
+                          a_type, K, self._zero.ctypes.data, int(_ptr(out)), _R_32F, N, _COMPUTE_32F, _GEMM_DEFAULT)
+            if bias is not None:
+                out.storage += bias.storage["v"]
+
+    def _do_rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
+        T = x.shape[0]
+        n = T * n_heads * (head_dim // 2)
+        k = self._kernel("elementwise.cu", "rope", DT=_DT[x.dtype])
+        self._launch(k, self._blocks(n), 256, (_ptr(x), _ptr(pos), np.int32(T), np.int32(n_heads),
+                                               np.int32(head_dim), np.float32(theta), np.int32(bool(neox))))
+
+    def _do_attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
+        if k_cache.dtype != "f16" or v_cache.dtype != "f16":
+            raise UnsupportedOp(f"cuda attention keeps its KV cache in f16, got {k_cache.dtype}")
+        T = q.shape[0]
+        kv_dim = n_kv_heads * head_dim
+        kw = self._kernel("elementwise.cu", "kv_write", DT=_DT[k.dtype])
+        self._launch(kw, self._blocks(T * kv_dim), 256, (_ptr(k), _ptr(v), _ptr(pos), _ptr(k_cache), _ptr(v_cache),
+                                                          np.int32(T), np.int32(kv_dim), np.int32(head_dim),
+                                                          np.int32(k_cache.shape[1])))
+        self._attend(q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim)
+
+    def _attend(self, q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim) -> None:
+        """Attention over cache rows <= pos[t] (the cache already holds this step's rows)."""
+        if head_dim % 8 or n_heads % n_kv_heads:
+            raise UnsupportedOp(f"cuda attention needs head_dim % 8 == 0 and whole GQA groups (hd={head_dim})")
+        T, G, n_ctx = q.shape[0], n_heads // n_kv_heads, k_cache.shape[1]
+        if T == 1:
+            qt = 1
+            ns = max(1, min(-(-2 * self.sm_count // n_kv_heads), -(-n_ctx // _ATT_TILE), 64))
+        else:
+            qt = next(c for c in (8, 4, 2, 1) if (G * c <= 32 and self._att_smem(G * c, head_dim) <= _ATT_SMEM)
+                      or c == 1)
+            ns = 1
+        if self._att_smem(G * qt, head_dim) > _ATT_SMEM:
+            raise UnsupportedOp(f"cuda attention: {G} query heads per KV head of dim {head_dim} exceed shared memory")
+        part = self._scratch_array("attn_part", ns * n_heads * head_dim * 4) if ns > 1 else None
+        ml = self._scratch_array("attn_ml", ns * n_heads * 8) if ns > 1 else None
+        ticket = self._scratch_array("attn_ticket", n_kv_heads * 4, zero=True)
+        k = self._kernel("attention.cu", "attention", HD=head_dim, G=G, QT=qt, TILE=_ATT_TILE, DT=_DT[q.dtype])
+        args = (_ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pos), _ptr(out), _ptr(part), _ptr(ml), _ptr(ticket),
+                np.int32(T), np.int32(n_heads), np.int32(n_ctx), np.float32(1.0 / math.sqrt(head_dim)))
+        self._launch(k, (ns, n_kv_heads, -(-T // qt)), 128, args)
+
+    @staticmethod
+    def _att_smem(rows: int, hd: int) -> int:
+        return 4 * (rows * hd + _ATT_TILE * (hd + 1) + _ATT_TILE * hd + rows * _ATT_TILE + 3 * rows) + 64
+
+    def _elementwise(self, name: str, a, b, out) -> None:
+        n = out.size
+        k = self._kernel("elementwise.cu", name, DT=_DT[out.dtype])
+        self._launch(k, self._blocks(n), 256, (_ptr(a), _ptr(b), _ptr(out), np.int32(n)))
+
+    def _do_swiglu(self, gate, up, out) -> None:
+        self._elementwise("swiglu", gate, up, out)
+
+    def _do_add(self, a, b, out) -> None:
+        self._elementwise("add", a, b, out)
+
+    def _do_copy_row(self, x, row, out) -> None:
+        nbytes = out.nbytes
+        src = x.storage.data + row * (x.size // x.shape[0]) * x.storage.itemsize
+        if self._capture_ptrs is not None:
+            self._capture_ptrs += [src.ptr, out.storage.data.ptr]
+        out.storage.data.copy_from_device_async(src, nbytes, self.stream)
+
+    def argmax(self, x: Tensor) -> int:
+        if self._rec is not None:
+            raise _NotRecordable("argmax")
+        n = x.size
+        blocks = min(self._blocks(n, 1024), 4 * self.sm_count)
+        with self.stream:
+            ws = self._scratch_array("argmax", blocks * 8 + 16, zero=True)
+        base = ws.data.ptr
+        k = self._kernel("elementwise.cu", "argmax", DT=_DT[x.dtype])
+        self._launch(k, blocks, 1024, (_ptr(x), np.int32(n), np.uint64(base + 16), np.uint64(base + 16 + 4 * blocks),
+                                       np.uint64(base), np.uint64(base + 4)))
+        cupy.cuda.runtime.memcpyAsync(self._host_i32.ptr, base + 4, 4, cupy.cuda.runtime.memcpyDeviceToHost,
+                                      self.stream.ptr)
+        self.stream.synchronize()
+        return int(self._argmax_host[0])
+
+    # --- fused decode ops (from the fusion pass) ----------------------------------------------------------------
+    def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, theta, hd, neox, kc, vc) -> None:
+        self._gemv(_ptr(x), wq.shape[1], [(wq, bq, _ptr(q)), (wk, bk, _ptr(k)), (wv, bv, _ptr(v))], mode=3, norm=norm,
+                   rope=(pos, theta, hd, int(bool(neox)), kc, vc))
+
+    def _do_gemv_glu(self, x, norm, wg, wu, out, up) -> None:
+        self._gemv(_ptr(x), wg.shape[1], [(wg, None, _ptr(out)), (wu, None, _ptr(up))], mode=2, norm=norm)
+
+    def _do_gemv_res(self, x, w, bias, out, resid) -> None:
+        self._gemv(_ptr(x), w.shape[1], [(w, bias, _ptr(out))], mode=1, resid=_ptr(resid))
+
+    def _do_gemv_norm(self, x, norm, w, bias, out) -> None:
+        self._gemv(_ptr(x), w.shape[1], [(w, bias, _ptr(out))], norm=norm)
+
+    def _do_attend(self, q, kc, vc, pos, out, n_heads, n_kv_heads, head_dim) -> None:
+        self._attend(q, kc, vc, pos, out, n_heads, n_kv_heads, head_dim)
+
+    # --- replay: record, fuse, capture --------------------------------------------------------------------------
+    def replay(self, key: Any, step) -> None:
+        if not self.graphs_enabled:
+            return step()
+        gkey = (key, _closure_ids(step))
+        g = self._graphs.get(gkey)
+        if g is not None:
+            g.graph.launch(stream=self.stream)
+            return
+        if gkey in self._eager_keys:
+            return step()
+        self._rec = []
+        try:
+            step()
+        except _NotRecordable:
+            self._eager_keys.add(gkey)  # nothing recorded has run yet: start over eagerly
+            self._rec = None
+            return step()
+        finally:
+            ops, self._rec = self._rec, None
+        decode = all(_tokens(name, args) == 1 for name, args in ops)
+        plan = self._fuse(ops) if decode and self.fuse_enabled else ops
+        self._run(plan)  # this step's result; also compiles kernels and sizes scratch before capture
+        if decode:
+            self._capture(gkey, plan)
+
+    def _run(self, plan) -> None:
+        with self.stream:
+            for name, args in plan:
+                getattr(self, "_do_" + name)(*args)
+
+    def _capture(self, gkey, plan) -> None:
+        self._capture_ptrs = []
+        try:
+            with self.stream:
+                self.stream.begin_capture()
+                try:
+                    self._run(plan)
+                finally:
+                    graph = self.stream.end_capture()
+            graph.upload(self.stream)
+            self._graphs[gkey] = _Graph(graph, sorted(set(self._capture_ptrs)))
+        finally:
+            self._capture_ptrs = None
+
+    def _forget(self, base: int, size: int) -> None:
+        """Drop the graphs that use memory [base, base + size), which is being freed."""
+        if not self._graphs:
+            return
+        for gkey in [k for k, g in self._graphs.items() if any(base <= p < base + size for p in g.ptrs)]:
+            del self._graphs[gkey]
+
+    # --- the fusion pass ----------------------------------------------------------------------------------------
+    def _fuse(self, ops: list) -> list:
+        """Rewrite a recorded T=1 step into fused kernels where the pattern and the data flow allow it."""
+        plan, i = [], 0
+        while i < len(ops):
+            for pattern in (self._fuse_qkv, self._fuse_glu, self._fuse_res, self._fuse_norm):
+                got = pattern(ops, i)
+                if got:
+                    fused, i = got
+                    plan += fused
+                    break
+            else:
+                plan.append(ops[i])
+                i += 1
+        return plan
+
+    def _gemv_ok(self, x: Tensor, *weights: Weight) -> bool:
+        w0 = weights[0]
+        return all(isinstance(w.storage, dict) and w.extra["fmt"] == w0.extra["fmt"] and len(w.shape) == 2
+                   and w.shape[1] == w0.shape[1] and self._fast_gemv(x, w) for w in weights)
+
+    @staticmethod
+    def _dead_after(ops: list, j: int, t: Tensor) -> bool:
+        """True if `t` is overwritten after ops[j] before anything reads it (its value there is never used)."""
+        p = _tid(t)
+        for name, args in ops[j + 1 :]:
+            if any(_tid(args[a]) == p for a in _READS[name]):
+                return False
+            if any(_tid(args[a]) == p for a in _WRITES[name]):
+                return True
+        return False
+
+    def _norm_prefix(self, ops: list, i: int, h: Tensor, last: int):
+        """(x, norm) if ops[i] is rms_norm(x, w, eps, h) that the ops up to ops[last] can absorb, else None."""
+        name, args = ops[i]
+        if name != "rms_norm" or _tid(args[3]) != _tid(h) or _tid(args[0]) == _tid(h) or args[0].dtype != "f32":
+            return None
+        return (args[0], (args[1], args[2])) if self._dead_after(ops, last, h) else None
+
+    def _matmuls(self, ops: list, i: int, n: int):
+        """n consecutive matmuls from ops[i] sharing their input, or None."""
+        if i + n > len(ops) or any(ops[j][0] != "matmul" for j in range(i, i + n)):
+            return None
+        mm = [ops[j][1] for j in range(i, i + n)]
+        x = mm[0][0]
+        if any(_tid(a[0]) != _tid(x) for a in mm) or not self._gemv_ok(x, *(a[1] for a in mm)):
+            return None
+        return mm
+
+    def _fuse_qkv(self, ops, i):
+        start = i + 1 if ops[i][0] == "rms_norm" else i
+        mm = self._matmuls(ops, start, 3)
+        if mm is None or start + 6 > len(ops):
+            return None
+        (h, wq, q, bq), (_, wk, k, bk), (_, wv, v, bv) = mm
+        (n1, r1), (n2, r2), (n3, at) = ops[start + 3], ops[start + 4], ops[start + 5]
+        if (n1, n2, n3) != ("rope", "rope", "attention"):
+            return None
+        aq, ak, av, kc, vc, pos, out, hq, hkv, hd, _ = at
+        if (_tid(r1[0]), _tid(r2[0]), _tid(aq), _tid(ak), _tid(av)) != (_tid(q), _tid(k), _tid(q), _tid(k), _tid(v)):
+            return None
+        if r1[1:] != (pos, hq, hd, r1[4], r1[5]) or r2[1:] != (pos, hkv, hd, r1[4], r1[5]) or kc.dtype != "f16":
+            return None
+        if wq.shape[0] != hq * hd or wk.shape[0] != hkv * hd or wv.shape[0] != hkv * hd:
+            return None
+        x, norm = h, None
+        if start > i:
+            prefix = self._norm_prefix(ops, i, h, start + 5)
+            if prefix:
+                x, norm = prefix
+            else:
+                return None  # leave the norm to run on its own; the matmuls fuse at the next index
+        fused = [("gemv_qkv", (x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, r1[4], hd, r1[5], kc, vc)),
+                 ("attend", (q, kc, vc, pos, out, hq, hkv, hd))]
+        return fused, start + 6
+
+    def _fuse_glu(self, ops, i):
+        start = i + 1 if ops[i][0] == "rms_norm" else i
+        mm = self._matmuls(ops, start, 2)
+        if mm is None or start + 3 > len(ops) or ops[start + 2][0] != "swiglu":
+            return None
+        (h, wg, g, bg), (_, wu, u, bu) = mm
+        sg, su, so = ops[start + 2][1]
+        if bg is not None or bu is not None or wg.shape[0] != wu.shape[0]:
+            return None
+        if _tid(sg) != _tid(g) or _tid(su) != _tid(u):
+            return None
+        if _tid(so) != _tid(g) and not self._dead_after(ops, start + 2, g):
+            return None
+        x, norm = h, None
+        if start > i:
+            prefix = self._norm_prefix(ops, i, h, start + 2)
+            if not prefix:
+                return None
+            x, norm = prefix
+        return [("gemv_glu", (x, norm, wg, wu, so, u))], start + 3
+
+    def _fuse_res(self, ops, i):
+        if i + 2 > len(ops) or ops[i][0] != "matmul" or ops[i + 1][0] != "add":
+            return None
+        x, w, h, bias = ops[i][1]
+        a, b, out = ops[i + 1][1]
+        ids = (_tid(a), _tid(b))
+        resid = a if ids[1] == _tid(h) else b
+        if _tid(h) not in ids or _tid(out) != _tid(resid) or _tid(resid) == _tid(h) or _tid(x) == _tid(resid):
+            return None
+        if not self._gemv_ok(x, w) or out.dtype != "f32":
+            return None
+        return [("gemv_res", (x, w, bias, h, resid))], i + 2
+
+    def _fuse_norm(self, ops, i):
+        if i + 2 > len(ops) or ops[i][0] != "rms_norm" or ops[i + 1][0] != "matmul":
+            return None
+        h, w, out, bias = ops[i + 1][1]
+        prefix = self._norm_prefix(ops, i, h, i + 1)
+        if not prefix or not self._gemv_ok(prefix[0], w) or _tid(out) == _tid(prefix[0]):
+            return None
+        return [("gemv_norm", (prefix[0], prefix[1], w, bias, out))], i + 2
+
+
+def _tokens(name: str, args) -> int:
+    """Rows of the op's activations (the batch size T) as recorded."""
+    t = args[{"embed": 2}.get(name, 0)]
+    return t.shape[0] if len(t.shape) > 1 or name == "embed" else 1
+
+
+def _closure_ids(step) -> tuple:
+    """What identifies a step across calls: the objects it closes over (the model and its activations), not the
+    numbers (positions and lengths are read from device tensors). Keeps two models' graphs apart."""
+    ids = []
+    for cell in getattr(step, "__closure__", None) or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:
+            continue
+        if not isinstance(v, (int, float, str, bytes, bool, type(None))):
+            ids.append(id(v))
+    owner = getattr(step, "__self__", None)
+    if owner is not None:
+        ids.append(id(owner))
+    return tuple(ids)
