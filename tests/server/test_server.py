@@ -190,7 +190,7 @@ def test_queue_full_and_disconnect_frees_slot(served):
     """Two held streams fill --max-concurrency 2: a third request gets 429. Dropping the queued stream frees its
     slot at once; dropping the active one stops its generation at the next token, so the next request runs."""
     served.idle()
-    body = {"model": served.model_id, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
+    body = {"model": served.model_id, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0,
             "stream": True}
     before = httpx.get(served.url + "/metrics").text
     with raw(served) as ca, raw(served) as cb, raw(served) as cc:
@@ -210,14 +210,14 @@ def test_queue_full_and_disconnect_frees_slot(served):
                 **body, "stream": False, "max_tokens": 2})))
             th.start()
             wait_for(served, lambda h: h["queue_depth"] == 1)  # C queued behind A
-        th.join(120)  # A dropped: C must run now, not after A's 400 tokens
+        th.join(120)  # A dropped: C must run now, not after A's 1000 tokens
         assert result["r"].status_code == 200, result["r"].text
         assert result["r"].json()["usage"]["completion_tokens"] == 2
         assert time.monotonic() - t0 < 60
     served.idle()
     after = httpx.get(served.url + "/metrics").text
     assert metric(after, "kiln_cancelled_requests_total") - metric(before, "kiln_cancelled_requests_total") == 2
-    assert metric(after, "kiln_generation_tokens_total") - metric(before, "kiln_generation_tokens_total") < 100
+    assert metric(after, "kiln_generation_tokens_total") - metric(before, "kiln_generation_tokens_total") < 500
     assert metric(after, "kiln_rejected_requests_total") > metric(before, "kiln_rejected_requests_total")
     h = httpx.get(served.url + "/health").json()
     assert h["queue_depth"] == 0 and h["active_requests"] == 0
@@ -232,11 +232,11 @@ def wait_for(served, cond, timeout: float = 10.0) -> None:
 
 def test_non_streamed_disconnect_cancels(served):
     served.idle()
-    body = {"model": served.model_id, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}
+    body = {"model": served.model_id, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0}
     before = metric(httpx.get(served.url + "/metrics").text, "kiln_cancelled_requests_total")
     with pytest.raises(httpx.ReadTimeout), raw(served) as c:
         c.post("/v1/completions", json=body, timeout=httpx.Timeout(120, read=3))
-    assert served.engine.wait_idle(30)  # stopped well before 400 tokens
+    assert served.engine.wait_idle(30)  # stopped long before 1000 tokens
     assert metric(httpx.get(served.url + "/metrics").text, "kiln_cancelled_requests_total") == before + 1
 
 
