@@ -134,7 +134,7 @@ class Broken(NumpyDevice):
 
     def rms_norm(self, x, weight, eps, out):
         if self.fault != "rms_norm_noop":
-            super().rms_norm(x, weight, eps, out)
+            super().rms_norm(x, weight, 0.0 if self.fault == "rms_norm_no_eps" else eps, out)
 
     def rope(self, x, pos, n_heads, head_dim, theta, neox):
         if self.fault == "rope_raises":
@@ -180,6 +180,11 @@ def test_data_kept_in_f16_fails_exact_ops():
     results = conformance.run_suite(Broken("embed_f16"), ops=["embed"], quick=True)
     failed = {r.dtype for r in results if r.status == "fail"}
     assert failed == {t.name for t in quant.SUPPORTED} - {"F16", "BF16", "Q5_1"}, conformance.format_table(results)
+
+
+def test_dropped_eps_is_caught_by_the_tiny_input_case():
+    results = conformance.run_suite(Broken("rms_norm_no_eps"), ops=["rms_norm"], quick=True)
+    assert [r.case for r in results if r.status == "fail"] == ["T=2 d=576 eps=1e-05 tiny-x"]
 
 
 def test_localised_error_is_caught_where_nmse_dilutes_it():
