@@ -1,0 +1,105 @@
+"""GEMV bandwidth of the CUDA backend on 7B-sized matrices: GB/s of weights read per second, next to a plain
+device-to-device copy (the practical ceiling). Each matrix is replicated past 4x the L2 cache and the launches
+rotate through the copies, so the weights come from HBM; timing is a CUDA graph of many launches between events.
+
+    python bench/gemv.py [--json PATH] [--formats Q8_0 Q4_K ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from kiln import quant
+from kiln.runtime import get_device
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)]  # wq/wo, gate/up, down, output head
+
+
+def _graph_time(dev, launch, n_launch: int, reps: int = 5) -> float:
+    """Seconds per launch: a graph of n_launch launches, replayed `reps` times, median."""
+    import cupy
+
+    s = dev.stream
+    with s:
+        s.begin_capture()
+        for i in range(n_launch):
+            launch(i)
+        g = s.end_capture()
+    g.launch(s)
+    s.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record(s)
+        g.launch(s)
+        b.record(s)
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b) / 1e3 / n_launch)
+    return statistics.median(times)
+
+
+def copy_bandwidth(dev, nbytes: int = 1 << 30) -> float:
+    import cupy
+
+    with dev.stream:
+        a = cupy.ones(nbytes // 4, np.float32)
+        b = cupy.empty_like(a)
+    t = _graph_time(dev, lambda i: b.data.copy_from_device_async(a.data, nbytes, dev.stream), 10)
+    return 2 * nbytes / t / 1e9
+
+
+def gemv_bandwidth(dev, fmt: str, N: int, K: int, l2_bytes: int) -> dict:
+    qt = Q[fmt]
+    rng = np.random.default_rng(0)
+    raw = quant.random_weight(qt, N, K, rng)
+    copies = max(2, -(-4 * l2_bytes // raw.nbytes))
+    weights = [dev.load_weight(f"w{i}", qt, raw, (N, K)) for i in range(copies)]
+    x = dev.upload(rng.standard_normal((1, K), dtype=np.float32))
+    out = dev.empty((1, N))
+    try:
+        dev.matmul(x, weights[0], out)  # compile
+        ref = quant.dequantize(raw, qt, K) @ dev.download(x)[0]
+        err = float(np.abs(dev.download(out)[0] - ref).max() / np.abs(ref).max())
+        t = _graph_time(dev, lambda i: dev.matmul(x, weights[i % copies], out), 20 * copies)
+    finally:
+        for w in weights:
+            dev.free_weight(w)
+        dev.free(x)
+        dev.free(out)
+    return {"format": fmt, "N": N, "K": K, "bytes": raw.nbytes, "us": t * 1e6, "gb_s": raw.nbytes / t / 1e9,
+            "max_rel_err": err}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", nargs="*", default=["Q8_0", "Q4_0", "Q4_K", "Q6_K", "F16"])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import cupy
+
+    dev = get_device("cuda")
+    l2 = cupy.cuda.runtime.getDeviceProperties(dev.index)["l2CacheSize"]
+    ceiling = copy_bandwidth(dev)
+    print(f"{dev.name}: device-to-device copy {ceiling:.0f} GB/s (read + write), L2 {l2 >> 20} MiB")
+    rows = []
+    print(f"{'format':<6} {'N':>6} {'K':>6} {'MiB':>7} {'us':>8} {'GB/s':>7} {'% copy':>7} {'err':>8}")
+    for fmt in args.formats:
+        for N, K in SHAPES:
+            r = gemv_bandwidth(dev, fmt, N, K, l2)
+            r["pct_of_copy"] = 100 * r["gb_s"] / ceiling
+            rows.append(r)
+            print(f"{fmt:<6} {N:>6} {K:>6} {r['bytes'] / 2**20:>7.1f} {r['us']:>8.1f} {r['gb_s']:>7.0f} "
+                  f"{r['pct_of_copy']:>6.0f}% {r['max_rel_err']:>8.1e}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": dev.name, "copy_gb_s": ceiling, "l2_bytes": l2, "gemv": rows}, fh, indent=1)
+    dev.close()
+
+
+if __name__ == "__main__":
+    main()

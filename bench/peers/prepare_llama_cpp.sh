@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run HERE (a machine with PyPI access): fetch the llama-cpp-python sdist and keep only what building
+# llama-bench with CUDA needs, as .peer/llama.cpp.tar.xz (a few MB) to carry to the GPU machine. Never committed:
+# .peer/ is in .git/info/exclude. Usage: bash bench/peers/prepare_llama_cpp.sh [sdist.tar.gz]
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+out=$root/.peer
+mkdir -p "$out"
+work=$(mktemp -d)
+sdist=${1:-}
+if [ -z "$sdist" ]; then
+    python3 -m pip download --no-deps --no-binary :all: llama-cpp-python -d "$work/dl" >/dev/null
+    sdist=$(ls "$work"/dl/llama_cpp_python-*.tar.gz)
+fi
+tar xzf "$sdist" -C "$work"
+src=$(ls -d "$work"/llama_cpp_python-*/vendor/llama.cpp)
+version=$(basename "$(dirname "$(dirname "$src")")")
+cd "$src"
+rm -rf docs models examples pocs tests benches app tools/ui tools/server tools/mtmd media gguf-py conversion scripts \
+       .github ci skills grammars requirements *.py
+for d in ggml/src/ggml-*/; do
+    case "$d" in ggml/src/ggml-cuda/|ggml/src/ggml-cpu/) ;; *) rm -rf "$d" ;; esac
+done
+find tools -mindepth 1 -maxdepth 1 -type d ! -name llama-bench -exec rm -rf {} +
+echo 'add_subdirectory(llama-bench)' > tools/CMakeLists.txt
+echo "$version" > KILN_PEER_VERSION
+cd ..
+tar cJf "$out/llama.cpp.tar.xz" llama.cpp
+rm -rf "$work"
+ls -l "$out/llama.cpp.tar.xz"

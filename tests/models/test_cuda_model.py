@@ -1,0 +1,170 @@
+"""Whole models on CUDA against the NumPy reference: the embedded SmolLM2's greedy tokens for 32 tokens on three
+prompts, logits of tiny random models of every format (through the fused, graph-captured decode path), chunked
+prefill, two models on one device, and a long decode soak with flat device memory (KILN_SOAK_TOKENS, default 2000).
+Skipped cleanly without CuPy or a GPU."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cupy")
+
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+from kiln import api, gguf, synth  # noqa: E402
+from kiln.errors import KilnError  # noqa: E402
+from kiln.model import Model  # noqa: E402
+from kiln.runtime.numpy_backend import NumpyDevice  # noqa: E402
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,"]
+N_GREEDY = 32
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    try:
+        from kiln.runtime.cuda_backend import CudaDevice
+
+        dev = CudaDevice()
+    except (KilnError, ImportError) as e:
+        pytest.skip(f"no CUDA device: {e}")
+    yield dev
+    dev.close()
+
+
+def nmse(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sum((a - b) ** 2) / np.sum(b * b))
+
+
+def greedy(model: Model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    model.reset()
+    logits = model.prefill(ids)
+    out = []
+    for _ in range(n):
+        out.append(model.dev.argmax(logits))
+        logits = model.step([out[-1]])
+    return out, model.dev.download(logits)[0]
+
+
+def _embedded() -> str:
+    try:
+        path = api.default_model_path()
+    except KilnError as e:
+        pytest.skip(str(e))
+    if not os.path.exists(path):
+        pytest.skip(f"embedded model missing: {path}")
+    return path
+
+
+def test_embedded_greedy_tokens_match_numpy(cuda):
+    path = _embedded()
+    f = gguf.load(path)
+    models = {"cuda": Model(f, cuda, n_ctx=256), "numpy": Model(f, NumpyDevice(), n_ctx=256)}
+    tok = api.load(path, backend="numpy").tokenizer
+    try:
+        for prompt in PROMPTS:
+            ids = tok.encode(prompt)
+            (tc, lc), (tn, ln) = (greedy(models[b], ids, N_GREEDY) for b in ("cuda", "numpy"))
+            assert tc == tn, f"{prompt!r}: cuda {tok.decode(tc)!r} != numpy {tok.decode(tn)!r}"
+            assert nmse(lc, ln) <= 1e-3
+    finally:
+        models["cuda"].close()
+
+
+@pytest.mark.parametrize("qtype,arch", [(Q.Q8_0, "llama"), (Q.Q4_0, "qwen2"), (Q.Q4_1, "llama"), (Q.Q5_0, "llama"),
+                                        (Q.Q5_1, "qwen2"), (Q.Q4_K, "llama"), (Q.Q5_K, "qwen2"), (Q.Q6_K, "llama"),
+                                        (Q.F16, "llama"), (Q.BF16, "llama"), (Q.F32, "qwen2")])
+def test_tiny_model_logits_match_numpy(cuda, tiny_models, qtype, arch):
+    """Teacher-forced: the same 20-token prompt and 12 decode tokens on both; logits after every step."""
+    f = gguf.load(tiny_models(qtype, arch))
+    ids = np.random.default_rng(int(qtype)).integers(0, f.config.vocab_size, 32).tolist()
+    mc, mn = Model(f, cuda, n_ctx=64), Model(f, NumpyDevice(), n_ctx=64)
+    try:
+        worst = 0.0
+        lc, ln = mc.prefill(ids[:20]), mn.prefill(ids[:20])
+        for t in ids[20:]:
+            worst = max(worst, nmse(cuda.download(lc), mn.dev.download(ln)))
+            lc, ln = mc.step([t]), mn.step([t])
+        assert worst <= 1e-3
+        assert len(cuda._graphs) >= 1  # decode went through a captured graph
+    finally:
+        mc.close()
+
+
+def test_chunked_prefill_equals_one_pass(cuda, tiny_models):
+    f = gguf.load(tiny_models(Q.Q4_K))
+    ids = np.random.default_rng(5).integers(0, f.config.vocab_size, 45).tolist()
+    m = Model(f, cuda, n_ctx=64)
+    try:
+        one = cuda.download(m.prefill(ids))
+        m.reset()
+        chunked = cuda.download(m.prefill(ids, chunk=16))
+        assert nmse(chunked, one) < 1e-6
+    finally:
+        m.close()
+
+
+def test_two_models_share_a_device(cuda, tiny_models):
+    """Each model replays its own graph (graphs are keyed by the model and its activations, not just the step)."""
+    fa, fb = gguf.load(tiny_models(Q.Q8_0)), gguf.load(tiny_models(Q.Q4_K))
+    ids = [5, 9, 200, 7]
+    alone = []
+    for f in (fa, fb):
+        m = Model(f, cuda, n_ctx=32)
+        alone.append(greedy(m, ids, 6)[0])
+        m.close()
+    ma, mb = Model(fa, cuda, n_ctx=32), Model(fb, cuda, n_ctx=32)
+    try:
+        la, lb = ma.prefill(ids), mb.prefill(ids)
+        got = ([], [])
+        for _ in range(6):
+            got[0].append(cuda.argmax(la))
+            got[1].append(cuda.argmax(lb))
+            la, lb = ma.step([got[0][-1]]), mb.step([got[1][-1]])
+        assert list(got) == alone
+    finally:
+        ma.close()
+        mb.close()
+
+
+def _soak_path(tmp_path_factory) -> str:
+    try:
+        path = api.default_model_path()
+        if os.path.exists(path):
+            return path
+    except KilnError:
+        pass
+    path = str(tmp_path_factory.mktemp("soak") / "long.gguf")  # a tiny model with a long context
+    return synth.write_model(path, synth.Shape(2, 256, 4, 2, 512, vocab_size=512, context_length=4096), Q.Q4_1)
+
+
+def test_soak_memory_flat(cuda, tmp_path_factory):
+    import cupy
+
+    n = int(os.environ.get("KILN_SOAK_TOKENS", "2000"))
+    f = gguf.load(_soak_path(tmp_path_factory))
+    m = Model(f, cuda, n_ctx=min(f.config.context_length, n + 64))
+    try:
+        logits = m.prefill(list(range(10, 26)))
+        token, marks = 0, {}
+        t0 = time.perf_counter()
+        for i in range(n):
+            token = cuda.argmax(logits)
+            assert 0 <= token < f.config.vocab_size
+            logits = m.step([token])
+            if i in (50, n - 1):
+                cuda.sync()
+                marks[i] = (cuda.memory_stats(), cupy.cuda.runtime.memGetInfo()[0])
+        rate = n / (time.perf_counter() - t0)
+        (s0, free0), (s1, free1) = marks[50], marks[n - 1]
+        for key in ("bytes_in_use", "allocations", "device_pool_bytes", "graphs", "scratch_bytes"):
+            assert s1[key] == s0[key], f"{key} grew from {s0[key]} to {s1[key]} over {n} tokens"
+        assert abs(free1 - free0) < (1 << 20), f"free device memory moved by {free0 - free1} bytes"
+        print(f"soak: {n} tokens at {rate:.0f} tok/s, {s1['bytes_in_use'] / 2**20:.1f} MiB in use")
+    finally:
+        m.close()
