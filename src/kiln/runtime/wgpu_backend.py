@@ -34,10 +34,14 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 _KERNELS = resources.files("kiln") / "kernels" / "wgsl"
 
-# GGUF type -> weight snippet (w_<name>.wgsl); the (scale byte offset, block bytes) of formats repacked at upload.
+# GGUF type -> weight snippet (kernels/wgsl/w_<name>.wgsl).
 _FORMATS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
             "Q5_0": "q5_0", "Q5_1": "q5_1", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
-_SPLIT_SCALE = {"Q8_0": (0, 34), "Q4_0": (0, 18), "Q5_0": (0, 22), "Q6_K": (208, 210)}
+# Formats repacked at upload so each block's quants are whole 16-byte vectors: block bytes, then the byte range of
+# each array in binding order (8: quants, 9: scales (and mins), 10: high bits). The others upload as they are.
+_REPACK = {"Q8_0": (34, [(2, 34), (0, 2)]), "Q4_0": (18, [(2, 18), (0, 2)]), "Q4_1": (20, [(4, 20), (0, 4)]),
+           "Q5_0": (22, [(6, 22), (0, 2), (2, 6)]), "Q5_1": (24, [(8, 24), (0, 4), (4, 8)]),
+           "Q6_K": (210, [(0, 208), (208, 210)])}
 
 _STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
 _MAX_GROUPS = 65535  # per grid dimension (WebGPU default limit)
@@ -49,6 +53,10 @@ _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "Unknown
 
 def _ceil4(n: int) -> int:
     return max(4, (n + 3) & ~3)
+
+
+def _ceil16(n: int) -> int:
+    return max(16, (n + 15) & ~15)
 
 
 def _subgroup_feature(features) -> str | None:
@@ -120,8 +128,6 @@ class WgpuKernel:
 
 class WgpuDevice(Device):
     backend = "wgpu"
-    GEMV_TPR = 16  # threads per row in the GEMV: a power of two
-    GEMV_RPW = 4  # rows per GEMV workgroup
     ATTN_SPLITS = 16  # flash-decoding splits per head (fixed per context size, whatever the KV length)
 
     def __init__(self, index: int | None = None):
@@ -142,6 +148,13 @@ class WgpuDevice(Device):
         self.has_f16 = "shader-f16" in features
         self.has_subgroups = len(features) > int(self.has_f16)
         self.kv_dtype = "f16" if self.has_f16 else "f32"
+        # GEMV shape: threads per workgroup (a power of two) and rows per workgroup sharing each x load. A CPU
+        # adapter runs a workgroup as SIMD loops where every load is a gather: few threads, many rows (x reuse).
+        self.cpu_adapter = adapter.info["adapter_type"] == "CPU"
+        self.gemv_tpr, self.gemv_rpw = (8, 32) if self.cpu_adapter else (64, 4)
+        # Prompts (T > 1) take the tiled GEMM on GPUs; on a CPU adapter T GEMVs in one dispatch are ~10x faster
+        # (workgroup memory and barriers are expensive there). Tests set force_gemm to cover the GEMM anyway.
+        self.force_gemm = False
         self.max_binding = min(self.device.limits["max-storage-buffer-binding-size"],
                                self.device.limits["max-buffer-size"]) & ~255
         info = adapter.info
@@ -184,7 +197,7 @@ class WgpuDevice(Device):
 
     def _make_weight_buffer(self, data: np.ndarray):
         data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        size = _ceil4(data.nbytes)
+        size = _ceil16(data.nbytes)  # whole vec4s: kernels read weights as array<vec4<...>>
         buf = self.device.create_buffer(size=size, usage=_STORAGE)
         if data.nbytes:
             self.queue.write_buffer(buf, 0, data if data.nbytes == size else np.pad(data, (0, size - data.nbytes)))
@@ -284,15 +297,12 @@ class WgpuDevice(Device):
 
     @staticmethod
     def _repack(fmt: str, raw: np.ndarray) -> list[np.ndarray]:
-        """Per-row arrays in binding order: word-aligned quants (binding 8), then f16 scales (binding 9)."""
-        if fmt not in _SPLIT_SCALE:
+        """The per-row arrays of a matrix in binding order (see _REPACK)."""
+        if fmt not in _REPACK:
             return [raw]
-        at, size = _SPLIT_SCALE[fmt]
-        rows = raw.shape[0]
-        blocks = raw.reshape(rows, -1, size)
-        quants = np.concatenate([blocks[..., :at], blocks[..., at + 2 :]], axis=2).reshape(rows, -1)
-        scales = np.ascontiguousarray(blocks[..., at : at + 2]).reshape(rows, -1)
-        return [quants, scales]
+        size, fields = _REPACK[fmt]
+        blocks = raw.reshape(raw.shape[0], -1, size)
+        return [np.ascontiguousarray(blocks[..., a:b]).reshape(raw.shape[0], -1) for a, b in fields]
 
     def free_weight(self, weight: Weight) -> None:
         if weight.storage is None:
@@ -386,8 +396,10 @@ class WgpuDevice(Device):
 
     @staticmethod
     def _bind(index: int, tensor: Tensor) -> tuple:
+        """Whole vec4s (kernels may read a tensor as array<vec4<f32>>): pool buckets are multiples of 256 bytes
+        and views start at multiples of 256, so rounding up stays inside the buffer."""
         buf, offset, nbytes = tensor.storage
-        return (index, buf, offset, _ceil4(nbytes))
+        return (index, buf, offset, min(_ceil16(nbytes), buf.size - offset))
 
     def _bind_params(self, *values) -> tuple:
         buf = self._uniform(values)
@@ -473,13 +485,15 @@ class WgpuDevice(Device):
         T, K = x.shape
         N = weight.shape[0]
         bias_binding = self._bind_buffer(3, bias.storage if bias is not None else self._dummy)
-        if T == 1:
-            tpr, rpw = self.GEMV_TPR, self.GEMV_RPW
+        if T == 1 or self.cpu_adapter and not self.force_gemm:
+            tpr, rpw = self.gemv_tpr, self.gemv_rpw
             pipeline = self._pipeline("gemv", fmt=fmt, TPR=tpr, RPW=rpw)
             for part in weight.storage:
-                params = self._bind_params(K, part.rows, part.row0, int(bias is not None))
+                params = self._bind_params(K, part.rows, part.row0, int(bias is not None), N)
+                groups = -(-part.rows // rpw)
+                grid = (min(groups, _MAX_GROUPS), T, -(-groups // _MAX_GROUPS))
                 self._dispatch(pipeline, [params, self._bind(1, x), self._bind(2, out), bias_binding,
-                                          *self._weight_bindings(part)], _groups(-(-part.rows // rpw)))
+                                          *self._weight_bindings(part)], grid)
             return
         pipeline = self._pipeline("gemm", fmt=fmt)
         for part in weight.storage:

@@ -16,6 +16,11 @@ fn field4(w: u32, shift: u32, mask: u32) -> vec4<f32> {
     return vec4<f32>((vec4<u32>(w) >> (vec4<u32>(0u, 8u, 16u, 24u) + shift)) & vec4<u32>(mask));
 }
 
+// Bits first..first+3 of w as floats 0/1.
+fn bits4(w: u32, first: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<u32>(w) >> (vec4<u32>(0u, 1u, 2u, 3u) + first)) & vec4<u32>(1u));
+}
+
 // Four signed bytes as floats.
 fn i8x4(w: u32) -> vec4<f32> {
     let s = bitcast<vec4<i32>>(vec4<u32>(w << 24u, w << 16u, w << 8u, w));
@@ -24,4 +29,8 @@ fn i8x4(w: u32) -> vec4<f32> {
 
 fn byte_of(w: u32, i: u32) -> u32 {
     return (w >> (8u * (i & 3u))) & 255u;
+}
+
+fn m8(a: vec4<f32>, b: vec4<f32>) -> mat2x4<f32> {
+    return mat2x4<f32>(a, b);
 }

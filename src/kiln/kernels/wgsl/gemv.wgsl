@@ -1,55 +1,74 @@
-// Quantized GEMV for one token: y[row0 + r] = dot(W[r, :], x) (+ bias). The header defines TPR (threads per
-// row, a power of two) and RPW (rows per workgroup); each thread walks its row in chunks of 8 weights
-// (load8, from the weight format snippet), then the row's threads reduce through workgroup memory.
+// Quantized GEMV: y[t, row0 + r] = dot(W[r, :], x[t, :]) (+ bias), token t = grid y (decode: one token; CPU
+// adapters also use it for prompts, see WgpuDevice.matmul). A workgroup of TPR threads owns RPW rows. Each thread takes 32-weight units (unit_dot, from the weight format snippet: whole blocks read as
+// vec4 loads) and loads its x unit once for all RPW rows; then the threads reduce the RPW partial sums through
+// workgroup memory. Header: TPR (a power of two), RPW.
 
 struct Params {
     K: u32,         // row length
     rows: u32,      // rows in this weight part
     row0: u32,      // first output column of this part
     has_bias: u32,
+    N: u32,         // output row stride (all parts' rows)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 
 var<workgroup> partial: array<f32, TPR * RPW>;
 
-fn x8(k: u32, K: u32) -> mat2x4<f32> {
-    var v: array<f32, 8>;
-    for (var j = 0u; j < 8u; j++) {
-        v[j] = select(0.0, x[k + j], k + j < K);
+// x[t, k .. k + 32), zero past K.
+fn x_unit(t: u32, k: u32, K: u32) -> array<vec4<f32>, 8> {
+    var v: array<vec4<f32>, 8>;
+    let base = t * K + k;
+    if (K % 4u == 0u) {
+        for (var i = 0u; i < 8u; i++) {
+            v[i] = select(vec4<f32>(0.0), x[base / 4u + i], k + 4u * i < K);
+        }
+        return v;
     }
-    return mat2x4<f32>(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
-}
-
-@compute @workgroup_size(TPR * RPW)
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>,
-        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let lane = lid % TPR;
-    let row = linear_group(wid, nwg) * RPW + lid / TPR;
-    var acc = 0.0;
-    if (row < p.rows) {
-        for (var k = lane * 8u; k < p.K; k += TPR * 8u) {
-            let w = load8(row, k, p.K);
-            let v = x8(k, p.K);
-            acc += dot(w[0], v[0]) + dot(w[1], v[1]);
+    for (var i = 0u; i < 8u; i++) {
+        for (var c = 0u; c < 4u; c++) {
+            let e = base + 4u * i + c;
+            v[i][c] = select(0.0, x[e / 4u][e % 4u], k + 4u * i + c < K);
         }
     }
-    partial[lid] = acc;
+    return v;
+}
+
+@compute @workgroup_size(TPR)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = (wid.x + wid.z * nwg.x) * RPW;
+    let t = wid.y;
+    let out = t * p.N + p.row0 + first;
+    let n = min(RPW, p.rows - min(first, p.rows));  // rows of this workgroup that exist
+    let units = (p.K + UNIT - 1u) / UNIT;
+    var acc: array<f32, RPW>;  // constant trip counts below keep it in registers (no indexed private memory)
+    for (var u = lid; u < units; u += TPR) {
+        let xv = x_unit(t, u * UNIT, p.K);
+        for (var r = 0u; r < RPW; r++) {
+            acc[r] += unit_dot(min(first + r, p.rows - 1u), u, p.K, xv);  // rows past the end: computed, unused
+        }
+    }
+    for (var r = 0u; r < RPW; r++) {
+        partial[r * TPR + lid] = acc[r];
+    }
     workgroupBarrier();
     for (var s = TPR / 2u; s > 0u; s >>= 1u) {
-        if (lane < s) {
-            partial[lid] += partial[lid + s];
+        if (lid < s) {
+            for (var r = 0u; r < RPW; r++) {
+                partial[r * TPR + lid] += partial[r * TPR + lid + s];
+            }
         }
         workgroupBarrier();
     }
-    if (lane == 0u && row < p.rows) {
-        var r = partial[lid];
+    for (var r = lid; r < n; r += TPR) {
+        var v = partial[r * TPR];
         if (p.has_bias != 0u) {
-            r += bias[p.row0 + row];
+            v += bias[p.row0 + first + r];
         }
-        y[p.row0 + row] = r;
+        y[out + r] = v;
     }
 }

@@ -1,20 +1,32 @@
-// F16 weights read as u32 pairs (core WGSL, no shader-f16 needed). Element i is half i & 1 of word i >> 1.
-@group(0) @binding(8) var<storage, read> wq: array<u32>;
+// F16 weights as u32 pairs in vec4s (core WGSL, no shader-f16 needed): element e is half e % 2 of word e / 2.
+@group(0) @binding(8) var<storage, read> wq: array<vec4<u32>>;
+
+const UNIT: u32 = 32u;
+
+fn w_at(e: u32) -> f32 {
+    return half_at(wq[e / 8u][(e / 2u) % 4u], e & 1u);
+}
 
 fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     let i = row * K + k;
-    if (k + 8u <= K && (i & 1u) == 0u) {
-        let w = i >> 1u;
-        let a = unpack2x16float(wq[w]);
-        let b = unpack2x16float(wq[w + 1u]);
-        let c = unpack2x16float(wq[w + 2u]);
-        let d = unpack2x16float(wq[w + 3u]);
-        return mat2x4<f32>(vec4<f32>(a, b), vec4<f32>(c, d));
+    if (i % 8u == 0u && k + 8u <= K) {
+        let w = wq[i / 8u];
+        return m8(vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)),
+                  vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)));
     }
     var v: array<f32, 8>;
     for (var j = 0u; j < 8u; j++) {
-        let e = i + j;
-        v[j] = select(0.0, half_at(wq[e >> 1u], e & 1u), k + j < K);
+        v[j] = select(0.0, w_at(i + j), k + j < K);
     }
-    return mat2x4<f32>(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
+    return m8(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
+}
+
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
+    let k = u * UNIT;
+    var s = 0.0;
+    for (var j = 0u; j < 4u; j++) {
+        let w = load8(row, k + 8u * j, K);
+        s += dot(w[0], xv[2u * j]) + dot(w[1], xv[2u * j + 1u]);
+    }
+    return s;
 }

@@ -1,12 +1,26 @@
-// Q4_1 in its GGUF layout (20-byte blocks = 5 words): word 0 = d | m << 16, words 1-4 the nibbles
-// (as Q4_0). value = d * q + m.
-@group(0) @binding(8) var<storage, read> wq: array<u32>;
+// Q4_1, repacked: wq[b] = 16 bytes of nibbles (as Q4_0), wd[b] = d | m << 16. value = d * q + m.
+@group(0) @binding(8) var<storage, read> wq: array<vec4<u32>>;
+@group(0) @binding(9) var<storage, read> wd: array<u32>;
+
+const UNIT: u32 = 32u;
 
 fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
-    let base = (row * (K / 32u) + k / 32u) * 5u;
-    let dm = unpack2x16float(wq[base]);
+    let b = row * (K / 32u) + k / 32u;
+    let dm = unpack2x16float(wd[b]);
+    let q = wq[b];
     let j = k % 32u;
-    let w = base + 1u + (j % 16u) / 4u;
+    let w = (j % 16u) / 4u;
     let shift = (j / 16u) * 4u;
-    return mat2x4<f32>(field4(wq[w], shift, 15u) * dm.x + dm.y, field4(wq[w + 1u], shift, 15u) * dm.x + dm.y);
+    return m8(field4(q[w], shift, 15u) * dm.x + dm.y, field4(q[w + 1u], shift, 15u) * dm.x + dm.y);
+}
+
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
+    let b = row * (K / 32u) + u;
+    let dm = unpack2x16float(wd[b]);
+    let q = wq[b];
+    var s = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        s += dot(field4(q[i], 0u, 15u) * dm.x + dm.y, xv[i]) + dot(field4(q[i], 4u, 15u) * dm.x + dm.y, xv[i + 4u]);
+    }
+    return s;
 }

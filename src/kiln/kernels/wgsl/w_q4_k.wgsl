@@ -1,29 +1,42 @@
-// Q4_K in its GGUF layout (144-byte super-blocks of 256 = 36 words): d | dmin << 16, 12 bytes of 6-bit
-// scales/mins, 128 bytes of nibbles (each 32-byte run: sub-block 2r in the low nibbles, 2r+1 in the high).
-// value = (d * sc) * q - dmin * m.
-@group(0) @binding(8) var<storage, read> wq: array<u32>;
+// Q4_K in its GGUF layout (144-byte super-blocks of 256 = 9 vectors): vector 0 = (d | dmin << 16, then 12 bytes
+// of 6-bit scales/mins), vectors 1-8 = 128 bytes of nibbles (each 32-byte run r: sub-block 2r in the low nibbles,
+// 2r + 1 in the high). value = (d * sc) * q - dmin * m.
+@group(0) @binding(8) var<storage, read> wq: array<vec4<u32>>;
 
-// Sub-block j's 6-bit scale and min: j < 4 in the low 6 bits of bytes j / j+4; j >= 4 split between
-// byte j+4 (low 4 bits) and the top 2 bits of bytes j-4 / j.
-fn k_scale_min(base: u32, j: u32) -> vec2<f32> {
-    let s0 = wq[base + 1u];
-    let s1 = wq[base + 2u];
-    let s2 = wq[base + 3u];
-    let lo = vec2<u32>(byte_of(s0, j) & 63u, byte_of(s1, j) & 63u);
-    let mix = byte_of(s2, j);
-    let hi = vec2<u32>((mix & 15u) | ((byte_of(s0, j) >> 6u) << 4u), (mix >> 4u) | ((byte_of(s1, j) >> 6u) << 4u));
-    return vec2<f32>(select(hi, lo, j < 4u));
+const UNIT: u32 = 32u;  // one sub-block
+
+// Sub-block j's (d * scale, dmin * min). Scales/mins j < 4: low 6 bits of bytes j / j + 4; j >= 4: low/high
+// nibble of byte j + 4 plus the top 2 bits of bytes j - 4 / j.
+fn k_scale_min(hdr: vec4<u32>, j: u32) -> vec2<f32> {
+    let lo = vec2<u32>(byte_of(hdr.y, j) & 63u, byte_of(hdr.z, j) & 63u);
+    let mix = byte_of(hdr.w, j);
+    let hi = vec2<u32>((mix & 15u) | ((byte_of(hdr.y, j) >> 6u) << 4u), (mix >> 4u) | ((byte_of(hdr.z, j) >> 6u) << 4u));
+    return unpack2x16float(hdr.x) * vec2<f32>(select(hi, lo, j < 4u));
 }
 
 fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
-    let base = (row * (K / 256u) + k / 256u) * 36u;
-    let dm = unpack2x16float(wq[base]);
+    let base = (row * (K / 256u) + k / 256u) * 9u;
     let e = k % 256u;
     let j = e / 32u;
-    let sm = k_scale_min(base, j);
-    let d = dm.x * sm.x;
-    let m = dm.y * sm.y;
-    let w = base + 4u + ((j / 2u) * 32u + e % 32u) / 4u;
+    let sm = k_scale_min(wq[base], j);
+    let w = (j / 2u) * 8u + (e % 32u) / 4u;  // word of the 128 nibble bytes
+    let q = wq[base + 1u + w / 4u];
     let shift = (j % 2u) * 4u;
-    return mat2x4<f32>(field4(wq[w], shift, 15u) * d - m, field4(wq[w + 1u], shift, 15u) * d - m);
+    return m8(field4(q[w % 4u], shift, 15u) * sm.x - sm.y, field4(q[w % 4u + 1u], shift, 15u) * sm.x - sm.y);
+}
+
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
+    let base = (row * (K / 256u) + u / 8u) * 9u;
+    let j = u % 8u;
+    let sm = k_scale_min(wq[base], j);
+    let shift = (j % 2u) * 4u;
+    let qa = wq[base + 1u + (j / 2u) * 2u];
+    let qb = wq[base + 2u + (j / 2u) * 2u];
+    var s = 0.0;
+    var xs = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        s += dot(field4(qa[i], shift, 15u), xv[i]) + dot(field4(qb[i], shift, 15u), xv[i + 4u]);
+        xs += xv[i] + xv[i + 4u];
+    }
+    return sm.x * s - sm.y * dot(xs, vec4<f32>(1.0));
 }

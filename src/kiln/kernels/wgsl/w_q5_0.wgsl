@@ -1,18 +1,33 @@
-// Q5_0, repacked: wq = 5 words per block (qh: bit e is element e's fifth bit, then 4 words of nibbles as
-// Q4_0), wd = f16 scales, two per word. value = (q - 16) * d.
-@group(0) @binding(8) var<storage, read> wq: array<u32>;
+// Q5_0, repacked: wq[b] = 16 bytes of low nibbles (as Q4_0), wd = f16 scales (two per word), wh[b] = qh (bit e is
+// element e's fifth bit). value = (q - 16) * d.
+@group(0) @binding(8) var<storage, read> wq: array<vec4<u32>>;
 @group(0) @binding(9) var<storage, read> wd: array<u32>;
+@group(0) @binding(10) var<storage, read> wh: array<u32>;
+
+const UNIT: u32 = 32u;
 
 fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     let b = row * (K / 32u) + k / 32u;
     let d = half_at(wd[b >> 1u], b & 1u);
-    let base = b * 5u;
-    let qh = wq[base];
+    let q = wq[b];
+    let qh = wh[b];
     let j = k % 32u;
-    let w = base + 1u + (j % 16u) / 4u;
+    let w = (j % 16u) / 4u;
     let shift = (j / 16u) * 4u;
-    let hi = vec4<u32>(0u, 1u, 2u, 3u) + j;
-    let q0 = field4(wq[w], shift, 15u) + vec4<f32>((vec4<u32>(qh) >> hi) & vec4<u32>(1u)) * 16.0;
-    let q1 = field4(wq[w + 1u], shift, 15u) + vec4<f32>((vec4<u32>(qh) >> (hi + 4u)) & vec4<u32>(1u)) * 16.0;
-    return mat2x4<f32>((q0 - 16.0) * d, (q1 - 16.0) * d);
+    let q0 = field4(q[w], shift, 15u) + bits4(qh, j) * 16.0;
+    let q1 = field4(q[w + 1u], shift, 15u) + bits4(qh, j + 4u) * 16.0;
+    return m8((q0 - 16.0) * d, (q1 - 16.0) * d);
+}
+
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
+    let b = row * (K / 32u) + u;
+    let d = half_at(wd[b >> 1u], b & 1u);
+    let q = wq[b];
+    let qh = wh[b];
+    var s = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        s += dot(field4(q[i], 0u, 15u) + bits4(qh, 4u * i) * 16.0 - 16.0, xv[i]);
+        s += dot(field4(q[i], 4u, 15u) + bits4(qh, 16u + 4u * i) * 16.0 - 16.0, xv[i + 4u]);
+    }
+    return s * d;
 }

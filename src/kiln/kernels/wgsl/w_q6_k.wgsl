@@ -1,23 +1,52 @@
-// Q6_K, repacked (210-byte super-blocks are not word aligned): wq = 52 words per super-block (ql: 128 bytes,
-// qh: 64 bytes, 16 int8 scales), wd = the f16 d, two per word. Each 128-element half has four 32-element
-// quarters s: low 4 bits from ql part s % 2 (nibble s / 2), top 2 bits from bits 2s of qh.
-// value = (d * sc) * (q - 32), one scale per 16 elements.
-@group(0) @binding(8) var<storage, read> wq: array<u32>;
+// Q6_K, repacked (210-byte super-blocks are not word aligned): wq = 13 vectors per super-block (ql: vectors 0-7,
+// qh: 8-11, the 16 int8 scales: 12), wd = the f16 d, two per word. Each 128-element half h has four 32-element
+// quarters s: low 4 bits from ql bytes h*64 + (s % 2)*32 (nibble s / 2), top 2 bits from bits 2s of qh bytes
+// h*32. value = (d * sc) * (q - 32), one scale per 16 elements.
+@group(0) @binding(8) var<storage, read> wq: array<vec4<u32>>;
 @group(0) @binding(9) var<storage, read> wd: array<u32>;
+
+const UNIT: u32 = 32u;  // one quarter of a half
+
+fn i8_of(w: u32, i: u32) -> f32 {
+    return f32(bitcast<i32>(byte_of(w, i) << 24u) >> 24u);
+}
 
 fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     let b = row * (K / 256u) + k / 256u;
     let d = half_at(wd[b >> 1u], b & 1u);
-    let base = b * 52u;
+    let base = b * 13u;
     let e = k % 256u;
-    let half = e / 128u;
+    let h = e / 128u;
     let s = (e % 128u) / 32u;
     let l = e % 32u;
-    let ql = base + (half * 64u + (s % 2u) * 32u + l) / 4u;
-    let qh = base + 32u + (half * 32u + l) / 4u;
-    let sc = bitcast<i32>(byte_of(wq[base + 48u + e / 64u], e / 16u) << 24u) >> 24u;
-    let dl = d * f32(sc);
-    let q0 = field4(wq[ql], (s / 2u) * 4u, 15u) + field4(wq[qh], 2u * s, 3u) * 16.0 - 32.0;
-    let q1 = field4(wq[ql + 1u], (s / 2u) * 4u, 15u) + field4(wq[qh + 1u], 2u * s, 3u) * 16.0 - 32.0;
-    return mat2x4<f32>(q0 * dl, q1 * dl);
+    let qlw = h * 16u + (s % 2u) * 8u + l / 4u;  // word of ql
+    let qhw = 32u + h * 8u + l / 4u;              // word of qh
+    let ql = wq[base + qlw / 4u];
+    let qh = wq[base + qhw / 4u];
+    let dl = d * i8_of(wq[base + 12u][e / 64u], e / 16u);
+    let q0 = field4(ql[qlw % 4u], (s / 2u) * 4u, 15u) + field4(qh[qhw % 4u], 2u * s, 3u) * 16.0 - 32.0;
+    let q1 = field4(ql[qlw % 4u + 1u], (s / 2u) * 4u, 15u) + field4(qh[qhw % 4u + 1u], 2u * s, 3u) * 16.0 - 32.0;
+    return m8(q0 * dl, q1 * dl);
+}
+
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
+    let b = row * (K / 256u) + u / 8u;
+    let d = half_at(wd[b >> 1u], b & 1u);
+    let base = b * 13u;
+    let quarter = u % 8u;
+    let h = quarter / 4u;
+    let s = quarter % 4u;
+    let la = wq[base + h * 4u + (s % 2u) * 2u];
+    let lb = wq[base + h * 4u + (s % 2u) * 2u + 1u];
+    let ha = wq[base + 8u + h * 2u];
+    let hb = wq[base + 9u + h * 2u];
+    let scw = wq[base + 12u][quarter / 2u];
+    let lsh = (s / 2u) * 4u;
+    var s0 = 0.0;
+    var s1 = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        s0 += dot(field4(la[i], lsh, 15u) + field4(ha[i], 2u * s, 3u) * 16.0 - 32.0, xv[i]);
+        s1 += dot(field4(lb[i], lsh, 15u) + field4(hb[i], 2u * s, 3u) * 16.0 - 32.0, xv[i + 4u]);
+    }
+    return d * (i8_of(scw, 2u * quarter) * s0 + i8_of(scw, 2u * quarter + 1u) * s1);
 }
