@@ -128,7 +128,6 @@ class WgpuKernel:
 
 class WgpuDevice(Device):
     backend = "wgpu"
-    ATTN_SPLITS = 16  # flash-decoding splits per head (fixed per context size, whatever the KV length)
 
     def __init__(self, index: int | None = None):
         super().__init__()
@@ -155,6 +154,9 @@ class WgpuDevice(Device):
         # Prompts (T > 1) take the tiled GEMM on GPUs; on a CPU adapter T GEMVs in one dispatch are ~10x faster
         # (workgroup memory and barriers are expensive there). Tests set force_gemm to cover the GEMM anyway.
         self.force_gemm = False
+        # Flash-decoding: splits per head (fixed, whatever the KV length) and keys per chunk. GPUs want many
+        # workgroups; a CPU adapter wants few workgroups and few barriers.
+        self.attn_splits, self.attn_chunk = (1, 256) if self.cpu_adapter else (16, 64)
         self.max_binding = min(self.device.limits["max-storage-buffer-binding-size"],
                                self.device.limits["max-buffer-size"]) & ~255
         info = adapter.info
@@ -515,6 +517,8 @@ class WgpuDevice(Device):
 
     def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
         self.require_op("attention", q.dtype)
+        if head_dim % 4 or head_dim > 256:
+            raise UnsupportedOp(f"backend 'wgpu' attention needs head_dim a multiple of 4, at most 256 (got {head_dim})")
         T = q.shape[0]
         n_ctx = k_cache.shape[1]
         types = {"act": q.dtype, "kv": k_cache.dtype}
@@ -530,14 +534,15 @@ class WgpuDevice(Device):
                            [params, self._bind(1, q), self._bind(2, k_cache), self._bind(3, v_cache),
                             self._bind(4, pos), self._bind(5, out)], (-(-T // 64), n_heads, 1))
             return
-        chunk = 64
-        splits = max(1, min(self.ATTN_SPLITS, -(-n_ctx // chunk)))
+        chunk = self.attn_chunk
+        splits = max(1, min(self.attn_splits, -(-n_ctx // chunk)))
         partial = self._internal(("attn_partial", T, n_heads, splits, head_dim), (T * n_heads * splits * (head_dim + 2),))
         params = self._bind_params(T, n_heads, n_kv_heads, n_ctx, splits, scale)
-        ndt = -(-head_dim // 64)
-        self._dispatch(self._pipeline("attn_decode", HD=head_dim, CHUNK=chunk, NDT=ndt, **types),
+        nv = head_dim // 4
+        gq = n_heads // n_kv_heads
+        self._dispatch(self._pipeline("attn_decode", HD=head_dim, NV=nv, G=64 // nv, GQ=gq, CHUNK=chunk, **types),
                        [params, self._bind(1, q), self._bind(2, k_cache), self._bind(3, v_cache), self._bind(4, pos),
-                        self._bind(5, partial)], (splits, n_heads, T))
+                        self._bind(5, partial)], (splits, n_kv_heads, T))
         self._dispatch(self._pipeline("attn_combine", HD=head_dim, act=q.dtype),
                        [params, self._bind(1, partial), self._bind(2, out)], (n_heads, T, 1))
 

@@ -1,9 +1,12 @@
-// Flash-decoding, pass 1: workgroup (split s, query head h, token t) attends q over cache rows
-// [c * CHUNK, (c + 1) * CHUNK) for chunks c = s, s + n_splits, ... below pos[t] + 1, keeping a running max,
-// softmax denominator and weighted sum of values (online softmax, f32), and writes them as one partial
-// (acc[HD], max, sum) for attn_combine. The number of splits is fixed per context size, so the dispatch does
-// not depend on the KV length, which is read from `pos` on the device.
-// Header: HD (head dim), CHUNK (keys per chunk), NDT (= ceil(HD / WG), dims per thread).
+// Flash-decoding, pass 1: workgroup (split s, KV head, token t) attends the GQ query heads that share the KV
+// head over cache rows [c * CHUNK, (c + 1) * CHUNK) for chunks c = s, s + n_splits, ... below pos[t] + 1,
+// keeping per query head a running max, softmax denominator and weighted sum of values (online softmax, f32).
+// It writes one partial (acc[HD], max, sum) per query head for attn_combine. The number of splits is fixed per
+// context size, so the dispatch does not depend on the KV length, which is read from `pos` on the device.
+// Each K/V row is loaded once for all GQ heads, as vec4s: a thread scores a whole key row; for the values the
+// threads form G groups of NV (one vec4 column each) that take every G-th key, summed at the end.
+// Header: HD (head dim, a multiple of 4, at most 4 * WG), NV = HD / 4, G = WG / NV, GQ (query heads per KV
+// head), CHUNK (keys per chunk).
 
 struct Params {
     T: u32,
@@ -19,40 +22,34 @@ const NEG: f32 = -1.0e30;  // finite "minus infinity": exp(NEG - m) is 0 without
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> q: array<act>;
-@group(0) @binding(2) var<storage, read_write> k_cache: array<kv>;
-@group(0) @binding(3) var<storage, read_write> v_cache: array<kv>;
+@group(0) @binding(2) var<storage, read_write> k_cache: array<vec4<kv>>;
+@group(0) @binding(3) var<storage, read_write> v_cache: array<vec4<kv>>;
 @group(0) @binding(4) var<storage, read_write> pos: array<i32>;
 @group(0) @binding(5) var<storage, read_write> partial: array<f32>;
 
-var<workgroup> qs: array<f32, HD>;
-var<workgroup> sc: array<f32, CHUNK>;
-var<workgroup> red: array<f32, WG>;
+var<workgroup> qs: array<vec4<f32>, GQ * NV>;
+var<workgroup> sc: array<f32, GQ * CHUNK>;
+var<workgroup> red: array<f32, GQ * WG>;
+var<workgroup> acc_groups: array<vec4<f32>, WG>;
 var<workgroup> n_keys: u32;
 
-fn reduce_max(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
+// Reduce each head's WG values of red (max or sum) in one tree; returns every head's result.
+fn reduce_heads(lid: u32, is_max: bool) -> array<f32, GQ> {
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) {
-            red[lid] = max(red[lid], red[lid + s]);
+            for (var g = 0u; g < GQ; g++) {
+                let a = red[g * WG + lid];
+                let b = red[g * WG + lid + s];
+                red[g * WG + lid] = select(a + b, max(a, b), is_max);
+            }
         }
         workgroupBarrier();
     }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn reduce_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
+    var r: array<f32, GQ>;
+    for (var g = 0u; g < GQ; g++) {
+        r[g] = red[g * WG];
     }
-    let r = red[0];
     workgroupBarrier();
     return r;
 }
@@ -60,69 +57,102 @@ fn reduce_sum(lid: u32, v: f32) -> f32 {
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let split = wid.x;
-    let h = wid.y;
+    let kvh = wid.y;
     let t = wid.z;
-    let kvh = h / (p.n_heads / p.n_kv_heads);
     if (lid == 0u) {
         n_keys = min(u32(pos[t]) + 1u, p.n_ctx);
     }
     let L = workgroupUniformLoad(&n_keys);
-    let q_base = (t * p.n_heads + h) * HD;
-    for (var d = lid; d < HD; d += WG) {
-        qs[d] = f32(q[q_base + d]);
+    let q_base = (t * p.n_heads + kvh * GQ) * HD;  // the GQ heads of this KV head are consecutive
+    for (var c = lid; c < GQ * NV; c += WG) {
+        let i = q_base + 4u * c;
+        qs[c] = vec4<f32>(f32(q[i]), f32(q[i + 1u]), f32(q[i + 2u]), f32(q[i + 3u]));
     }
     workgroupBarrier();
 
-    let cache_base = kvh * p.n_ctx * HD;
-    var m = NEG;
-    var l = 0.0;
-    var acc: array<f32, NDT>;
+    let cache_base = kvh * p.n_ctx * NV;  // in vectors
+    let grp = lid / NV;                   // value phase: key group (grp < G is active) and vec4 column
+    let col = lid % NV;
+    var m: array<f32, GQ>;
+    var l: array<f32, GQ>;
+    var acc: array<vec4<f32>, GQ>;
+    for (var g = 0u; g < GQ; g++) {
+        m[g] = NEG;
+    }
     for (var c = split; c * CHUNK < L; c += p.n_splits) {
         let start = c * CHUNK;
         let end = min(start + CHUNK, L);
-        var local_max = NEG;
-        for (var j = start + lid; j < end; j += WG) {
-            let row = cache_base + j * HD;
-            var s = 0.0;
-            for (var d = 0u; d < HD; d++) {
-                s += qs[d] * f32(k_cache[row + d]);
-            }
-            s *= p.scale;
-            sc[j - start] = s;
-            local_max = max(local_max, s);
+        var local_max = array<f32, GQ>();
+        for (var g = 0u; g < GQ; g++) {
+            local_max[g] = NEG;
         }
-        let m_new = max(m, reduce_max(lid, local_max));
-        var local_sum = 0.0;
         for (var j = start + lid; j < end; j += WG) {
-            let e = exp(sc[j - start] - m_new);
-            sc[j - start] = e;
-            local_sum += e;
-        }
-        let chunk_sum = reduce_sum(lid, local_sum);  // its barriers also publish sc
-        let corr = exp(m - m_new);
-        l = l * corr + chunk_sum;
-        m = m_new;
-        for (var i = 0u; i < NDT; i++) {
-            let d = lid + i * WG;
-            if (d < HD) {
-                var a = acc[i] * corr;
-                for (var j = start; j < end; j++) {
-                    a += sc[j - start] * f32(v_cache[cache_base + j * HD + d]);
+            let row = cache_base + j * NV;
+            var s = array<f32, GQ>();  // explicit: Naga zeroes uninitialized loop locals only once
+            for (var i = 0u; i < NV; i++) {
+                let kv4 = vec4<f32>(k_cache[row + i]);
+                for (var g = 0u; g < GQ; g++) {
+                    s[g] += dot(qs[g * NV + i], kv4);
                 }
-                acc[i] = a;
+            }
+            for (var g = 0u; g < GQ; g++) {
+                sc[g * CHUNK + j - start] = s[g] * p.scale;
+                local_max[g] = max(local_max[g], s[g] * p.scale);
+            }
+        }
+        for (var g = 0u; g < GQ; g++) {
+            red[g * WG + lid] = local_max[g];
+        }
+        let chunk_max = reduce_heads(lid, true);
+        var m_new = array<f32, GQ>();
+        var local_sum = array<f32, GQ>();
+        for (var g = 0u; g < GQ; g++) {
+            m_new[g] = max(m[g], chunk_max[g]);
+        }
+        for (var j = start + lid; j < end; j += WG) {
+            for (var g = 0u; g < GQ; g++) {
+                let e = exp(sc[g * CHUNK + j - start] - m_new[g]);
+                sc[g * CHUNK + j - start] = e;
+                local_sum[g] += e;
+            }
+        }
+        for (var g = 0u; g < GQ; g++) {
+            red[g * WG + lid] = local_sum[g];
+        }
+        let chunk_sum = reduce_heads(lid, false);  // its barriers also publish sc
+        for (var g = 0u; g < GQ; g++) {
+            let corr = exp(m[g] - m_new[g]);
+            l[g] = l[g] * corr + chunk_sum[g];
+            m[g] = m_new[g];
+            acc[g] *= corr;
+        }
+        if (grp < G) {
+            for (var j = start + grp; j < end; j += G) {
+                let v4 = vec4<f32>(v_cache[cache_base + j * NV + col]);
+                for (var g = 0u; g < GQ; g++) {
+                    acc[g] += sc[g * CHUNK + j - start] * v4;
+                }
             }
         }
         workgroupBarrier();  // sc is rewritten by the next chunk
     }
-    let out = ((t * p.n_heads + h) * p.n_splits + split) * (HD + 2u);
-    for (var i = 0u; i < NDT; i++) {
-        let d = lid + i * WG;
-        if (d < HD) {
-            partial[out + d] = acc[i];
+    for (var g = 0u; g < GQ; g++) {
+        acc_groups[lid] = acc[g];
+        workgroupBarrier();
+        let out = ((t * p.n_heads + kvh * GQ + g) * p.n_splits + split) * (HD + 2u);
+        if (grp == 0u) {
+            var total = acc[g];
+            for (var k = 1u; k < G; k++) {
+                total += acc_groups[k * NV + col];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                partial[out + 4u * col + i] = total[i];
+            }
         }
-    }
-    if (lid == 0u) {
-        partial[out + HD] = m;
-        partial[out + HD + 1u] = l;
+        if (lid == 0u) {
+            partial[out + HD] = m[g];
+            partial[out + HD + 1u] = l[g];
+        }
+        workgroupBarrier();
     }
 }
