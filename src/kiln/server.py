@@ -304,12 +304,21 @@ class Job:
 
 
 class Engine:
-    """Owns the model: runs one generation at a time in a worker thread, in arrival order."""
+    """Owns the model: runs one generation at a time in a worker thread, in arrival order.
 
-    def __init__(self, model, max_concurrency: int = 64):
+    Pass `loader` (a function returning a Model) rather than `model` for GPU backends: the model is then loaded,
+    used and closed on the worker thread alone, because device state (CUDA's current device, Metal's autorelease
+    pools) is per thread.
+    """
+
+    def __init__(self, model=None, max_concurrency: int = 64, loader=None):
         if max_concurrency < 1:
             raise KilnError("--max-concurrency must be at least 1")
-        self.model, self.tokenizer = model, model.tokenizer
+        if (model is None) == (loader is None):
+            raise ValueError("give either a model or a loader")
+        self.model, self._owns_model = model, loader is not None
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
         self.max_concurrency = max_concurrency
         self.metrics = Metrics()
         self._jobs: queue.Queue[Job | None] = queue.Queue()
@@ -319,8 +328,12 @@ class Engine:
         self.active: Job | None = None
         self._idle = threading.Event()
         self._idle.set()
-        self._thread = threading.Thread(target=self._run, name="kiln-generate", daemon=True)
+        self._thread = threading.Thread(target=self._main, args=(loader,), name="kiln-generate", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        self.tokenizer = self.model.tokenizer
 
     @property
     def alive(self) -> bool:
@@ -362,6 +375,21 @@ class Engine:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=10)
+
+    def _main(self, loader) -> None:
+        try:
+            if loader is not None:
+                self.model = loader()
+        except BaseException as e:  # re-raised by __init__ on the caller's thread
+            self._load_error = e
+            return
+        finally:
+            self._ready.set()
+        try:
+            self._run()
+        finally:
+            if self._owns_model:
+                self.model.close()
 
     def _run(self) -> None:
         while True:
@@ -792,9 +820,14 @@ def cmd_serve(args) -> int:
         print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     sock = bind(args.host, args.port)
-    model = api.load(args.model, backend=args.backend, device=args.device, n_ctx=args.ctx,
-                     progress=sys.stderr.isatty(), quiet=False)
-    engine = Engine(model, max_concurrency=args.max_concurrency)
+    try:
+        engine = Engine(max_concurrency=args.max_concurrency, loader=lambda: api.load(
+            args.model, backend=args.backend, device=args.device, n_ctx=args.ctx, progress=sys.stderr.isatty(),
+            quiet=False))
+    except BaseException:
+        sock.close()
+        raise
+    model = engine.model
     app = create_app(engine, model_id=args.model_id, api_key=api_key, max_body_bytes=args.max_body_bytes)
     host, port = sock.getsockname()[:2]
     print(f"kiln: serving {app.state.model_id} ({model.dev.name}, ctx {model.n_ctx}) on http://{host}:{port}/v1",

@@ -37,8 +37,9 @@ def served():
     from kiln import api
     from kiln.server import Engine, bind, create_app
 
-    model = api.load(None, backend="numpy", n_ctx=N_CTX)
-    engine = Engine(model, max_concurrency=MAX_CONCURRENCY)
+    # loaded on the engine's worker thread as `kiln serve` does; tests may still read it (numpy is thread-agnostic)
+    engine = Engine(max_concurrency=MAX_CONCURRENCY, loader=lambda: api.load(None, backend="numpy", n_ctx=N_CTX))
+    model = engine.model
     app = create_app(engine, api_key=API_KEY, max_body_bytes=64 * 1024)
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
@@ -52,5 +53,4 @@ def served():
     yield Served(f"http://127.0.0.1:{port}", app.state.model_id, model, engine, API_KEY)
     server.should_exit = True
     thread.join(15)
-    sock.close()
-    model.close()
+    sock.close()  # the engine closed the model on its own thread when the app shut down

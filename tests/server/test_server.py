@@ -398,3 +398,15 @@ def test_kiln_serve_subprocess(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_load_error_reaches_the_caller():
+    """A model that fails to load on the worker thread fails `kiln serve` with that error, not a hang."""
+    from kiln.errors import GGUFError
+    from kiln.server import Engine
+
+    def bad():
+        raise GGUFError("not a GGUF file")
+
+    with pytest.raises(GGUFError, match="not a GGUF"):
+        Engine(loader=bad)
