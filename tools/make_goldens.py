@@ -254,6 +254,12 @@ def hf_greedy(model, ids: list[int], n_new: int, eos: set[int]) -> tuple[list[in
     return out, margins
 
 
+def hf_past_eos(model, ids: list[int]) -> dict:
+    """48 greedy tokens that keep going through EOS: answers end early, and the model comparison needs >= 32 ids."""
+    gen, margins = hf_greedy(model, ids, N_NEW, eos=set())
+    return {"hf_ids_past_eos": gen, "hf_top2_margins_past_eos": margins}
+
+
 def llama_cpp_greedy(llm, ids: list[int], n_new: int, eos: set[int]) -> tuple[list[int], list[float]]:
     llm.reset()
     out, margins = [], []
@@ -359,6 +365,7 @@ def generation_goldens() -> dict:
             "hf_text": kt.decode(gen, skip_special=True),
             "hf_top2_margins": margins,
         }
+        entry.update(hf_past_eos(model, ids))
         for key, llm in runners.items():
             lc_gen, lc_margins = llama_cpp_greedy(llm, ids, N_NEW, kt.eos_ids)
             entry[f"{key}_ids"] = lc_gen

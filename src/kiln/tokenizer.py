@@ -23,6 +23,8 @@ from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
+from .errors import UnsupportedModel
+
 __all__ = ["StreamDecoder", "Tokenizer", "UnsupportedTokenizer", "read_tokenizer_fields"]
 
 # llama_token_type values stored in tokenizer.ggml.token_type
@@ -44,7 +46,7 @@ EOG_TEXTS = (
 )
 
 
-class UnsupportedTokenizer(ValueError):
+class UnsupportedTokenizer(UnsupportedModel, ValueError):
     """The GGUF's tokenizer model or pre-tokenizer is one kiln cannot reproduce faithfully."""
 
 
