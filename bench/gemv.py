@@ -20,16 +20,20 @@ from kiln.runtime import get_device
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)]  # wq/wo, gate/up, down, output head
 
 
-def _graph_time(dev, launch, n_launch: int, reps: int = 5) -> float:
+def _graph_time(dev, launch, n_launch: int, reps: int = 5, pdl: bool = False) -> float:
     """Seconds per launch: a graph of n_launch launches, replayed `reps` times, median."""
     import cupy
 
     s = dev.stream
-    with s:
-        s.begin_capture()
-        for i in range(n_launch):
-            launch(i)
-        g = s.end_capture()
+    dev._capture_ptrs = [] if pdl else None  # the backend's own captures launch with PDL
+    try:
+        with s:
+            s.begin_capture()
+            for i in range(n_launch):
+                launch(i)
+            g = s.end_capture()
+    finally:
+        dev._capture_ptrs = None
     g.launch(s)
     s.synchronize()
     times = []
@@ -53,7 +57,7 @@ def copy_bandwidth(dev, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / t / 1e9
 
 
-def gemv_bandwidth(dev, fmt: str, N: int, K: int, l2_bytes: int) -> dict:
+def gemv_bandwidth(dev, fmt: str, N: int, K: int, l2_bytes: int, pdl: bool = False) -> dict:
     qt = Q[fmt]
     rng = np.random.default_rng(0)
     raw = quant.random_weight(qt, N, K, rng)
@@ -65,13 +69,13 @@ def gemv_bandwidth(dev, fmt: str, N: int, K: int, l2_bytes: int) -> dict:
         dev.matmul(x, weights[0], out)  # compile
         ref = quant.dequantize(raw, qt, K) @ dev.download(x)[0]
         err = float(np.abs(dev.download(out)[0] - ref).max() / np.abs(ref).max())
-        t = _graph_time(dev, lambda i: dev.matmul(x, weights[i % copies], out), 20 * copies)
+        t = _graph_time(dev, lambda i: dev.matmul(x, weights[i % copies], out), 20 * copies, pdl=pdl)
     finally:
         for w in weights:
             dev.free_weight(w)
         dev.free(x)
         dev.free(out)
-    return {"format": fmt, "N": N, "K": K, "bytes": raw.nbytes, "us": t * 1e6, "gb_s": raw.nbytes / t / 1e9,
+    return {"format": fmt, "pdl": pdl, "N": N, "K": K, "bytes": raw.nbytes, "us": t * 1e6, "gb_s": raw.nbytes / t / 1e9,
             "max_rel_err": err}
 
 
@@ -79,18 +83,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", nargs="*", default=["Q8_0", "Q4_0", "Q4_K", "Q6_K", "F16"])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pdl", action="store_true", help="launch with programmatic dependent launch, as decode graphs do")
     args = ap.parse_args()
     import cupy
 
     dev = get_device("cuda")
     l2 = cupy.cuda.runtime.getDeviceProperties(dev.index)["l2CacheSize"]
     ceiling = copy_bandwidth(dev)
-    print(f"{dev.name}: device-to-device copy {ceiling:.0f} GB/s (read + write), L2 {l2 >> 20} MiB")
+    print(f"{dev.name}: device-to-device copy {ceiling:.0f} GB/s (read + write), L2 {l2 >> 20} MiB, "
+          f"PDL {'on' if args.pdl and dev.pdl_enabled else 'off'}")
     rows = []
     print(f"{'format':<6} {'N':>6} {'K':>6} {'MiB':>7} {'us':>8} {'GB/s':>7} {'% copy':>7} {'err':>8}")
     for fmt in args.formats:
         for N, K in SHAPES:
-            r = gemv_bandwidth(dev, fmt, N, K, l2)
+            r = gemv_bandwidth(dev, fmt, N, K, l2, args.pdl and dev.pdl_enabled)
             r["pct_of_copy"] = 100 * r["gb_s"] / ceiling
             rows.append(r)
             print(f"{fmt:<6} {N:>6} {K:>6} {r['bytes'] / 2**20:>7.1f} {r['us']:>8.1f} {r['gb_s']:>7.0f} "

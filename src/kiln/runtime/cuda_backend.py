@@ -15,6 +15,7 @@ buffer it uses is freed. Prefill (T > 1) runs eagerly.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from dataclasses import dataclass, field
@@ -52,6 +53,33 @@ _GEMV_MAX_T = 4  # up to this many tokens, one GEMV launch per token beats dequa
 _WARPS = 4  # warps per GEMV block (gemv.cu NWARPS)
 _ATT_TILE = 32
 _ATT_SMEM = 46 * 1024
+
+
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, pad, 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttr)), ("numAttrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_CTYPE = {np.uint64: ctypes.c_uint64, np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32,
+          np.float32: ctypes.c_float, np.int64: ctypes.c_int64}
+
+
+def _load_libcuda():
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuLaunchKernelEx.restype = ctypes.c_int
+        lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        return lib
+    except (OSError, AttributeError):
+        return None
 
 
 class _NotRecordable(Exception):
@@ -134,6 +162,7 @@ class CudaDevice(Device):
         self._kernels: dict[tuple, CudaKernel] = {}
         self._scratch: dict[str, Any] = {}
         self._graphs: dict[tuple, _Graph] = {}
+        self._plans: dict[tuple, list] = {}  # the fused plan behind each decode graph (bench/profile_decode.py)
         self._eager_keys: set = set()
         self._rec: list | None = None  # ops being recorded by replay()
         self._capture_ptrs: list | None = None
@@ -143,6 +172,11 @@ class CudaDevice(Device):
         self._argmax_host = np.frombuffer(self._host_i32, np.int32, 1)
         self.graphs_enabled = os.environ.get("KILN_CUDA_GRAPHS", "1") != "0"
         self.fuse_enabled = os.environ.get("KILN_CUDA_FUSE", "1") != "0"
+        # Programmatic dependent launch inside captured graphs: each kernel's launch and weight loads overlap the
+        # tail of the kernel before it (kernels call pdl_wait() before reading what it wrote).
+        self._libcuda = _load_libcuda() if props["major"] >= 9 else None
+        self.pdl_enabled = self._libcuda is not None and os.environ.get("KILN_CUDA_PDL", "1") != "0"
+        self._seen: dict[tuple, int] = {}
         self.closed = False
 
     def describe(self) -> str:
@@ -182,7 +216,11 @@ class CudaDevice(Device):
         if self._rec is not None:
             raise _NotRecordable("write")
         data = np.ascontiguousarray(np.asarray(array).astype(DTYPES[tensor.dtype], copy=False)).reshape(tensor.shape)
-        tensor.storage.set(data, stream=self.stream)
+        if data.nbytes != tensor.nbytes:
+            raise ValueError(f"write: {data.nbytes} bytes into a tensor of {tensor.nbytes}")
+        # Pageable source: the copy is staged before the call returns, so `data` may go away; ordered on the stream.
+        cupy.cuda.runtime.memcpyAsync(tensor.storage.data.ptr, data.ctypes.data, data.nbytes,
+                                      cupy.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
 
     def download(self, tensor: Tensor) -> np.ndarray:
         if self._rec is not None:
@@ -227,6 +265,7 @@ class CudaDevice(Device):
             return
         self.sync()
         self._graphs.clear()
+        self._plans.clear()
         self._scratch.clear()
         self.scratch_bytes = 0
         for raw, size in self._live.values():
@@ -308,7 +347,7 @@ class CudaDevice(Device):
         return mod
 
     def _kernel(self, file: str, name: str, **defines) -> CudaKernel:
-        key = (file, name, tuple(sorted(defines.items())))
+        key = (file, name, *defines.items())  # call sites pass defines in a fixed order
         k = self._kernels.get(key)
         if k is None:
             k = CudaKernel(name, self._module(file, "", defines).get_function(name))
@@ -316,12 +355,25 @@ class CudaDevice(Device):
         return k
 
     def _launch(self, k: CudaKernel, grid, block, args, smem: int = 0) -> None:
+        """Launch on the current stream (every entry point makes self.stream current)."""
         grid = (grid,) if isinstance(grid, int) else tuple(grid)
         block = (block,) if isinstance(block, int) else tuple(block)
         if self._capture_ptrs is not None:
             self._capture_ptrs.extend(int(a) for a in args if isinstance(a, np.uint64) and a)
-        with self.stream:
-            k.fn(grid, block, args, shared_mem=smem)
+            if self.pdl_enabled:
+                return self._launch_pdl(k, grid, block, args, smem)
+        k.fn(grid, block, args, shared_mem=smem)
+
+    def _launch_pdl(self, k: CudaKernel, grid, block, args, smem: int) -> None:
+        """cuLaunchKernelEx with programmatic stream serialization (CuPy has no launch attributes)."""
+        grid, block = (*grid, 1, 1)[:3], (*block, 1, 1)[:3]
+        attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        cfg = _LaunchConfig(*grid, *block, smem, ctypes.c_void_p(self.stream.ptr), ctypes.pointer(attr), 1)
+        values = [_CTYPE[type(a)](a.item()) for a in args]
+        params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        err = self._libcuda.cuLaunchKernelEx(ctypes.byref(cfg), k.fn.kernel.ptr, params, None)
+        if err:
+            raise RuntimeError(f"cuLaunchKernelEx({k.name}) failed with CUresult {err}")
 
     def compile(self, name: str, source: str, **constants: Any) -> CudaKernel:
         """Compile CUDA C `source` with NVRTC; its `extern "C" __global__` function `name` is the entry point.
@@ -344,7 +396,8 @@ class CudaDevice(Device):
                 args.append(np.float32(p))
             else:
                 args.append(np.int32(p) if p < 0 else np.uint32(p))
-        self._launch(kernel, grid, block or 256, tuple(args))
+        with self.stream:
+            self._launch(kernel, grid, block or 256, tuple(args))
 
     # --- op dispatch: run now, or record for replay() -----------------------------------------------------------
     def _op(self, name: str, *args) -> None:
@@ -442,7 +495,20 @@ class CudaDevice(Device):
             args += [np.uint64(0), np.float32(0), np.int32(2), np.int32(0), np.uint64(0), np.uint64(0), np.int32(0)]
         self._launch(k, self._blocks(warps, _WARPS), 32 * _WARPS, tuple(args))
 
-    def _gemm(self, x, weight, out, bias) -> None:
+    def _x_f16(self, x) -> np.uint64:
+        T, K = x.shape
+        xh = self._scratch_array("gemm_x", T * K * 2)
+        k = self._kernel("elementwise.cu", "to_f16", DT=0)
+        self._launch(k, self._blocks(T * K), 256, (_ptr(x), _ptr(xh), np.int32(T * K)))
+        return _ptr(xh)
+
+    def _do_matmul_group(self, x, items) -> None:
+        """Prefill matmuls that share their input (Q, K, V; gate, up): x goes to f16 once."""
+        xh = self._x_f16(x)
+        for w, out, bias in items:
+            self._gemm(x, w, out, bias, xh)
+
+    def _gemm(self, x, weight, out, bias, xh=None) -> None:
         """out = x @ W^T through cuBLAS: quantized W dequantized to f16 (x converted to f16), f32 accumulation."""
         from cupy_backends.cuda.libs import cublas
 
@@ -459,10 +525,7 @@ class CudaDevice(Device):
                 w_ptr = _ptr(w32)
             a_type, b_ptr = _R_32F, _ptr(x)
         else:
-            xh = self._scratch_array("gemm_x", T * K * 2)
-            k = self._kernel("elementwise.cu", "to_f16", DT=0)
-            self._launch(k, self._blocks(T * K), 256, (_ptr(x), _ptr(xh), np.int32(T * K)))
-            b_ptr = _ptr(xh)
+            b_ptr = self._x_f16(x) if xh is None else xh
             if fmt == "F16":
                 w_ptr = _ptr(weight.storage["q"])
             else:
@@ -472,12 +535,12 @@ class CudaDevice(Device):
                              (*self._wptrs(weight), _ptr(w16), np.int32(N), np.int32(K)))
                 w_ptr = _ptr(w16)
             a_type = _R_16F
-        with self.stream:
-            handle = cupy.cuda.device.get_cublas_handle()
-            cublas.gemmEx(handle, _OP_T, _OP_N, N, T, K, self._one.ctypes.data, int(w_ptr), a_type, K, int(b_ptr),
-                          a_type, K, self._zero.ctypes.data, int(_ptr(out)), _R_32F, N, _COMPUTE_32F, _GEMM_DEFAULT)
-            if bias is not None:
-                out.storage += bias.storage["v"]
+        # On the current stream, which the caller made self.stream; cuBLAS kernels run without PDL (full dependency).
+        cublas.gemmEx(cupy.cuda.device.get_cublas_handle(), _OP_T, _OP_N, N, T, K, self._one.ctypes.data, int(w_ptr),
+                      a_type, K, int(b_ptr), a_type, K, self._zero.ctypes.data, int(_ptr(out)), _R_32F, N,
+                      _COMPUTE_32F, _GEMM_DEFAULT)
+        if bias is not None:
+            out.storage += bias.storage["v"]
 
     def _do_rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
         T = x.shape[0]
@@ -506,10 +569,10 @@ class CudaDevice(Device):
             qt = 1
             ns = max(1, min(-(-2 * self.sm_count // n_kv_heads), -(-n_ctx // _ATT_TILE), 64))
         else:
-            qt = next(c for c in (8, 4, 2, 1) if (G * c <= 32 and self._att_smem(G * c, head_dim) <= _ATT_SMEM)
+            qt = next(c for c in (8, 4, 2, 1) if (G * c <= 32 and self._att_smem((G, G * c), head_dim) <= _ATT_SMEM)
                       or c == 1)
             ns = 1
-        if self._att_smem(G * qt, head_dim) > _ATT_SMEM:
+        if self._att_smem((G, G * qt), head_dim) > _ATT_SMEM:
             raise UnsupportedOp(f"cuda attention: {G} query heads per KV head of dim {head_dim} exceed shared memory")
         part = self._scratch_array("attn_part", ns * n_heads * head_dim * 4) if ns > 1 else None
         ml = self._scratch_array("attn_ml", ns * n_heads * 8) if ns > 1 else None
@@ -520,8 +583,9 @@ class CudaDevice(Device):
         self._launch(k, (ns, n_kv_heads, -(-T // qt)), 128, args)
 
     @staticmethod
-    def _att_smem(rows: int, hd: int) -> int:
-        return 4 * (rows * hd + _ATT_TILE * (hd + 1) + _ATT_TILE * hd + rows * _ATT_TILE + 3 * rows) + 64
+    def _att_smem(rows: tuple, hd: int) -> int:
+        g, rows = rows  # (query heads per KV head, query rows per block)
+        return 4 * (rows * hd + _ATT_TILE * (hd + 1) + _ATT_TILE * hd + rows * _ATT_TILE + 3 * rows) + 64 + 512 * g
 
     def _elementwise(self, name: str, a, b, out) -> None:
         n = out.size
@@ -535,11 +599,10 @@ class CudaDevice(Device):
         self._elementwise("add", a, b, out)
 
     def _do_copy_row(self, x, row, out) -> None:
-        nbytes = out.nbytes
-        src = x.storage.data + row * (x.size // x.shape[0]) * x.storage.itemsize
-        if self._capture_ptrs is not None:
-            self._capture_ptrs += [src.ptr, out.storage.data.ptr]
-        out.storage.data.copy_from_device_async(src, nbytes, self.stream)
+        n16 = out.nbytes // 2
+        src = _ptr(x) + np.uint64(row * (x.size // x.shape[0]) * x.storage.itemsize)
+        k = self._kernel("elementwise.cu", "copy16", DT=0)
+        self._launch(k, self._blocks(n16), 256, (src, _ptr(out), np.int32(n16)))
 
     def argmax(self, x: Tensor) -> int:
         if self._rec is not None:
@@ -548,10 +611,10 @@ class CudaDevice(Device):
         blocks = min(self._blocks(n, 1024), 4 * self.sm_count)
         with self.stream:
             ws = self._scratch_array("argmax", blocks * 8 + 16, zero=True)
-        base = ws.data.ptr
-        k = self._kernel("elementwise.cu", "argmax", DT=_DT[x.dtype])
-        self._launch(k, blocks, 1024, (_ptr(x), np.int32(n), np.uint64(base + 16), np.uint64(base + 16 + 4 * blocks),
-                                       np.uint64(base), np.uint64(base + 4)))
+            base = ws.data.ptr
+            k = self._kernel("elementwise.cu", "argmax", DT=_DT[x.dtype])
+            self._launch(k, blocks, 1024, (_ptr(x), np.int32(n), np.uint64(base + 16),
+                                           np.uint64(base + 16 + 4 * blocks), np.uint64(base), np.uint64(base + 4)))
         cupy.cuda.runtime.memcpyAsync(self._host_i32.ptr, base + 4, 4, cupy.cuda.runtime.memcpyDeviceToHost,
                                       self.stream.ptr)
         self.stream.synchronize()
@@ -595,10 +658,30 @@ class CudaDevice(Device):
         finally:
             ops, self._rec = self._rec, None
         decode = all(_tokens(name, args) == 1 for name, args in ops)
-        plan = self._fuse(ops) if decode and self.fuse_enabled else ops
+        plan = self._fuse(ops) if decode and self.fuse_enabled else self._group_matmuls(ops)
         self._run(plan)  # this step's result; also compiles kernels and sizes scratch before capture
+        seen = self._seen[gkey] = self._seen.get(gkey, 0) + 1
         if decode:
             self._capture(gkey, plan)
+            self._plans[gkey] = plan
+        elif seen >= 2:  # a prefill size seen again (chunked prompts, benchmarks): worth a graph
+            try:
+                self._capture(gkey, plan)
+            except Exception:
+                self._eager_keys.add(gkey)
+
+    def _group_matmuls(self, ops: list) -> list:
+        plan = []
+        for name, args in ops:
+            if name == "matmul" and args[0].shape[0] > _GEMV_MAX_T and args[1].extra["fmt"] not in ("F32", "BF16"):
+                prev = plan[-1] if plan else None
+                if prev and prev[0] == "matmul_group" and _tid(prev[1][0]) == _tid(args[0]):
+                    prev[1][1].append((args[1], args[2], args[3]))
+                    continue
+                plan.append(("matmul_group", (args[0], [(args[1], args[2], args[3])])))
+            else:
+                plan.append((name, args))
+        return plan
 
     def _run(self, plan) -> None:
         with self.stream:
@@ -606,6 +689,15 @@ class CudaDevice(Device):
                 getattr(self, "_do_" + name)(*args)
 
     def _capture(self, gkey, plan) -> None:
+        try:
+            self._capture_once(gkey, plan)
+        except Exception:
+            if not self.pdl_enabled:
+                raise
+            self.pdl_enabled = False  # a driver without programmatic launches in graphs: plain launches
+            self._capture_once(gkey, plan)
+
+    def _capture_once(self, gkey, plan) -> None:
         self._capture_ptrs = []
         try:
             with self.stream:
@@ -625,6 +717,7 @@ class CudaDevice(Device):
             return
         for gkey in [k for k, g in self._graphs.items() if any(base <= p < base + size for p in g.ptrs)]:
             del self._graphs[gkey]
+            self._plans.pop(gkey, None)
 
     # --- the fusion pass ----------------------------------------------------------------------------------------
     def _fuse(self, ops: list) -> list:

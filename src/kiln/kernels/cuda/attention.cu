@@ -11,6 +11,7 @@
 #define ROWS (G * QT)
 #define THREADS 128
 #define NPER ((ROWS * (HD / 2) + THREADS - 1) / THREADS)
+#define MAX_SPLITS 64
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
@@ -22,11 +23,14 @@ attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __
     __shared__ float ps[ROWS][TILE];
     __shared__ float m_s[ROWS], l_s[ROWS], c_s[ROWS];
     __shared__ int pos_s[QT];
+    __shared__ float wm_s[MAX_SPLITS][G], wl_s[MAX_SPLITS][G];  // split-K merge: per slice (max, sum)
     __shared__ bool last;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int h = blockIdx.y, s = blockIdx.x, NS = gridDim.x, t0 = blockIdx.z * QT;
     const int q_stride = Hq * HD;
+    pdl_wait();
+    pdl_trigger();
 
     for (int i = tid; i < QT; i += THREADS) pos_s[i] = t0 + i < T ? pos[t0 + i] : -1;
     for (int i = tid; i < ROWS * HD; i += THREADS) {
@@ -150,19 +154,35 @@ attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // Merge the slices that hold keys (the first `active`), their weights exp(m_s - M) / L staged in shared memory.
+    const int active = min(NS, (n_kv + chunk - 1) / chunk);
+    for (int i = tid; i < active * G; i += THREADS) {  // reuse ps (ROWS * TILE >= G * 32 floats) for (m, l) pairs
+        int s2 = i / G, g = i % G;
+        const float* p = ml + ((long)s2 * Hq + h * G + g) * 2;
+        wm_s[s2][g] = __ldcg(p);
+        wl_s[s2][g] = __ldcg(p + 1);
+    }
+    __syncthreads();
+    for (int g = warp; g < G; g += THREADS / 32) {
+        float M = NEG_INF;
+        for (int s2 = lane; s2 < active; s2 += 32) M = fmaxf(M, wm_s[s2][g]);
+        M = warp_max(M);
+        float L = 0.0f;
+        for (int s2 = lane; s2 < active; s2 += 32) {
+            float m = wm_s[s2][g], w = m == NEG_INF ? 0.0f : expf(m - M);
+            wm_s[s2][g] = w;  // now the slice's weight
+            L += wl_s[s2][g] * w;
+        }
+        L = warp_sum(L);
+        if (lane == 0) l_s[g] = 1.0f / L;
+    }
+    __syncthreads();
     for (int i = tid; i < G * HD; i += THREADS) {
         int g = i / HD, d = i % HD, head = h * G + g;
-        float M = NEG_INF;
-        for (int s2 = 0; s2 < NS; s2++) M = fmaxf(M, __ldcg(ml + ((long)s2 * Hq + head) * 2));
-        float L = 0.0f, O = 0.0f;
-        for (int s2 = 0; s2 < NS; s2++) {
-            float m = __ldcg(ml + ((long)s2 * Hq + head) * 2);
-            if (m == NEG_INF) continue;  // an empty slice
-            float w = expf(m - M);
-            L += __ldcg(ml + ((long)s2 * Hq + head) * 2 + 1) * w;
-            O += __ldcg(part + ((long)s2 * Hq + head) * HD + d) * w;
-        }
-        st_act(out, (long)head * HD + d, O / L);
+        float O = 0.0f;
+#pragma unroll 8
+        for (int s2 = 0; s2 < active; s2++) O += wm_s[s2][g] * __ldcg(part + ((long)s2 * Hq + head) * HD + d);
+        st_act(out, (long)head * HD + d, O * l_s[g]);
     }
     if (tid == 0) ticket[h] = 0;
 }

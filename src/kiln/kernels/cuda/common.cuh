@@ -63,3 +63,19 @@ __device__ __forceinline__ void st_act(act_t* p, long i, float v) { p[i] = f2h(v
 #endif
 
 #define NEG_INF __int_as_float(0xff800000u)
+
+// Programmatic dependent launch (Hopper+): a kernel launched with the PDL attribute may start while the previous
+// kernel in the stream is still running; everything before pdl_wait() must not read that kernel's output (weights
+// only). pdl_trigger() lets the next kernel launch once every block of this one has started. Without the launch
+// attribute, or below sm_90, both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}

@@ -3,6 +3,8 @@
 
 extern "C" __global__ void embed(const u8* __restrict__ q, const u8* __restrict__ s, const u32* __restrict__ h,
                                  const int* __restrict__ ids, act_t* __restrict__ out, int T, int K) {
+    pdl_wait();
+    pdl_trigger();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
 #if FMT <= F_BF16  // float formats: any K, one element per thread
     if (i >= (long)T * K) return;

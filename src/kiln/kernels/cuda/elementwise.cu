@@ -1,6 +1,8 @@
 // Small row-wise and element-wise ops. Constant DT: activation dtype (0 f32, 1 f16); weights are f32.
 
 extern "C" __global__ void rms_norm(const act_t* x, const float* __restrict__ w, act_t* out, int d, float eps) {
+    pdl_wait();
+    pdl_trigger();
     __shared__ float scratch[32];
     const act_t* xr = x + (long)blockIdx.x * d;
     act_t* orow = out + (long)blockIdx.x * d;  // may alias x: each element is read, then written, by one thread
@@ -17,6 +19,8 @@ extern "C" __global__ void rms_norm(const act_t* x, const float* __restrict__ w,
 // Rotate pairs in place: NeoX pairs (i, i + hd/2), else (2i, 2i + 1); angles in float64 as the numpy reference.
 extern "C" __global__ void rope(act_t* x, const int* __restrict__ pos, int T, int n_heads, int hd, float theta,
                                 int neox) {
+    pdl_wait();
+    pdl_trigger();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     int half = hd / 2;
     if (i >= (long)T * n_heads * half) return;
@@ -33,6 +37,8 @@ extern "C" __global__ void rope(act_t* x, const int* __restrict__ pos, int T, in
 }
 
 extern "C" __global__ void swiglu(const act_t* gate, const act_t* up, act_t* out, int n) {
+    pdl_wait();
+    pdl_trigger();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float g = ld_act(gate, i);
@@ -40,23 +46,40 @@ extern "C" __global__ void swiglu(const act_t* gate, const act_t* up, act_t* out
 }
 
 extern "C" __global__ void add(const act_t* a, const act_t* b, act_t* out, int n) {
+    pdl_wait();
+    pdl_trigger();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) st_act(out, i, __fadd_rn(ld_act(a, i), ld_act(b, i)));
 }
 
 extern "C" __global__ void to_f16(const act_t* __restrict__ x, u16* __restrict__ out, int n) {
+    pdl_wait();
+    pdl_trigger();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f2h(ld_act(x, i));
 }
 
 extern "C" __global__ void from_f32(const float* __restrict__ x, act_t* __restrict__ out, int n) {
+    pdl_wait();
+    pdl_trigger();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) st_act(out, i, x[i]);
+}
+
+// A plain copy in 16-bit units (copy_row): a kernel rather than a memcpy node keeps the decode graph a chain of
+// kernels, which programmatic dependent launch needs.
+extern "C" __global__ void copy16(const u16* __restrict__ src, u16* __restrict__ dst, int n) {
+    pdl_wait();
+    pdl_trigger();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = src[i];
 }
 
 // Rows k[t], v[t] (already rotated) into the f16 caches [Hkv, n_ctx, hd] at row pos[t].
 extern "C" __global__ void kv_write(const act_t* __restrict__ k, const act_t* __restrict__ v, const int* __restrict__ pos,
                                     u16* kc, u16* vc, int T, int kv_dim, int hd, int n_ctx) {
+    pdl_wait();
+    pdl_trigger();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)T * kv_dim) return;
     long t = i / kv_dim;
@@ -70,6 +93,8 @@ extern "C" __global__ void kv_write(const act_t* __restrict__ k, const act_t* __
 // last block to finish (atomic ticket) reduces the per-block results and resets the ticket for the next launch.
 extern "C" __global__ void argmax(const act_t* __restrict__ x, int n, float* bval, int* bidx, int* ticket,
                                   int* result) {
+    pdl_wait();
+    pdl_trigger();
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ bool last;

@@ -105,16 +105,20 @@ gemv(const float* __restrict__ x, const float* __restrict__ nw, float eps, int K
     for (int r = 0; r < R; r++) acc[r] = 0.0f;
     float ss = 0.0f;
     const int nch = n_chunks(K);
-    for (int c0 = lane; c0 < nch; c0 += 32 * U) {
-        Raw raw[U][R];
+    // The first batch of weights is loaded before waiting for the previous kernel (PDL): weights never depend on it.
+    Raw raw[U][R];
+    int c0 = lane;
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            int c = c0 + 32 * u;
-            if (c < nch) {
+    for (int u = 0; u < U; u++) {
+        int c = c0 + 32 * u;
+        if (c < nch) {
 #pragma unroll
-                for (int r = 0; r < R; r++) raw[u][r] = load_chunk(qr[r], sr[r], hr[r], c);
-            }
+            for (int r = 0; r < R; r++) raw[u][r] = load_chunk(qr[r], sr[r], hr[r], c);
         }
+    }
+    pdl_wait();
+    pdl_trigger();
+    while (c0 < nch) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             int c = c0 + 32 * u;
@@ -127,6 +131,15 @@ gemv(const float* __restrict__ x, const float* __restrict__ nw, float eps, int K
 #endif
 #pragma unroll
                 for (int r = 0; r < R; r++) acc[r] += dot_chunk(raw[u][r], c, xa, xb, sa, sb);
+            }
+        }
+        c0 += 32 * U;
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int c = c0 + 32 * u;
+            if (c < nch) {
+#pragma unroll
+                for (int r = 0; r < R; r++) raw[u][r] = load_chunk(qr[r], sr[r], hr[r], c);
             }
         }
     }
