@@ -47,8 +47,15 @@ def time_gemv(dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int
     dev.free_weight(weight)
     dev.free(x)
     dev.free(out)
-    return {"format": qtype.name, "rows": rows, "cols": cols, "weight_bytes": nbytes, "dispatches": reps,
-            "us_per_gemv": best * 1e6, "gb_per_s": nbytes / best / 1e9}
+    return {
+        "format": qtype.name,
+        "rows": rows,
+        "cols": cols,
+        "weight_bytes": nbytes,
+        "dispatches": reps,
+        "us_per_gemv": best * 1e6,
+        "gb_per_s": nbytes / best / 1e9,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
     dev = WgpuDevice(args.device)
     cpu = dev.adapter.info["adapter_type"] == "CPU"
-    sizes = ([tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes
-             else CPU_SIZES if cpu else GPU_SIZES)
+    sizes = (
+        [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+        if args.sizes
+        else CPU_SIZES
+        if cpu
+        else GPU_SIZES
+    )
     sizes = [(r, c) for r, c in sizes if r * c * 4 <= dev.max_binding * 4]  # skip what the device cannot hold
     results = []
     print(f"{dev.name}\n{'format':<6} {'rows x cols':>13} {'MB':>8} {'us/GEMV':>10} {'GB/s':>8}")
@@ -74,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r = time_gemv(dev, qtype, rows, cols, args.min_seconds)
             results.append(r)
-            print(f"{name:<6} {rows:>6}x{cols:<6} {r['weight_bytes'] / 1e6:>8.2f} {r['us_per_gemv']:>10.1f} "
-                  f"{r['gb_per_s']:>8.2f}", flush=True)
+            print(
+                f"{name:<6} {rows:>6}x{cols:<6} {r['weight_bytes'] / 1e6:>8.2f} {r['us_per_gemv']:>10.1f} "
+                f"{r['gb_per_s']:>8.2f}",
+                flush=True,
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": dev.name, "backend": "wgpu", "kernel": "gemv", "results": results}, f, indent=1)

@@ -162,8 +162,9 @@ def _attention_case(dev, ref, kv_dtype, T, start, n_heads=4, n_kv_heads=2, hd=64
     for d in (dev, ref):
         kc, vc = d.upload(cache0[0]), d.upload(cache0[1])
         out = d.empty((T, n_heads * hd))
-        d.attention(d.upload(q), d.upload(k), d.upload(v), kc, vc, d.upload(pos), out, n_heads, n_kv_heads, hd,
-                    start + T)
+        d.attention(
+            d.upload(q), d.upload(k), d.upload(v), kc, vc, d.upload(pos), out, n_heads, n_kv_heads, hd, start + T
+        )
         outs.append((out.numpy(), kc.numpy()))
     (got, kc_got), (want, kc_want) = outs
     assert np.array_equal(kc_got, kc_want), "K cache rows written differently"

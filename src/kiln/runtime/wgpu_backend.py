@@ -35,19 +35,40 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 _KERNELS = resources.files("kiln") / "kernels" / "wgsl"
 
 # GGUF type -> weight snippet (kernels/wgsl/w_<name>.wgsl).
-_FORMATS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
-            "Q5_0": "q5_0", "Q5_1": "q5_1", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
+_FORMATS = {
+    "F32": "f32",
+    "F16": "f16",
+    "BF16": "bf16",
+    "Q8_0": "q8_0",
+    "Q4_0": "q4_0",
+    "Q4_1": "q4_1",
+    "Q5_0": "q5_0",
+    "Q5_1": "q5_1",
+    "Q4_K": "q4_k",
+    "Q5_K": "q5_k",
+    "Q6_K": "q6_k",
+}
 # Formats repacked at upload so each block's quants are whole 16-byte vectors: block bytes, then the byte range of
 # each array in binding order (8: quants, 9: scales (and mins), 10: high bits). The others upload as they are.
-_REPACK = {"Q8_0": (34, [(2, 34), (0, 2)]), "Q4_0": (18, [(2, 18), (0, 2)]), "Q4_1": (20, [(4, 20), (0, 4)]),
-           "Q5_0": (22, [(6, 22), (0, 2), (2, 6)]), "Q5_1": (24, [(8, 24), (0, 4), (4, 8)]),
-           "Q6_K": (210, [(0, 208), (208, 210)])}
+_REPACK = {
+    "Q8_0": (34, [(2, 34), (0, 2)]),
+    "Q4_0": (18, [(2, 18), (0, 2)]),
+    "Q4_1": (20, [(4, 20), (0, 4)]),
+    "Q5_0": (22, [(6, 22), (0, 2), (2, 6)]),
+    "Q5_1": (24, [(8, 24), (0, 4), (4, 8)]),
+    "Q6_K": (210, [(0, 208), (208, 210)]),
+}
 
 _STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
 _MAX_GROUPS = 65535  # per grid dimension (WebGPU default limit)
-_LIMITS = ("max-storage-buffer-binding-size", "max-buffer-size", "max-compute-workgroup-storage-size",
-           "max-storage-buffers-per-shader-stage", "max-compute-invocations-per-workgroup",
-           "max-compute-workgroup-size-x")
+_LIMITS = (
+    "max-storage-buffer-binding-size",
+    "max-buffer-size",
+    "max-compute-workgroup-storage-size",
+    "max-storage-buffers-per-shader-stage",
+    "max-compute-invocations-per-workgroup",
+    "max-compute-workgroup-size-x",
+)
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "Unknown": 3, "CPU": 4}
 
 
@@ -66,12 +87,14 @@ def _subgroup_feature(features) -> str | None:
 def _adapter_line(i: int, adapter) -> str:
     info, lim = adapter.info, adapter.limits
     feats = [f for f in ("shader-f16", _subgroup_feature(adapter.features)) if f and f in adapter.features]
-    return (f"[{i}] {info['device']} ({info['backend_type']}, {info['adapter_type']})\n"
-            f"      max binding {lim['max-storage-buffer-binding-size'] >> 20} MiB, "
-            f"max buffer {lim['max-buffer-size'] >> 20} MiB, "
-            f"workgroup memory {lim['max-compute-workgroup-storage-size'] >> 10} KiB, "
-            f"storage buffers/stage {lim['max-storage-buffers-per-shader-stage']}; "
-            f"features: {', '.join(feats) or 'none'}")
+    return (
+        f"[{i}] {info['device']} ({info['backend_type']}, {info['adapter_type']})\n"
+        f"      max binding {lim['max-storage-buffer-binding-size'] >> 20} MiB, "
+        f"max buffer {lim['max-buffer-size'] >> 20} MiB, "
+        f"workgroup memory {lim['max-compute-workgroup-storage-size'] >> 10} KiB, "
+        f"storage buffers/stage {lim['max-storage-buffers-per-shader-stage']}; "
+        f"features: {', '.join(feats) or 'none'}"
+    )
 
 
 def _preference(adapter) -> tuple[int, int]:
@@ -82,8 +105,9 @@ def _preference(adapter) -> tuple[int, int]:
 
 def _pack_params(values: tuple) -> bytes:
     """A uniform struct of 4-byte scalars (u32, i32 or f32), padded to 16 bytes."""
-    out = b"".join(struct.pack("<f", v) if isinstance(v, float) else struct.pack("<I" if v >= 0 else "<i", v)
-                   for v in values)
+    out = b"".join(
+        struct.pack("<f", v) if isinstance(v, float) else struct.pack("<I" if v >= 0 else "<i", v) for v in values
+    )
     return out.ljust(max(16, -(-len(out) // 16) * 16), b"\0")
 
 
@@ -133,8 +157,10 @@ class WgpuDevice(Device):
         super().__init__()
         self.adapters = wgpu.gpu.enumerate_adapters_sync()
         if not self.adapters:
-            raise BackendUnavailable("wgpu: no WebGPU adapter found; install a GPU driver with Vulkan/Metal/D3D12 "
-                                     "support, or Mesa's lavapipe (apt-get install mesa-vulkan-drivers) for a CPU one")
+            raise BackendUnavailable(
+                "wgpu: no WebGPU adapter found; install a GPU driver with Vulkan/Metal/D3D12 "
+                "support, or Mesa's lavapipe (apt-get install mesa-vulkan-drivers) for a CPU one"
+            )
         if index is None:
             index = min(range(len(self.adapters)), key=lambda i: _preference(self.adapters[i]))
         if not 0 <= index < len(self.adapters):
@@ -157,23 +183,30 @@ class WgpuDevice(Device):
         # Flash-decoding: splits per head (fixed, whatever the KV length) and keys per chunk. GPUs want many
         # workgroups; a CPU adapter wants few workgroups and few barriers.
         self.attn_splits, self.attn_chunk = (1, 256) if self.cpu_adapter else (16, 64)
-        self.max_binding = min(self.device.limits["max-storage-buffer-binding-size"],
-                               self.device.limits["max-buffer-size"]) & ~255
+        self.max_binding = (
+            min(self.device.limits["max-storage-buffer-binding-size"], self.device.limits["max-buffer-size"]) & ~255
+        )
         info = adapter.info
         kind = {"DiscreteGPU": "GPU", "IntegratedGPU": "integrated GPU"}.get(info["adapter_type"], info["adapter_type"])
         self.name = f"wgpu: {info['device']} ({info['backend_type']}, {kind})"
         acts = {"f32", "f16"} if self.has_f16 else {"f32"}
         weights = set(_FORMATS)
         self.SUPPORTED_OPS = {
-            "embed": weights, "matmul": weights | {"f32"}, "rms_norm": {"F32", "F16", "BF16"} | acts,
-            "rope": acts, "attention": acts, "swiglu": acts, "add": acts, "copy_row": acts | {"i32"},
+            "embed": weights,
+            "matmul": weights | {"f32"},
+            "rms_norm": {"F32", "F16", "BF16"} | acts,
+            "rope": acts,
+            "attention": acts,
+            "swiglu": acts,
+            "add": acts,
+            "copy_row": acts | {"i32"},
             "argmax": acts,
         }
         self.queue = self.device.queue
         self.pool = BufferPool(self._make_buffer, lambda b: b.destroy())
         self._live: dict[int, tuple[Any, int]] = {}  # id(tensor) -> (buffer, bucket size) of owned tensors
         self._weight_buffers: dict[int, Any] = {}  # id(buffer) -> buffer, for close()
-        self.weight_bytes = 0
+        self.weight_bytes = self.const_bytes = 0
         self._pipelines: dict[tuple, Any] = {}
         self._uniforms: dict[bytes, Any] = {}
         self._bind_groups: dict[tuple, Any] = {}
@@ -182,7 +215,8 @@ class WgpuDevice(Device):
         self._staging = None
         self._encoder = self._pass = None
         self.dispatches = 0  # recorded dispatches, for tests and benchmarks
-        self._dummy = self._make_weight_buffer(np.zeros(4, np.float32))  # bound where an optional input is absent
+        # Bound where an optional input (a bias) is absent.
+        self._dummy = self._make_weight_buffer(np.zeros(4, np.float32), const=True)
 
     # --- discovery ----------------------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -197,14 +231,18 @@ class WgpuDevice(Device):
     def _make_buffer(self, size: int):
         return self.device.create_buffer(size=size, usage=_STORAGE)
 
-    def _make_weight_buffer(self, data: np.ndarray):
+    def _make_weight_buffer(self, data: np.ndarray, const: bool = False):
+        """An exact-size buffer holding `data`: a model weight, or (const) a device-owned table kept until close."""
         data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         size = _ceil16(data.nbytes)  # whole vec4s: kernels read weights as array<vec4<...>>
         buf = self.device.create_buffer(size=size, usage=_STORAGE)
         if data.nbytes:
             self.queue.write_buffer(buf, 0, data if data.nbytes == size else np.pad(data, (0, size - data.nbytes)))
         self._weight_buffers[id(buf)] = buf
-        self.weight_bytes += size
+        if const:
+            self.const_bytes += size
+        else:
+            self.weight_bytes += size
         return buf
 
     def _destroy_weight_buffer(self, buf) -> None:
@@ -252,8 +290,9 @@ class WgpuDevice(Device):
         if self._staging is None or self._staging.size < size:
             if self._staging is not None:
                 self._staging.destroy()
-            self._staging = self.device.create_buffer(size=self.pool.bucket(size),
-                                                      usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+            self._staging = self.device.create_buffer(
+                size=self.pool.bucket(size), usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST
+            )
         encoder = self._end_pass() or self.device.create_command_encoder()
         encoder.copy_buffer_to_buffer(buf, offset, self._staging, 0, size)
         self.queue.submit([encoder.finish()])
@@ -273,8 +312,14 @@ class WgpuDevice(Device):
 
     def memory_stats(self) -> dict:
         uniform_bytes = sum(b.size for b in self._uniforms.values())
-        return {**self.pool.stats(), "weight_bytes": self.weight_bytes, "uniform_bytes": uniform_bytes,
-                "pipelines": len(self._pipelines), "bind_groups": len(self._bind_groups)}
+        return {
+            **self.pool.stats(),
+            "weight_bytes": self.weight_bytes,
+            "const_bytes": self.const_bytes,
+            "uniform_bytes": uniform_bytes,
+            "pipelines": len(self._pipelines),
+            "bind_groups": len(self._bind_groups),
+        }
 
     # --- weights ------------------------------------------------------------------------------------------------
     def load_weight(self, name, qtype, raw, shape) -> Weight:
@@ -357,8 +402,9 @@ class WgpuDevice(Device):
         pipeline = self._pipelines.get(key)
         if pipeline is None:
             module = self.device.create_shader_module(label=kernel, code=self._source(kernel, fmt, defs))
-            pipeline = self.device.create_compute_pipeline(label=f"{kernel}:{entry}", layout="auto",
-                                                           compute={"module": module, "entry_point": entry})
+            pipeline = self.device.create_compute_pipeline(
+                label=f"{kernel}:{entry}", layout="auto", compute={"module": module, "entry_point": entry}
+            )
             self._pipelines[key] = pipeline
         return pipeline
 
@@ -449,8 +495,9 @@ class WgpuDevice(Device):
                 data = bytes(data) + b"\0" * (-len(data) % 16)
                 buf = self._uniforms.get(data)
                 if buf is None:
-                    buf = self.device.create_buffer(size=max(16, len(data)),
-                                                    usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
+                    buf = self.device.create_buffer(
+                        size=max(16, len(data)), usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
+                    )
                     if data:
                         self.queue.write_buffer(buf, 0, data)
                     self._uniforms[data] = buf
@@ -466,8 +513,16 @@ class WgpuDevice(Device):
         pipeline = self._pipeline("embed", fmt=fmt)
         groups = _groups(-(-T * -(-d // 8) // 64))
         for part in weight.storage:
-            self._dispatch(pipeline, [self._bind_params(d, part.rows, part.row0, T), self._bind(1, ids),
-                                      self._bind(2, out), *self._weight_bindings(part)], groups)
+            self._dispatch(
+                pipeline,
+                [
+                    self._bind_params(d, part.rows, part.row0, T),
+                    self._bind(1, ids),
+                    self._bind(2, out),
+                    *self._weight_bindings(part),
+                ],
+                groups,
+            )
 
     @staticmethod
     def _weight_bindings(part: _Part) -> list:
@@ -478,8 +533,16 @@ class WgpuDevice(Device):
         d = x.shape[-1]
         rows = x.size // d
         pipeline = self._pipeline("rms_norm", act=x.dtype)
-        self._dispatch(pipeline, [self._bind_params(d, rows, float(eps)), self._bind(1, x), self._bind(2, out),
-                                  self._bind_buffer(3, weight.storage)], _groups(rows))
+        self._dispatch(
+            pipeline,
+            [
+                self._bind_params(d, rows, float(eps)),
+                self._bind(1, x),
+                self._bind(2, out),
+                self._bind_buffer(3, weight.storage),
+            ],
+            _groups(rows),
+        )
 
     def matmul(self, x, weight, out, bias=None) -> None:
         self.require_op("matmul", x.dtype)
@@ -494,14 +557,20 @@ class WgpuDevice(Device):
                 params = self._bind_params(K, part.rows, part.row0, int(bias is not None), N)
                 groups = -(-part.rows // rpw)
                 grid = (min(groups, _MAX_GROUPS), T, -(-groups // _MAX_GROUPS))
-                self._dispatch(pipeline, [params, self._bind(1, x), self._bind(2, out), bias_binding,
-                                          *self._weight_bindings(part)], grid)
+                self._dispatch(
+                    pipeline,
+                    [params, self._bind(1, x), self._bind(2, out), bias_binding, *self._weight_bindings(part)],
+                    grid,
+                )
             return
         pipeline = self._pipeline("gemm", fmt=fmt)
         for part in weight.storage:
             params = self._bind_params(K, part.rows, part.row0, int(bias is not None), T, N)
-            self._dispatch(pipeline, [params, self._bind(1, x), self._bind(2, out), bias_binding,
-                                      *self._weight_bindings(part)], (-(-part.rows // 64), -(-T // 32), 1))
+            self._dispatch(
+                pipeline,
+                [params, self._bind(1, x), self._bind(2, out), bias_binding, *self._weight_bindings(part)],
+                (-(-part.rows // 64), -(-T // 32), 1),
+            )
 
     def rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
         self.require_op("rope", x.dtype)
@@ -509,42 +578,83 @@ class WgpuDevice(Device):
         key = (float(theta), head_dim)
         table = self._rope_tables.get(key)
         if table is None:
-            table = self._rope_tables[key] = self._make_weight_buffer(_rope_turns(theta, head_dim))
+            table = self._rope_tables[key] = self._make_weight_buffer(_rope_turns(theta, head_dim), const=True)
         pipeline = self._pipeline("rope", act=x.dtype)
         n = T * n_heads * (head_dim // 2)
-        self._dispatch(pipeline, [self._bind_params(T, n_heads, head_dim, int(bool(neox))), self._bind(1, x),
-                                  self._bind(2, pos), self._bind_buffer(3, table)], _groups(-(-n // 64)))
+        self._dispatch(
+            pipeline,
+            [
+                self._bind_params(T, n_heads, head_dim, int(bool(neox))),
+                self._bind(1, x),
+                self._bind(2, pos),
+                self._bind_buffer(3, table),
+            ],
+            _groups(-(-n // 64)),
+        )
 
     def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
         self.require_op("attention", q.dtype)
         if head_dim % 4 or head_dim > 256:
-            raise UnsupportedOp(f"backend 'wgpu' attention needs head_dim a multiple of 4, at most 256 (got {head_dim})")
+            raise UnsupportedOp(
+                f"backend 'wgpu' attention needs head_dim a multiple of 4, at most 256 (got {head_dim})"
+            )
         T = q.shape[0]
         n_ctx = k_cache.shape[1]
         types = {"act": q.dtype, "kv": k_cache.dtype}
         width = n_kv_heads * head_dim
-        self._dispatch(self._pipeline("kv_write", **types),
-                       [self._bind_params(T, n_kv_heads, head_dim, n_ctx), self._bind(1, k), self._bind(2, v),
-                        self._bind(3, k_cache), self._bind(4, v_cache), self._bind(5, pos)],
-                       _groups(-(-T * width // 64)))
+        self._dispatch(
+            self._pipeline("kv_write", **types),
+            [
+                self._bind_params(T, n_kv_heads, head_dim, n_ctx),
+                self._bind(1, k),
+                self._bind(2, v),
+                self._bind(3, k_cache),
+                self._bind(4, v_cache),
+                self._bind(5, pos),
+            ],
+            _groups(-(-T * width // 64)),
+        )
         scale = float(np.float32(1.0 / np.sqrt(head_dim)))
         if T > 1:
             params = self._bind_params(T, n_heads, n_kv_heads, n_ctx, 1, scale)
-            self._dispatch(self._pipeline("attn_prefill", HD=head_dim, **types),
-                           [params, self._bind(1, q), self._bind(2, k_cache), self._bind(3, v_cache),
-                            self._bind(4, pos), self._bind(5, out)], (-(-T // 64), n_heads, 1))
+            self._dispatch(
+                self._pipeline("attn_prefill", HD=head_dim, **types),
+                [
+                    params,
+                    self._bind(1, q),
+                    self._bind(2, k_cache),
+                    self._bind(3, v_cache),
+                    self._bind(4, pos),
+                    self._bind(5, out),
+                ],
+                (-(-T // 64), n_heads, 1),
+            )
             return
         chunk = self.attn_chunk
         splits = max(1, min(self.attn_splits, -(-n_ctx // chunk)))
-        partial = self._internal(("attn_partial", T, n_heads, splits, head_dim), (T * n_heads * splits * (head_dim + 2),))
+        partial = self._internal(
+            ("attn_partial", T, n_heads, splits, head_dim), (T * n_heads * splits * (head_dim + 2),)
+        )
         params = self._bind_params(T, n_heads, n_kv_heads, n_ctx, splits, scale)
         nv = head_dim // 4
         gq = n_heads // n_kv_heads
-        self._dispatch(self._pipeline("attn_decode", HD=head_dim, NV=nv, G=64 // nv, GQ=gq, CHUNK=chunk, **types),
-                       [params, self._bind(1, q), self._bind(2, k_cache), self._bind(3, v_cache), self._bind(4, pos),
-                        self._bind(5, partial)], (splits, n_kv_heads, T))
-        self._dispatch(self._pipeline("attn_combine", HD=head_dim, act=q.dtype),
-                       [params, self._bind(1, partial), self._bind(2, out)], (n_heads, T, 1))
+        self._dispatch(
+            self._pipeline("attn_decode", HD=head_dim, NV=nv, G=64 // nv, GQ=gq, CHUNK=chunk, **types),
+            [
+                params,
+                self._bind(1, q),
+                self._bind(2, k_cache),
+                self._bind(3, v_cache),
+                self._bind(4, pos),
+                self._bind(5, partial),
+            ],
+            (splits, n_kv_heads, T),
+        )
+        self._dispatch(
+            self._pipeline("attn_combine", HD=head_dim, act=q.dtype),
+            [params, self._bind(1, partial), self._bind(2, out)],
+            (n_heads, T, 1),
+        )
 
     def _elementwise(self, entry: str, dtype: str, n: int, a: Tensor, b: Tensor | None, out: Tensor, row=0) -> None:
         pipeline = self._pipeline("elementwise", entry=entry, act=dtype)
@@ -568,8 +678,11 @@ class WgpuDevice(Device):
     def argmax(self, x: Tensor) -> int:
         self.require_op("argmax", x.dtype)
         result = self._internal(("argmax",), (1,), "u32")
-        self._dispatch(self._pipeline("argmax", act=x.dtype), [self._bind_params(x.size), self._bind(1, x),
-                                                               self._bind(2, result)], (1, 1, 1))
+        self._dispatch(
+            self._pipeline("argmax", act=x.dtype),
+            [self._bind_params(x.size), self._bind(1, x), self._bind(2, result)],
+            (1, 1, 1),
+        )
         return int(self.download(result)[0])
 
     # --- lifetime -----------------------------------------------------------------------------------------------
@@ -586,7 +699,7 @@ class WgpuDevice(Device):
         for buf in list(self._weight_buffers.values()):
             buf.destroy()
         self._weight_buffers.clear()
-        self.weight_bytes = 0
+        self.weight_bytes = self.const_bytes = 0
         for buf in self._uniforms.values():
             buf.destroy()
         self._uniforms.clear()
