@@ -273,8 +273,9 @@ class WgpuDevice(Device):
         data = np.ascontiguousarray(array, DTYPES[tensor.dtype]).reshape(-1).view(np.uint8)
         if data.nbytes != nbytes:
             raise ValueError(f"write of {data.nbytes} bytes into a tensor of {nbytes}")
-        if nbytes % 4:  # pad to a whole word, keeping the bytes after the tensor (a view's neighbours)
-            tail = self._read_bytes(buf, offset + nbytes - nbytes % 4, 4)
+        if nbytes % 4:  # pad to a whole word; a view keeps its neighbours' bytes (read back: rare, odd f16 views)
+            owned = id(tensor) in self._live
+            tail = np.zeros(4, np.uint8) if owned else self._read_bytes(buf, offset + nbytes - nbytes % 4, 4)
             data = np.concatenate([data, tail[nbytes % 4 :]])
         if data.nbytes:
             self.queue.write_buffer(buf, offset, data)

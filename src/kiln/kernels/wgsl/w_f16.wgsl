@@ -21,7 +21,7 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     return m8(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
 }
 
-fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
     let k = u * UNIT;
     var s = 0.0;
     for (var j = 0u; j < 4u; j++) {

@@ -19,7 +19,7 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     return m8((q0 - 16.0) * d, (q1 - 16.0) * d);
 }
 
-fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
     let b = row * (K / 32u) + u;
     let d = half_at(wd[b >> 1u], b & 1u);
     let q = wq[b];

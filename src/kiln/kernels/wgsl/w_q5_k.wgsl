@@ -28,7 +28,7 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     return m8(q0 * sm.x - sm.y, q1 * sm.x - sm.y);
 }
 
-fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
     let base = (row * (K / 256u) + u / 8u) * 11u;
     let j = u % 8u;
     let sm = k_scale_min(wq[base], j);

@@ -29,7 +29,7 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     return m8(q0 * dl, q1 * dl);
 }
 
-fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
     let b = row * (K / 256u) + u / 8u;
     let d = half_at(wd[b >> 1u], b & 1u);
     let base = b * 13u;
