@@ -103,11 +103,18 @@ def _preference(adapter) -> tuple[int, int]:
     return _ADAPTER_RANK.get(info["adapter_type"], 3), int(info["backend_type"] == "OpenGL")
 
 
-def _pack_params(values: tuple) -> bytes:
-    """A uniform struct of 4-byte scalars (u32, i32 or f32), padded to 16 bytes."""
-    out = b"".join(
-        struct.pack("<f", v) if isinstance(v, float) else struct.pack("<I" if v >= 0 else "<i", v) for v in values
-    )
+def _pack_scalar(v) -> bytes:
+    """A Python float is f32, a Python int u32 (i32 if negative); NumPy scalars keep their type."""
+    if isinstance(v, (float, np.floating)):
+        return struct.pack("<f", v)
+    if isinstance(v, np.signedinteger) or (isinstance(v, int) and v < 0):
+        return struct.pack("<i", v)
+    return struct.pack("<I", v)
+
+
+def _pack_params(values) -> bytes:
+    """A uniform struct of 4-byte scalars, padded to a multiple of 16 bytes."""
+    out = b"".join(_pack_scalar(v) for v in values)
     return out.ljust(max(16, -(-len(out) // 16) * 16), b"\0")
 
 
