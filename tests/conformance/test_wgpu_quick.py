@@ -59,29 +59,39 @@ def weights(dev, ref, qtype, rows, cols, rng, name="w"):
 
 @pytest.fixture
 def matmul_path(dev):
-    """Set the GEMV shape / GEMM choice for one test, whatever this adapter would pick, and restore it after."""
-    saved = dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm
+    """Set the GEMV shape / reduction / GEMM choice for one test, whatever this adapter would pick; restore after."""
+    saved = dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm, dev.use_subgroups
 
-    def use(tpr: int, rpw: int, gemm: bool) -> None:
+    def use(tpr: int, rpw: int, gemm: bool, subgroups: bool = True) -> None:
         dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm = tpr, rpw, gemm
+        dev.use_subgroups = subgroups and dev.has_subgroups
 
     yield use
-    dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm = saved
+    dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm, dev.use_subgroups = saved
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_matmul_gemv_and_gemm(dev, ref, qtype, matmul_path):
-    """Both GEMV shapes (CPU adapters: 8 threads x 32 rows; GPUs: 64 x 4) and the tiled GEMM, on any adapter."""
+    """GEMV shapes (CPU adapters: 8 threads x 32 rows; GPUs: 32 x 8; and 64 x 4, wider than any lavapipe subgroup),
+    both row reductions (subgroup, workgroup memory) and the tiled GEMM, on any adapter."""
     rng = np.random.default_rng(int(qtype))
     K, N = cols_for(qtype), 37
     w, w_ref = weights(dev, ref, qtype, N, K, rng)
-    for T, tpr, rpw, gemm in ((1, 8, 32, False), (1, 64, 4, False), (35, 8, 32, False), (35, 64, 4, True)):
-        matmul_path(tpr, rpw, gemm)
+    cases = [
+        (1, 8, 32, False, True),
+        (1, 8, 32, False, False),
+        (1, 32, 8, False, True),
+        (1, 64, 4, False, True),
+        (35, 8, 32, False, True),
+        (35, 64, 4, True, True),
+    ]
+    for T, tpr, rpw, gemm, subgroups in cases:
+        matmul_path(tpr, rpw, gemm, subgroups)
         x = rng.standard_normal((T, K), dtype=np.float32)
         out, out_ref = dev.empty((T, N)), ref.empty((T, N))
         dev.matmul(dev.upload(x), w, out)
         ref.matmul(ref.upload(x), w_ref, out_ref)
-        assert nmse(out.numpy(), out_ref.numpy()) < EXACT, f"{qtype.name} T={T} gemm={gemm} shape={tpr}x{rpw}"
+        assert nmse(out.numpy(), out_ref.numpy()) < EXACT, f"{qtype.name} T={T} gemm={gemm} {tpr}x{rpw} sg={subgroups}"
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import struct
+import weakref
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -183,7 +185,8 @@ class WgpuDevice(Device):
         # GEMV shape: threads per workgroup (a power of two) and rows per workgroup sharing each x load. A CPU
         # adapter runs a workgroup as SIMD loops where every load is a gather: few threads, many rows (x reuse).
         self.cpu_adapter = adapter.info["adapter_type"] == "CPU"
-        self.gemv_tpr, self.gemv_rpw = (8, 32) if self.cpu_adapter else (64, 4)
+        self.gemv_tpr, self.gemv_rpw = (8, 32) if self.cpu_adapter else (32, 8)
+        self.use_subgroups = self.has_subgroups  # GEMV reductions; tests turn it off to cover the other path
         # Prompts (T > 1) take the tiled GEMM on GPUs; on a CPU adapter T GEMVs in one dispatch are ~10x faster
         # (workgroup memory and barriers are expensive there). Tests set force_gemm to cover the GEMM anyway.
         self.force_gemm = False
@@ -211,7 +214,9 @@ class WgpuDevice(Device):
         }
         self.queue = self.device.queue
         self.pool = BufferPool(self._make_buffer, lambda b: b.destroy())
-        self._live: dict[int, tuple[Any, int]] = {}  # id(tensor) -> (buffer, bucket size) of owned tensors
+        # Owned tensors: id -> (weakref, buffer, bucket size). The weakref tells a live owner from a new object that
+        # reuses a dead one's id, and gives the buffer of a tensor dropped without free() back to the pool.
+        self._live: dict[int, tuple[Any, Any, int]] = {}
         self._weight_buffers: dict[int, Any] = {}  # id(buffer) -> buffer, for close()
         self.weight_bytes = self.const_bytes = 0
         self._pipelines: dict[tuple, Any] = {}
@@ -261,7 +266,7 @@ class WgpuDevice(Device):
         nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
         buf, size = self.pool.take(nbytes)
         tensor = Tensor(self, shape, dtype, (buf, 0, nbytes))
-        self._live[id(tensor)] = (buf, size)
+        self._live[id(tensor)] = (weakref.ref(tensor, partial(self._reclaim, id(tensor))), buf, size)
         return tensor
 
     def view(self, tensor: Tensor, offset: int, shape) -> Tensor:
@@ -281,7 +286,7 @@ class WgpuDevice(Device):
         if data.nbytes != nbytes:
             raise ValueError(f"write of {data.nbytes} bytes into a tensor of {nbytes}")
         if nbytes % 4:  # pad to a whole word; a view keeps its neighbours' bytes (read back: rare, odd f16 views)
-            owned = id(tensor) in self._live
+            owned = self._owns(tensor)
             tail = np.zeros(4, np.uint8) if owned else self._read_bytes(buf, offset + nbytes - nbytes % 4, 4)
             data = np.concatenate([data, tail[nbytes % 4 :]])
         if data.nbytes:
@@ -311,11 +316,23 @@ class WgpuDevice(Device):
             self._staging.unmap()
         return data[:nbytes]
 
+    def _owns(self, tensor: Tensor) -> bool:
+        entry = self._live.get(id(tensor))
+        return entry is not None and entry[0]() is tensor
+
+    def _reclaim(self, key: int, ref) -> None:
+        """Weakref callback: a tensor died without free(); its buffer goes back to the pool."""
+        entry = self._live.get(key)
+        if entry is not None and entry[0] is ref:
+            del self._live[key]
+            if self.device is not None:
+                self.pool.give(entry[1], entry[2])
+
     def free(self, tensor: Tensor) -> None:
-        owned = self._live.pop(id(tensor), None)
-        if owned is None:
+        if not self._owns(tensor):
             raise ValueError("free() of a tensor this device does not own (a view, or freed twice)")
-        self.pool.give(*owned)
+        _, buf, size = self._live.pop(id(tensor))
+        self.pool.give(buf, size)
         tensor.storage = None
 
     def memory_stats(self) -> dict:
@@ -395,18 +412,20 @@ class WgpuDevice(Device):
         self._read_bytes(self._dummy, 0, 4)  # a mapped read completes only after all submitted work
 
     def _source(self, kernel: str, fmt: str | None, defs: dict) -> str:
-        """Header (enable f16, type aliases, constants) + common helpers + weight snippet + kernel."""
+        """Header (enable f16, aliases, constants) + common helpers + weight snippet (+ GEMV reduction) + kernel."""
         head = ["enable f16;"] if self.has_f16 else []
         for key, value in sorted(defs.items()):
             head.append(f"alias {key} = {value};" if isinstance(value, str) else f"const {key}: u32 = {value}u;")
         parts = ["\n".join(head), (_KERNELS / "common.wgsl").read_text()]
         if fmt is not None:
             parts.append((_KERNELS / f"w_{fmt}.wgsl").read_text())
+        if kernel == "gemv":
+            parts.append((_KERNELS / ("reduce_sg.wgsl" if self.use_subgroups else "reduce_wg.wgsl")).read_text())
         parts.append((_KERNELS / f"{kernel}.wgsl").read_text())
         return "\n".join(parts)
 
     def _pipeline(self, kernel: str, entry: str = "main", fmt: str | None = None, **defs):
-        key = (kernel, entry, fmt, tuple(sorted(defs.items())))
+        key = (kernel, entry, fmt, self.use_subgroups, tuple(sorted(defs.items())))
         pipeline = self._pipelines.get(key)
         if pipeline is None:
             module = self.device.create_shader_module(label=kernel, code=self._source(kernel, fmt, defs))
@@ -699,7 +718,7 @@ class WgpuDevice(Device):
         if getattr(self, "device", None) is None:
             return
         self._end_pass()  # recorded but never submitted: discard
-        for buf, _ in self._live.values():
+        for _, buf, _ in self._live.values():
             buf.destroy()
         self._live.clear()
         self._scratch.clear()

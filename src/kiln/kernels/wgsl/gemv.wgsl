@@ -1,7 +1,7 @@
 // Quantized GEMV: y[t, row0 + r] = dot(W[r, :], x[t, :]) (+ bias), token t = grid y (decode: one token; CPU
 // adapters also use it for prompts, see WgpuDevice.matmul). A workgroup of TPR threads owns RPW rows. Each thread takes units of UNIT weights (unit_dot, from the weight format snippet: whole blocks read as
-// vec4 loads) and loads its x unit once for all RPW rows; then the threads reduce the RPW partial sums through
-// workgroup memory. Header: TPR (a power of two), RPW.
+// vec4 loads) and loads its x unit once for all RPW rows; then the threads reduce the RPW partial sums (with
+// subgroup operations where the device has them). Header: TPR (a power of two), RPW.
 
 struct Params {
     K: u32,         // row length
@@ -54,18 +54,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             acc[r] += unit_dot(min(first + r, p.rows - 1u), u, p.K, xv);  // rows past the end: computed, unused
         }
     }
-    for (var r = 0u; r < RPW; r++) {
-        partial[r * TPR + lid] = acc[r];
-    }
-    workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            for (var r = 0u; r < RPW; r++) {
-                partial[r * TPR + lid] += partial[r * TPR + lid + s];
-            }
-        }
-        workgroupBarrier();
-    }
+    reduce_rows(lid, acc);  // reduce_sg.wgsl or reduce_wg.wgsl
     for (var r = lid; r < n; r += TPR) {
         var v = partial[r * TPR];
         if (p.has_bias != 0u) {
