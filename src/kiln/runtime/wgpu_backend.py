@@ -6,11 +6,15 @@ and submits the whole step at once. `queue.write_buffer` runs on the queue timel
 buffer. Pipelines are cached by (kernel, header); parameters live in small uniform buffers cached by content and
 bind groups are cached by their resources, so a decode step creates nothing new after the first token.
 
-Weights stay in their GGUF block formats. Formats whose blocks are not a multiple of 4 bytes (Q8_0, Q4_0, Q5_0,
-Q6_K) are repacked at upload into a word-aligned quant array plus an array of their f16 scales; the others are
-uploaded as they are. A matrix larger than one storage binding allows is split by rows into parts, each its own
-buffers and dispatch. Each format's `kernels/wgsl/w_<format>.wgsl` defines `load8(row, k, K)`, eight dequantized
-weights, and is pasted in front of the op kernels that read weights (GEMV, GEMM, embed).
+Weights stay in their GGUF block formats, reorganised at upload only where a block's quants are not whole 16-byte
+vectors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K): those split into a quant array plus arrays of their scales (and
+mins, high bits), see _REPACK. A matrix larger than one storage binding allows is split by rows into parts, each
+its own buffers and dispatch. Each format's kernels/wgsl/w_<format>.wgsl is pasted in front of the kernels that
+read weights and defines `unit_dot` (GEMV: a block's dot product with x, from vec4 loads) and `load8` (GEMM,
+embed: eight dequantized weights), both dequantizing exactly as quant.py does.
+
+Kernel sources are WGSL files plus a generated header (`enable f16`, `alias act = f32;`, `const HD: u32 = 64u;`):
+one file serves every activation/KV type and shape it is specialised for.
 """
 
 from __future__ import annotations
@@ -115,9 +119,8 @@ def _pack_scalar(v) -> bytes:
 
 
 def _pack_params(values) -> bytes:
-    """A uniform struct of 4-byte scalars, padded to a multiple of 16 bytes."""
-    out = b"".join(_pack_scalar(v) for v in values)
-    return out.ljust(max(16, -(-len(out) // 16) * 16), b"\0")
+    """A uniform struct of 4-byte scalars (padded to 16 bytes by _uniform_bytes)."""
+    return b"".join(_pack_scalar(v) for v in values)
 
 
 def _groups(n: int) -> tuple[int, int, int]:
@@ -180,7 +183,7 @@ class WgpuDevice(Device):
         limits = {k: adapter.limits[k] for k in _LIMITS if k in adapter.limits}
         self.device = adapter.request_device_sync(required_features=features, required_limits=limits)
         self.has_f16 = "shader-f16" in features
-        self.has_subgroups = len(features) > int(self.has_f16)
+        self.has_subgroups = _subgroup_feature(features) is not None
         self.kv_dtype = "f16" if self.has_f16 else "f32"
         # GEMV shape: threads per workgroup (a power of two) and rows per workgroup sharing each x load. A CPU
         # adapter runs a workgroup as SIMD loops where every load is a gather: few threads, many rows (x reuse).
@@ -435,8 +438,12 @@ class WgpuDevice(Device):
             self._pipelines[key] = pipeline
         return pipeline
 
-    def _uniform(self, values: tuple):
-        data = _pack_params(values)
+    def _uniform(self, values) -> Any:
+        return self._uniform_bytes(_pack_params(values))
+
+    def _uniform_bytes(self, data: bytes) -> Any:
+        """A uniform buffer holding `data`, shared by every dispatch with the same parameters."""
+        data = bytes(data).ljust(max(16, -(-len(data) // 16) * 16), b"\0")
         buf = self._uniforms.get(data)
         if buf is None:
             if len(self._uniforms) >= 4096:  # bounded: prompts of many sizes each bring their own parameters
@@ -510,28 +517,20 @@ class WgpuDevice(Device):
         return WgpuKernel(name, pipeline)
 
     def launch(self, kernel: WgpuKernel, grid, buffers, params=None, block=None) -> None:
-        """Record `kernel` over `grid` workgroups (int or up to 3 ints). The workgroup size is the kernel's own
-        @workgroup_size (`block` is accepted for API symmetry with CUDA and must match it if given). params: a
-        sequence of ints/floats (packed as 4-byte u32/i32/f32) or a NumPy array / bytes, bound as a uniform."""
+        """Record `kernel` over `grid` workgroups (an int or up to 3 ints). `block` is ignored: the workgroup size
+        is the shader's @workgroup_size. params: a sequence of 4-byte scalars (a Python float is f32, a Python int
+        u32, i32 if negative; NumPy scalars keep their type) or raw bytes / a NumPy array, bound as a uniform."""
         grid = (grid,) if isinstance(grid, int) else tuple(grid)
-        groups = (*grid, 1, 1)[:3]
         bindings = [self._bind(i, t) for i, t in enumerate(buffers)]
         if params is not None:
-            if isinstance(params, (bytes, bytearray, np.ndarray)):
-                data = bytes(np.ascontiguousarray(params).view(np.uint8)) if isinstance(params, np.ndarray) else params
-                data = bytes(data) + b"\0" * (-len(data) % 16)
-                buf = self._uniforms.get(data)
-                if buf is None:
-                    buf = self.device.create_buffer(
-                        size=max(16, len(data)), usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
-                    )
-                    if data:
-                        self.queue.write_buffer(buf, 0, data)
-                    self._uniforms[data] = buf
+            if isinstance(params, np.ndarray):
+                buf = self._uniform_bytes(np.ascontiguousarray(params).tobytes())
+            elif isinstance(params, (bytes, bytearray)):
+                buf = self._uniform_bytes(params)
             else:
-                buf = self._uniform(tuple(params))
+                buf = self._uniform(params)
             bindings.append((len(buffers), buf, 0, buf.size))
-        self._dispatch(kernel.pipeline, bindings, groups)
+        self._dispatch(kernel.pipeline, bindings, (*grid, 1, 1)[:3])
 
     # --- ops ----------------------------------------------------------------------------------------------------
     def embed(self, weight, ids, out) -> None:
