@@ -12,13 +12,13 @@ import argparse
 import json
 
 
-def _load(paths: list[str]) -> list[dict]:
+def _load(paths: list[str], key: str) -> list[dict]:
     out = []
     for p in paths:
         with open(p) as fh:
             data = json.load(fh)
-        if isinstance(data, dict) and "kiln" in data:
-            out += data["kiln"]
+        if isinstance(data, dict) and key in data:  # a combined file this script wrote
+            out += data[key]
         else:
             out += data if isinstance(data, list) else [data]
     return out
@@ -36,8 +36,8 @@ def table(kiln: list[dict], peers: list[dict]) -> str:
                                                                                r.get("generated_tokens"))):
             if not n:
                 continue
-            cells = [f"{r['model'].removesuffix('.gguf'):<26} {test + str(n):<6} {r[key]:>11.1f} "
-                     f"{r.get('decode_gb_s', 0) if test == 'tg' else 0:>6.0f}"]
+            gbs = f"{r.get('decode_gb_s', 0):.0f}" if test == "tg" else "-"
+            cells = [f"{r['model'].removesuffix('.gguf'):<26} {test + str(n):<6} {r[key]:>11.1f} {gbs:>6}"]
             for name in ("llama.cpp", "transformers"):
                 match = [p for p in peers if p.get("peer") == name and key in p and (
                     p["model"] == r["model"] or (name == "transformers" and
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="other JSON files to embed (e.g. bench/gemv.py output)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    kiln, peers = _load(args.kiln), _load(args.peers)
+    kiln, peers = _load(args.kiln, "kiln"), _load(args.peers, "peers")
     print(table(kiln, peers))
     if args.out:
         extra = {}
