@@ -26,13 +26,19 @@ def default_model_path() -> str:
 
 
 def load(path: str | None = None, backend: str | None = None, device: int | None = None, n_ctx: int | None = None,
-         progress: bool = False, quiet: bool = True) -> Model:
-    """Load a GGUF (default: the embedded SmolLM2) onto a backend. The model carries its tokenizer and template."""
+         progress: bool = False, quiet: bool = True, tensor_parallel: int = 1) -> Model:
+    """Load a GGUF (default: the embedded SmolLM2) onto a backend. The model carries its tokenizer and template.
+    tensor_parallel > 1 splits it over that many GPUs from `device` on (cuda only): a tp.TensorParallelModel."""
     t0 = time.perf_counter()
     file = gguf.load(path or default_model_path())
     tokenizer = Tokenizer.from_gguf_fields(file.tokenizer_fields())
-    dev = get_device(backend, device, quiet=quiet)
-    model = Model(file, dev, n_ctx=n_ctx, progress=progress)
+    if tensor_parallel != 1:
+        from . import tp
+
+        model = tp.load(file, tensor_parallel, backend, device, n_ctx=n_ctx, progress=progress)
+    else:
+        dev = get_device(backend, device, quiet=quiet)
+        model = Model(file, dev, n_ctx=n_ctx, progress=progress)
     model.tokenizer = tokenizer
     model.load_seconds = time.perf_counter() - t0
     return model

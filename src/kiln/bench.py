@@ -79,11 +79,14 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def run_bench(path: str | None, backend: str | None = None, device: int | None = None, prompt_tokens: int = 512,
-              gen_tokens: int = 128, repetitions: int = 3, seed: int = 0, progress: bool = False) -> dict:
-    """Load the model once, warm up, then time prefill and decode `repetitions` times each. Returns the result."""
+              gen_tokens: int = 128, repetitions: int = 3, seed: int = 0, progress: bool = False,
+              tensor_parallel: int = 1) -> dict:
+    """Load the model once, warm up, then time prefill and decode `repetitions` times each. Returns the result.
+    With tensor_parallel > 1, GB/s is the weights read by all GPUs together per second."""
     f = gguf.load(path or api.default_model_path())
     n_ctx = max(prompt_tokens, gen_tokens, 1) + 1
-    model = api.load(f.path, backend=backend, device=device, n_ctx=n_ctx, progress=progress, quiet=True)
+    model = api.load(f.path, backend=backend, device=device, n_ctx=n_ctx, progress=progress, quiet=True,
+                     tensor_parallel=tensor_parallel)
     try:
         cfg, dev = model.cfg, model.dev
         ids = _prompt(cfg.vocab_size, max(prompt_tokens, 1), seed)
@@ -101,7 +104,8 @@ def run_bench(path: str | None, backend: str | None = None, device: int | None =
         return {
             "kiln_version": __version__, "model": os.path.basename(f.path), "model_name": cfg.name,
             "file_bytes": f.file_size, "weight_type": weight_type(f), "backend": dev.backend, "device": dev.name,
-            "prompt_tokens": prompt_tokens, "generated_tokens": gen_tokens, "repetitions": repetitions,
+            "tensor_parallel": tensor_parallel, "prompt_tokens": prompt_tokens, "generated_tokens": gen_tokens,
+            "repetitions": repetitions,
             "prefill_tok_s": pp, "prefill_tok_s_sd": pp_sd, "decode_tok_s": tg, "decode_tok_s_sd": tg_sd,
             "decode_weight_bytes_per_token": per_token, "decode_gb_s": per_token * tg / 1e9,
             "peak_memory_bytes": _peak_bytes(stats), "load_seconds": round(model.load_seconds, 3),
@@ -133,7 +137,7 @@ def format_table(results: list[dict]) -> str:
 
 def cmd_bench(args) -> int:
     res = run_bench(args.model, args.backend, args.device, args.prompt_tokens, args.gen_tokens, args.repetitions,
-                    seed=args.seed, progress=sys.stderr.isatty())
+                    seed=args.seed, progress=sys.stderr.isatty(), tensor_parallel=args.tensor_parallel)
     print(format_table([res]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -151,6 +155,8 @@ def register_cli(sub) -> None:
     p.add_argument("--model", "-m", help="path to a GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--backend", "-b", choices=(*BACKENDS, "auto"), default=None, help="compute backend")
     p.add_argument("--device", type=int, default=None, help="device index within the backend")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs (cuda, NCCL); ranks on devices --device.. --device+N-1")
     p.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt tokens to prefill (0: skip)")
     p.add_argument("-n", "--gen-tokens", type=int, default=128, help="tokens to decode (0: skip)")
     p.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs of each test")

@@ -19,6 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute backend (default: $KILN_BACKEND or auto: cuda, then wgpu, then numpy)")
     p.add_argument("--device", type=int, default=None, help="device index within the backend (see `kiln devices`)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(model, 4096))")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs of this host (cuda backend, NCCL; default 1)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +81,7 @@ def _sampling(args):
 
 def _load(args):
     model = api.load(args.model, backend=args.backend, device=args.device, n_ctx=args.ctx,
-                     progress=sys.stderr.isatty() or args.verbose, quiet=False)
+                     progress=sys.stderr.isatty() or args.verbose, quiet=False, tensor_parallel=args.tensor_parallel)
     if args.verbose:
         print(f"[loaded {model.cfg.name} on {model.dev.name} in {model.load_seconds:.2f} s]", file=sys.stderr)
     return model

@@ -823,7 +823,7 @@ def cmd_serve(args) -> int:
     try:
         engine = Engine(max_concurrency=args.max_concurrency, loader=lambda: api.load(
             args.model, backend=args.backend, device=args.device, n_ctx=args.ctx, progress=sys.stderr.isatty(),
-            quiet=False))
+            quiet=False, tensor_parallel=args.tensor_parallel))
     except BaseException:
         sock.close()
         raise

@@ -1,0 +1,391 @@
+"""Tensor parallelism across the GPUs of one host: one process, one thread per rank, all-reduce through NCCL.
+
+Each rank is a kiln.model.Model on its own device holding one ShardedFile (shard.py: the Megatron split, two
+all-reduces per layer through Model's `all_reduce` hook). Rank 0 runs on the caller's thread, ranks 1..N-1 on
+persistent worker threads, because CUDA's current device and CuPy's handles are per thread. Every call runs on all
+ranks at once and returns rank 0's result (the logits, which every rank holds in full), so generate, kiln bench and
+the server drive a TensorParallelModel exactly like a Model. Like a Model on a GPU, use it on the thread that made it.
+
+The all-reduce is a device op (`all_reduce` of _nccl_device_class), not a host callback: the cuda backend records it
+like the model's other ops, so a decode step, NCCL calls included, is captured into one CUDA graph per rank (NCCL
+supports stream capture). The fusion pass meets the all-reduce between each row-parallel GEMV and its residual add,
+so that pair stays unfused. KILN_CUDA_GRAPHS=0 runs every step eagerly instead.
+
+NVLink multicast (NVLS) is switched off before NCCL starts: on the shared hosts kiln is tested on, a program that
+uses it can take the host's GPUs out of service, and two to eight ranks summing one activation row gain nothing by it.
+
+After a failure on any rank once a step has begun, the ranks' collectives are out of step: the communicators are
+aborted and the model refuses further calls (close it and load again). Inputs that would fail on every rank (an empty
+prompt, a context overflow) are rejected before any rank starts, so they leave the model usable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import gguf as gguf_mod
+from .errors import BackendUnavailable, ContextOverflow, KilnError
+from .gguf import GGUFFile
+from .model import Model
+from .runtime.base import Device, Tensor
+from .shard import ShardedFile, plan_for
+
+TP_BACKENDS = ("cuda",)  # what api.load offers; backend="numpy" below is the same schedule on the CPU, for tests
+
+
+class TensorParallelError(KilnError):
+    """A rank failed once a step had begun: the ranks no longer agree, so the model must be loaded again."""
+
+
+# --- ranks as threads ------------------------------------------------------------------------------------------------
+class _Worker:
+    """A persistent thread running one rank's calls in order; the rank's device state lives on it."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=f"kiln-tp-rank{rank}", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        while True:
+            fn = self._jobs.get()
+            if fn is None:
+                return
+            try:
+                self._done.put((True, fn()))
+            except BaseException as e:  # handed to the caller's thread by result()
+                self._done.put((False, e))
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        self._jobs.put(fn)
+
+    def result(self) -> tuple[bool, Any]:
+        return self._done.get()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+
+# --- collectives -----------------------------------------------------------------------------------------------------
+class _NcclGroup:
+    """One NCCL communicator per GPU of `indices`, all made by one ncclCommInitAll (a single process)."""
+
+    def __init__(self, indices: list[int]):
+        from .runtime import cuda_backend  # BackendUnavailable with the usual message when CuPy is missing
+
+        os.environ["NCCL_NVLS_ENABLE"] = "0"  # read by NCCL when it initialises, which is below
+        nccl = _import_nccl()
+        try:
+            count = cuda_backend.cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # no driver, no device
+            raise BackendUnavailable(f"cuda: no usable NVIDIA GPU ({e})") from None
+        missing = [i for i in indices if not 0 <= i < count]
+        if missing:
+            raise BackendUnavailable(f"--tensor-parallel {len(indices)} needs GPUs {indices[0]}..{indices[-1]} but "
+                                     f"this machine has {count} (see `kiln devices`); use fewer ranks")
+        self.nccl, self.indices = nccl, indices
+        self.comms = nccl.NcclCommunicator.initAll(list(indices))
+
+    def device(self, rank: int) -> Device:  # on the rank's thread
+        return _nccl_device_class()(self.indices[rank], self.comms[rank])
+
+    def reducer(self, rank: int, dev: Device) -> Callable[[Tensor], None]:
+        return dev.all_reduce
+
+    def release(self) -> None:
+        """Called on a failing rank's thread: nothing to do, host threads never wait for each other here (only the
+        GPUs do), and aborting a communicator another thread is still calling is not safe."""
+
+    def abort(self) -> None:
+        for comm in self.comms:
+            try:
+                comm.abort()  # pending collectives return instead of waiting for a rank that will never come
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        for comm in self.comms:
+            comm.destroy()
+        self.comms = []
+
+
+class _HostGroup:
+    """NumPy devices summing through a barrier (rank order, as SimulatedTP): the same schedule on the CPU."""
+
+    def __init__(self, n: int, timeout: float = 60.0):
+        self._barrier = threading.Barrier(n, timeout=timeout)
+        self._parts: list = [None] * n
+
+    def device(self, rank: int) -> Device:
+        from .runtime.numpy_backend import NumpyDevice
+
+        return NumpyDevice()
+
+    def reducer(self, rank: int, dev: Device) -> Callable[[Tensor], None]:
+        def all_reduce(t: Tensor) -> None:
+            self._parts[rank] = dev.download(t)
+            self._barrier.wait()
+            total = self._parts[0].copy()
+            for part in self._parts[1:]:
+                total += part
+            self._barrier.wait()  # nobody overwrites its part before every rank has summed
+            dev.write(t, total)
+
+        return all_reduce
+
+    def release(self) -> None:
+        self._barrier.abort()  # the other ranks' threads wait in the barrier: free them now
+
+    def abort(self) -> None:
+        self._barrier.abort()
+
+    def close(self) -> None:
+        pass
+
+
+def _import_nccl():
+    """cupy.cuda.nccl, with the NCCL of the nvidia-nccl wheel (PyTorch's) loaded first when the loader finds no
+    system libnccl: CuPy's module decides once, at import, whether NCCL is there."""
+    if "cupy.cuda.nccl" not in sys.modules and ctypes.util.find_library("nccl") is None:
+        found = [lib for base in sys.path for lib in glob.glob(os.path.join(base or ".", "nvidia", "*", "lib",
+                                                                            "libnccl.so.2"))]
+        for lib in found[:1]:
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                pass
+    try:
+        from cupy.cuda import nccl
+    except ImportError as e:
+        raise BackendUnavailable(f"cuda: tensor parallelism needs NCCL, which CuPy cannot load ({e})") from None
+    if not getattr(nccl, "available", False):
+        raise BackendUnavailable("cuda: tensor parallelism needs NCCL, which CuPy cannot load; "
+                                 "pip install nvidia-nccl-cu13 (or put libnccl.so.2 on LD_LIBRARY_PATH)")
+    return nccl
+
+
+_NCCL_DEVICE: type | None = None
+
+
+def _nccl_device_class() -> type:
+    """CudaDevice plus one op, all_reduce: an in-place NCCL sum on the device's stream, recorded by replay() and
+    captured into the step's CUDA graph like any other op. Made on first use: importing kiln.tp needs no CuPy."""
+    global _NCCL_DEVICE
+    if _NCCL_DEVICE is not None:
+        return _NCCL_DEVICE
+    from .runtime import cuda_backend as cb
+
+    nccl = _import_nccl()
+    types = {"f32": nccl.NCCL_FLOAT32, "f16": nccl.NCCL_FLOAT16}
+    # The fusion pass asks which tensors each recorded op reads and writes: all_reduce reads and writes its own.
+    cb._READS.setdefault("all_reduce", (0,))
+    cb._WRITES.setdefault("all_reduce", (0,))
+
+    class NcclCudaDevice(cb.CudaDevice):
+        def __init__(self, index: int, comm):
+            super().__init__(index)
+            self.comm = comm
+
+        def all_reduce(self, t: Tensor) -> None:
+            self._op("all_reduce", t)
+
+        def _do_all_reduce(self, t: Tensor) -> None:
+            ptr = t.storage.data.ptr
+            if self._capture_ptrs is not None:  # the graph uses this buffer: freeing it drops the graph
+                self._capture_ptrs.append(ptr)
+            self.comm.allReduce(ptr, ptr, t.size, types[t.dtype], nccl.NCCL_SUM, self.stream.ptr)
+
+    _NCCL_DEVICE = NcclCudaDevice
+    return _NCCL_DEVICE
+
+
+# --- the model -------------------------------------------------------------------------------------------------------
+class TPDevice:
+    """`model.dev` of a TensorParallelModel: rank 0's device (argmax and download of the logits) under the group's
+    name; memory_stats() adds the ranks up and reports the largest rank's peak. close() closes the whole model."""
+
+    def __init__(self, devices: list[Device], close: Callable[[], None]):
+        self.devices, self._close = devices, close
+        self.name = f"{devices[0].name} (tensor parallel x{len(devices)})"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.devices[0], name)
+
+    def memory_stats(self) -> dict:
+        per = [d.memory_stats() for d in self.devices]
+        out = {k: sum(s.get(k, 0) for s in per) for k, v in per[0].items() if isinstance(v, (int, float))}
+        out["max_rank_peak_bytes"] = max(int(s.get("peak_bytes", 0)) for s in per)
+        out["ranks"] = len(per)
+        return out
+
+    def close(self) -> None:
+        self._close()
+
+
+class TensorParallelModel:
+    """A model split over n devices (ranks 0..n-1 on GPUs `devices`, default 0..n-1), used like a Model."""
+
+    def __init__(self, source: GGUFFile | str, n: int, n_ctx: int | None = None, progress: bool = False,
+                 backend: str = "cuda", devices: Sequence[int] | None = None):
+        if n < 1:
+            raise KilnError(f"--tensor-parallel must be at least 1, got {n}")
+        self.gguf = gguf_mod.load(source) if isinstance(source, str) else source
+        self.cfg, self.n = self.gguf.config, n
+        self.plan = plan_for(self.gguf, n)  # ShardError (a KilnError) for shapes that do not split n ways
+        files = [ShardedFile(self.gguf, r, self.plan) for r in range(n)]  # every shard first: fail before loading
+        indices = list(range(n)) if devices is None else [int(i) for i in devices]
+        if len(indices) != n or len(set(indices)) != n:
+            raise KilnError(f"tensor parallelism over {n} ranks needs {n} distinct devices, got {indices}")
+        self.models: list[Model | None] = [None] * n
+        self.devices: list[Device | None] = [None] * n
+        self._workers: list[_Worker] = []
+        self._broken: str | None = None
+        self._closed = False
+        if backend == "cuda":
+            self._group: Any = _NcclGroup(indices)
+        elif backend == "numpy":
+            self._group = _HostGroup(n)
+        else:
+            raise KilnError(f"tensor parallelism runs on the cuda backend, not '{backend}'")
+        self._workers = [_Worker(r) for r in range(1, n)]
+
+        def load(r: int) -> None:
+            dev = self.devices[r] = self._group.device(r)
+            self.models[r] = Model(files[r], dev, n_ctx=n_ctx, progress=progress and r == 0,
+                                   all_reduce=self._group.reducer(r, dev))
+
+        try:
+            self._all(load)
+        except BaseException:
+            self.close()
+            raise
+        self.dev = TPDevice(self.devices, self.close)  # type: ignore[arg-type]
+        self.n_ctx = self.models[0].n_ctx
+
+    # --- what generation uses (Model's interface) ---------------------------------------------------------------
+    @property
+    def tokens(self) -> list[int]:
+        model = self.models[0]
+        return model.tokens if model is not None else []
+
+    def prefill(self, ids: Sequence[int], chunk: int = 512) -> Tensor:
+        self._check()
+        ids = list(ids)
+        if not ids:
+            raise ValueError("cannot run an empty prompt")
+        if len(ids) > self.n_ctx:
+            raise ContextOverflow(f"prompt has {len(ids)} tokens but the context holds {self.n_ctx}; "
+                                  "shorten the prompt or raise --ctx")
+        return self._all(lambda r: self.models[r].prefill(ids, chunk))[0]
+
+    def step(self, ids: Sequence[int]) -> Tensor:
+        self._check()
+        ids = list(ids)
+        if len(self.tokens) + len(ids) > self.n_ctx:
+            raise ContextOverflow(f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self.n_ctx} "
+                                  "tokens")
+        return self._all(lambda r: self.models[r].step(ids))[0]
+
+    def reset(self) -> None:
+        for m in self.models:
+            if m is not None:
+                m.reset()
+
+    def close(self) -> None:
+        """Close every rank's model and device on its own thread, then the communicators. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+
+        def shut(r: int) -> None:
+            model, dev = self.models[r], self.devices[r]
+            self.models[r] = self.devices[r] = None
+            if model is not None:
+                model.close()
+            if dev is not None:
+                dev.close()
+
+        for w in self._workers:
+            w.submit(lambda r=w.rank: shut(r))
+        errors = []
+        try:
+            shut(0)
+        except Exception as e:
+            errors.append(e)
+        for w in self._workers:
+            ok, value = w.result()
+            if not ok:
+                errors.append(value)
+            w.stop()
+        self._workers = []
+        group = getattr(self, "_group", None)
+        if group is not None:
+            group.close()
+        if errors:
+            raise errors[0]
+
+    # --- running every rank ---------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            raise KilnError("this tensor-parallel model is closed")
+        if self._broken is not None:
+            raise TensorParallelError(f"this tensor-parallel model failed earlier ({self._broken}); "
+                                      "close it and load it again")
+
+    def _all(self, fn: Callable[[int], Any]) -> list:
+        """fn(rank) on every rank at once (rank 0 here, the others on their threads); the results in rank order."""
+        self._check()
+
+        def guarded(r: int) -> Any:
+            try:
+                return fn(r)
+            except BaseException:
+                self._group.release()
+                raise
+
+        for w in self._workers:
+            w.submit(lambda r=w.rank: guarded(r))
+        results: list = [None] * self.n
+        errors: list[tuple[int, BaseException]] = []
+        try:
+            results[0] = guarded(0)
+        except BaseException as e:
+            errors.append((0, e))
+        for w in self._workers:
+            ok, value = w.result()
+            if ok:
+                results[w.rank] = value
+            else:
+                errors.append((w.rank, value))
+        if errors:
+            # The cause, not the ranks that were only waiting for it (a broken barrier on the CPU).
+            rank, err = next(((r, e) for r, e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+            self._broken = f"rank {rank}: {type(err).__name__}: {err}"
+            self._group.abort()  # every thread has returned: end the collectives still waiting on the GPUs
+            raise err
+        return results
+
+
+def load(source: GGUFFile | str, n: int, backend: str | None = None, device: int | None = None,
+         n_ctx: int | None = None, progress: bool = False) -> TensorParallelModel:
+    """api.load's tensor-parallel path: ranks on GPUs device..device+n-1 of the cuda backend (auto means cuda)."""
+    name = (backend or os.environ.get("KILN_BACKEND") or "auto").lower()
+    if n < 1:
+        raise KilnError(f"--tensor-parallel must be at least 1, got {n}")
+    if name not in (*TP_BACKENDS, "auto"):
+        raise KilnError(f"--tensor-parallel {n} runs on the cuda backend (NCCL between the GPUs of one host), "
+                        f"not on '{name}'; use --backend cuda or drop --tensor-parallel")
+    first = device or 0
+    return TensorParallelModel(source, n, n_ctx=n_ctx, progress=progress, backend="cuda",
+                               devices=range(first, first + n))

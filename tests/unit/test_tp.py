@@ -1,0 +1,145 @@
+"""TensorParallelModel's rank threads on the CPU (NumPy devices, barrier all-reduce): the same greedy tokens and logits
+as one Model, generate/bench-compatible interface, inputs rejected before any rank starts, a failing rank poisons the
+model cleanly, and --tensor-parallel reaches api.load from every command. The NCCL path: tests/models/test_cuda_tp.py.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from kiln import api, bench, cli, gguf
+from kiln.errors import ContextOverflow, KilnError
+from kiln.generate import generate
+from kiln.model import Model
+from kiln.runtime.numpy_backend import NumpyDevice
+from kiln.shard import ShardError
+from kiln.tokenizer import Tokenizer
+from kiln.tp import TensorParallelError, TensorParallelModel, TPDevice
+
+PROMPT = [1, 504, 345, 314, 289, 28, 17, 42, 400, 7]
+N_GREEDY = 12
+
+
+def greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    model.reset()
+    logits = model.prefill(ids)
+    out = []
+    for _ in range(n):
+        out.append(model.dev.argmax(logits))
+        logits = model.step([out[-1]])
+    return out, model.dev.download(logits)[0]
+
+
+@pytest.fixture(scope="module")
+def path(tiny_models) -> str:
+    return tiny_models(Q.Q8_0)
+
+
+@pytest.fixture(scope="module")
+def reference(path):
+    dev = NumpyDevice()
+    model = Model(gguf.load(path), dev, n_ctx=64)
+    try:
+        return greedy(model, PROMPT, N_GREEDY)
+    finally:
+        model.close()
+
+
+@pytest.fixture
+def tp(path):
+    model = TensorParallelModel(path, 2, n_ctx=64, backend="numpy")
+    yield model
+    model.close()
+
+
+def test_greedy_tokens_and_logits_match_one_model(tp, reference):
+    tokens, logits = greedy(tp, PROMPT, N_GREEDY)
+    assert tokens == reference[0]
+    np.testing.assert_allclose(logits, reference[1], rtol=1e-4, atol=1e-4)
+    again, _ = greedy(tp, PROMPT, N_GREEDY)  # reset and reuse: the ranks' caches start over together
+    assert again == tokens
+    assert [len(m.tokens) for m in tp.models] == [len(PROMPT) + N_GREEDY] * 2
+
+
+def test_rank_threads_and_interface(tp, path):
+    assert tp.models[0].cfg.n_heads == tp.cfg.n_heads // 2 and tp.cfg == gguf.load(path).config
+    threads = {t.name for t in threading.enumerate()}
+    assert "kiln-tp-rank1" in threads and "kiln-tp-rank0" not in threads  # rank 0 runs on the caller's thread
+    assert isinstance(tp.dev, TPDevice) and tp.dev.backend == "numpy" and "tensor parallel x2" in tp.dev.name
+    stats = tp.dev.memory_stats()
+    assert stats["ranks"] == 2 and stats["max_rank_peak_bytes"] <= stats["peak_bytes"]
+    tp.tokenizer = Tokenizer.from_gguf_fields(tp.gguf.tokenizer_fields())
+    assert isinstance(generate(tp, tp.tokenizer, PROMPT, max_tokens=5), str)
+    assert tp.n_ctx == 64 and len(tp.tokens) > len(PROMPT)
+
+
+def test_prefix_reuse_is_the_same_on_every_rank(tp, reference):
+    tp.prefill(PROMPT + reference[0][:3])
+    logits = tp.prefill(PROMPT + reference[0][:5])  # reuses the cached prefix, runs only the new tokens
+    assert tp.dev.argmax(logits) == reference[0][5]
+
+
+def test_bad_inputs_leave_the_model_usable(tp, reference):
+    with pytest.raises(ValueError):
+        tp.prefill([])
+    with pytest.raises(ContextOverflow):
+        tp.prefill(list(range(65)))
+    tp.prefill(PROMPT)
+    with pytest.raises(ContextOverflow):
+        tp.step(list(range(60)))
+    assert greedy(tp, PROMPT, 3)[0] == reference[0][:3]
+
+
+def test_a_failing_rank_poisons_the_model(tp):
+    tp.prefill(PROMPT)
+
+    def boom(ids):
+        raise RuntimeError("rank 1 went away")
+
+    tp.models[1].step = boom
+    with pytest.raises(RuntimeError, match="went away"):  # the cause, not rank 0's broken barrier
+        tp.step([5])
+    with pytest.raises(TensorParallelError, match="rank 1"):
+        tp.step([5])
+    tp.close()
+    tp.close()  # idempotent
+    assert not any(t.name.startswith("kiln-tp-rank") for t in threading.enumerate())
+    with pytest.raises(KilnError, match="closed"):
+        tp.step([5])
+
+
+def test_unsplittable_model_fails_before_loading(path):
+    with pytest.raises(ShardError, match="heads"):
+        TensorParallelModel(path, 3, backend="numpy")  # 4 heads
+    with pytest.raises(KilnError, match="at least 1"):
+        TensorParallelModel(path, 0, backend="numpy")
+
+
+def test_api_load_needs_cuda(path, monkeypatch):
+    monkeypatch.delenv("KILN_BACKEND", raising=False)
+    with pytest.raises(KilnError, match="cuda backend"):
+        api.load(path, backend="numpy", tensor_parallel=2)
+    with pytest.raises(KilnError, match="cuda backend"):
+        bench.run_bench(path, "wgpu", tensor_parallel=2)
+    with pytest.raises(KilnError, match="at least 1"):
+        api.load(path, backend="cuda", tensor_parallel=0)
+    model = api.load(path, backend="numpy", tensor_parallel=1)  # 1 is the plain Model
+    assert isinstance(model, Model)
+    model.close()
+
+
+@pytest.mark.parametrize("argv", [["run", "hi"], ["chat"], ["bench"], ["serve"]])
+def test_every_command_takes_tensor_parallel(argv):
+    args = cli.build_parser().parse_args([*argv, "--tensor-parallel", "2"])
+    assert args.tensor_parallel == 2
+    assert cli.build_parser().parse_args(argv).tensor_parallel == 1
+
+
+def test_cli_reports_a_non_cuda_backend_in_one_line(path, capsys):
+    assert cli.main(["run", "hi", "-m", path, "-b", "numpy", "--tensor-parallel", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cuda backend" in err[0]
