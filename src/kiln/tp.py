@@ -94,11 +94,11 @@ class _NcclGroup:
         if missing:
             raise BackendUnavailable(f"--tensor-parallel {len(indices)} needs GPUs {indices[0]}..{indices[-1]} but "
                                      f"this machine has {count} (see `kiln devices`); use fewer ranks")
-        self.nccl, self.indices = nccl, indices
+        self.nccl, self.indices, self._device_class = nccl, indices, _nccl_device_class()
         self.comms = nccl.NcclCommunicator.initAll(list(indices))
 
     def device(self, rank: int) -> Device:  # on the rank's thread
-        return _nccl_device_class()(self.indices[rank], self.comms[rank])
+        return self._device_class(self.indices[rank], self.comms[rank])
 
     def reducer(self, rank: int, dev: Device) -> Callable[[Tensor], None]:
         return dev.all_reduce
@@ -205,6 +205,18 @@ def _nccl_device_class() -> type:
             if self._capture_ptrs is not None:  # the graph uses this buffer: freeing it drops the graph
                 self._capture_ptrs.append(ptr)
             self.comm.allReduce(ptr, ptr, t.size, types[t.dtype], nccl.NCCL_SUM, self.stream.ptr)
+
+        def _capture(self, gkey, plan) -> None:
+            """A step whose capture fails (a driver or NCCL without capture support) runs eagerly from then on:
+            slower, still right, and said once."""
+            try:
+                super()._capture(gkey, plan)
+            except Exception as e:
+                self._eager_keys.add(gkey)
+                if not getattr(self, "_capture_warned", False):
+                    self._capture_warned = True
+                    print(f"kiln: warning: cuda:{self.index}: CUDA graph capture with NCCL failed ({e}); "
+                          "running those steps without graphs", file=sys.stderr)
 
     _NCCL_DEVICE = NcclCudaDevice
     return _NCCL_DEVICE
