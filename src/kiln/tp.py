@@ -9,7 +9,10 @@ the server drive a TensorParallelModel exactly like a Model. Like a Model on a G
 The all-reduce is a device op (`all_reduce` of _nccl_device_class), not a host callback: the cuda backend records it
 like the model's other ops, so a decode step, NCCL calls included, is captured into one CUDA graph per rank (NCCL
 supports stream capture). The fusion pass meets the all-reduce between each row-parallel GEMV and its residual add,
-so that pair stays unfused. KILN_CUDA_GRAPHS=0 runs every step eagerly instead.
+so that pair stays unfused. KILN_CUDA_GRAPHS=0 runs every step eagerly instead, which costs far more here than on one
+GPU: the rank threads hand the GIL back and forth at every launch (2 x H100, random Llama-7B Q8_0: 256 tok/s decode
+with graphs, 19 without; one GPU 197 and 62). Prefill runs eagerly (CuPy refuses cuBLAS calls during a capture), so
+its speed-up is bounded by the same launch overhead (pp512: 10.9k tok/s on 2 GPUs, 9.1k-13.4k on one).
 
 NVLink multicast (NVLS) is switched off before NCCL starts: on the shared hosts kiln is tested on, a program that
 uses it can take the host's GPUs out of service, and two to eight ranks summing one activation row gain nothing by it.
@@ -207,16 +210,18 @@ def _nccl_device_class() -> type:
             self.comm.allReduce(ptr, ptr, t.size, types[t.dtype], nccl.NCCL_SUM, self.stream.ptr)
 
         def _capture(self, gkey, plan) -> None:
-            """A step whose capture fails (a driver or NCCL without capture support) runs eagerly from then on:
-            slower, still right, and said once."""
+            """A decode step whose capture fails (a driver or NCCL without capture support) runs eagerly from then
+            on: right but far slower, so it is said once. Prefill captures fail quietly as on one GPU (replay())."""
             try:
                 super()._capture(gkey, plan)
             except Exception as e:
+                if any(cb._tokens(name, args) != 1 for name, args in plan):
+                    raise
                 self._eager_keys.add(gkey)
                 if not getattr(self, "_capture_warned", False):
                     self._capture_warned = True
-                    print(f"kiln: warning: cuda:{self.index}: CUDA graph capture with NCCL failed ({e}); "
-                          "running those steps without graphs", file=sys.stderr)
+                    print(f"kiln: warning: cuda:{self.index}: capturing a decode step with NCCL in a CUDA graph "
+                          f"failed ({e}); decoding without graphs", file=sys.stderr)
 
     _NCCL_DEVICE = NcclCudaDevice
     return _NCCL_DEVICE
