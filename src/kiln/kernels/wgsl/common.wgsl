@@ -34,3 +34,23 @@ fn byte_of(w: u32, i: u32) -> u32 {
 fn m8(a: vec4<f32>, b: vec4<f32>) -> mat2x4<f32> {
     return mat2x4<f32>(a, b);
 }
+
+// dot(field4(q.x, shift, mask) + off, x0) + ... for the four words of q: 16 packed fields against 16 x values.
+fn fields_dot(q: vec4<u32>, shift: u32, mask: u32, off: f32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>,
+              x3: vec4<f32>) -> f32 {
+    return dot(field4(q.x, shift, mask) + off, x0) + dot(field4(q.y, shift, mask) + off, x1)
+         + dot(field4(q.z, shift, mask) + off, x2) + dot(field4(q.w, shift, mask) + off, x3);
+}
+
+// 16 5-bit values (nibbles of q from bit `shift`, fifth bits from qh bits first..first+15) + off, dotted with x.
+fn fields5_dot(q: vec4<u32>, shift: u32, qh: u32, first: u32, off: f32, x0: vec4<f32>, x1: vec4<f32>,
+               x2: vec4<f32>, x3: vec4<f32>) -> f32 {
+    return dot(field4(q.x, shift, 15u) + bits4(qh, first) * 16.0 + off, x0)
+         + dot(field4(q.y, shift, 15u) + bits4(qh, first + 4u) * 16.0 + off, x1)
+         + dot(field4(q.z, shift, 15u) + bits4(qh, first + 8u) * 16.0 + off, x2)
+         + dot(field4(q.w, shift, 15u) + bits4(qh, first + 12u) * 16.0 + off, x3);
+}
+
+fn xsum(x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> f32 {
+    return dot(x0 + x1 + x2 + x3, vec4<f32>(1.0));
+}

@@ -1,5 +1,5 @@
 // Quantized GEMV: y[t, row0 + r] = dot(W[r, :], x[t, :]) (+ bias), token t = grid y (decode: one token; CPU
-// adapters also use it for prompts, see WgpuDevice.matmul). A workgroup of TPR threads owns RPW rows. Each thread takes units of UNIT weights (unit_dot, from the weight format snippet: whole blocks read as
+// adapters also use it for prompts, see WgpuDevice.matmul). A workgroup of TPR threads owns RPW rows. Each thread takes units of 32 weights (unit_dot, from the weight format snippet: whole blocks read as
 // vec4 loads) and loads its x unit once for all RPW rows; then the threads reduce the RPW partial sums (with
 // subgroup operations where the device has them). Header: TPR (a power of two), RPW.
 
@@ -18,19 +18,16 @@ struct Params {
 
 var<workgroup> partial: array<f32, TPR * RPW>;
 
-const XV: u32 = UNIT / 4u;
-
-// x[t, k .. k + UNIT), zero past K.
-fn x_unit(t: u32, k: u32, K: u32) -> array<vec4<f32>, XV> {
-    var v: array<vec4<f32>, XV>;
+// x[t, k .. k + 32), zero past K. The common case is written out with constant indices: a private array indexed
+// by a loop counter is spilled to local memory wherever the driver does not unroll the loop.
+fn x_unit(t: u32, k: u32, K: u32) -> array<vec4<f32>, 8> {
     let base = t * K + k;
-    if (K % 4u == 0u) {
-        for (var i = 0u; i < XV; i++) {
-            v[i] = select(vec4<f32>(0.0), x[base / 4u + i], k + 4u * i < K);
-        }
-        return v;
+    if (K % 4u == 0u && k + 32u <= K) {
+        let b = base / 4u;
+        return array<vec4<f32>, 8>(x[b], x[b + 1u], x[b + 2u], x[b + 3u], x[b + 4u], x[b + 5u], x[b + 6u], x[b + 7u]);
     }
-    for (var i = 0u; i < XV; i++) {
+    var v: array<vec4<f32>, 8>;
+    for (var i = 0u; i < 8u; i++) {
         for (var c = 0u; c < 4u; c++) {
             let e = base + 4u * i + c;
             v[i][c] = select(0.0, x[e / 4u][e % 4u], k + 4u * i + c < K);

@@ -24,12 +24,12 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     return m8(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
 }
 
-fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
     let k = u * UNIT;
-    var s = 0.0;
-    for (var j = 0u; j < 4u; j++) {
-        let w = load8(row, k + 8u * j, K);
-        s += dot(w[0], xv[2u * j]) + dot(w[1], xv[2u * j + 1u]);
-    }
-    return s;
+    let a = load8(row, k, K);
+    let b = load8(row, k + 8u, K);
+    let c = load8(row, k + 16u, K);
+    let e = load8(row, k + 24u, K);
+    return dot(a[0], xv[0]) + dot(a[1], xv[1]) + dot(b[0], xv[2]) + dot(b[1], xv[3])
+         + dot(c[0], xv[4]) + dot(c[1], xv[5]) + dot(e[0], xv[6]) + dot(e[1], xv[7]);
 }

@@ -14,13 +14,10 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     return m8(field4(q[w], shift, 15u) * dm.x + dm.y, field4(q[w + 1u], shift, 15u) * dm.x + dm.y);
 }
 
-fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
     let b = row * (K / 32u) + u;
     let dm = unpack2x16float(wd[b]);
     let q = wq[b];
-    var s = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        s += dot(field4(q[i], 0u, 15u) * dm.x + dm.y, xv[i]) + dot(field4(q[i], 4u, 15u) * dm.x + dm.y, xv[i + 4u]);
-    }
-    return s;
+    let s = fields_dot(q, 0u, 15u, 0.0, xv[0], xv[1], xv[2], xv[3]) + fields_dot(q, 4u, 15u, 0.0, xv[4], xv[5], xv[6], xv[7]);
+    return dm.x * s + dm.y * (xsum(xv[0], xv[1], xv[2], xv[3]) + xsum(xv[4], xv[5], xv[6], xv[7]));
 }

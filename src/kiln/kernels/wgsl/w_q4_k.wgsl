@@ -3,7 +3,7 @@
 // 2r + 1 in the high). value = (d * sc) * q - dmin * m.
 @group(0) @binding(8) var<storage, read> wq: array<vec4<u32>>;
 
-const UNIT: u32 = 64u;  // sub-blocks 2r and 2r + 1: one header and one 32-byte run of nibbles
+const UNIT: u32 = 32u;  // one sub-block
 
 // Sub-block j's (d * scale, dmin * min). Scales/mins j < 4: low 6 bits of bytes j / j + 4; j >= 4: low/high
 // nibble of byte j + 4 plus the top 2 bits of bytes j - 4 / j.
@@ -25,24 +25,14 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     return m8(field4(q[w % 4u], shift, 15u) * sm.x - sm.y, field4(q[w % 4u + 1u], shift, 15u) * sm.x - sm.y);
 }
 
-fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
-    let base = (row * (K / 256u) + u / 4u) * 9u;
-    let r = u % 4u;
-    let hdr = wq[base];
-    let sm0 = k_scale_min(hdr, 2u * r);
-    let sm1 = k_scale_min(hdr, 2u * r + 1u);
-    let qa = wq[base + 1u + 2u * r];
-    let qb = wq[base + 2u + 2u * r];
-    var s0 = 0.0;
-    var s1 = 0.0;
-    var x0 = vec4<f32>(0.0);
-    var x1 = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        s0 += dot(field4(qa[i], 0u, 15u), xv[i]) + dot(field4(qb[i], 0u, 15u), xv[i + 4u]);
-        s1 += dot(field4(qa[i], 4u, 15u), xv[i + 8u]) + dot(field4(qb[i], 4u, 15u), xv[i + 12u]);
-        x0 += xv[i] + xv[i + 4u];
-        x1 += xv[i + 8u] + xv[i + 12u];
-    }
-    let ones = vec4<f32>(1.0);
-    return sm0.x * s0 - sm0.y * dot(x0, ones) + sm1.x * s1 - sm1.y * dot(x1, ones);
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
+    let base = (row * (K / 256u) + u / 8u) * 9u;
+    let j = u % 8u;
+    let sm = k_scale_min(wq[base], j);
+    let shift = (j % 2u) * 4u;
+    let qa = wq[base + 1u + (j / 2u) * 2u];  // elements 0-15 of the sub-block
+    let qb = wq[base + 2u + (j / 2u) * 2u];  // elements 16-31
+    let s = fields_dot(qa, shift, 15u, 0.0, xv[0], xv[1], xv[2], xv[3])
+          + fields_dot(qb, shift, 15u, 0.0, xv[4], xv[5], xv[6], xv[7]);
+    return sm.x * s - sm.y * (xsum(xv[0], xv[1], xv[2], xv[3]) + xsum(xv[4], xv[5], xv[6], xv[7]));
 }

@@ -28,7 +28,7 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     return m8(q0 * sm.x - sm.y, q1 * sm.x - sm.y);
 }
 
-fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
     let base = (row * (K / 256u) + u / 8u) * 11u;
     let j = u % 8u;
     let sm = k_scale_min(wq[base], j);
@@ -37,12 +37,13 @@ fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
     let hb = wq[base + 2u];
     let qa = wq[base + 3u + (j / 2u) * 2u];
     let qb = wq[base + 4u + (j / 2u) * 2u];
-    var s = 0.0;
-    var xs = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        s += dot(field4(qa[i], shift, 15u) + field4(ha[i], j, 1u) * 16.0, xv[i]);
-        s += dot(field4(qb[i], shift, 15u) + field4(hb[i], j, 1u) * 16.0, xv[i + 4u]);
-        xs += xv[i] + xv[i + 4u];
-    }
-    return sm.x * s - sm.y * dot(xs, vec4<f32>(1.0));
+    let s = dot(field4(qa.x, shift, 15u) + field4(ha.x, j, 1u) * 16.0, xv[0])
+          + dot(field4(qa.y, shift, 15u) + field4(ha.y, j, 1u) * 16.0, xv[1])
+          + dot(field4(qa.z, shift, 15u) + field4(ha.z, j, 1u) * 16.0, xv[2])
+          + dot(field4(qa.w, shift, 15u) + field4(ha.w, j, 1u) * 16.0, xv[3])
+          + dot(field4(qb.x, shift, 15u) + field4(hb.x, j, 1u) * 16.0, xv[4])
+          + dot(field4(qb.y, shift, 15u) + field4(hb.y, j, 1u) * 16.0, xv[5])
+          + dot(field4(qb.z, shift, 15u) + field4(hb.z, j, 1u) * 16.0, xv[6])
+          + dot(field4(qb.w, shift, 15u) + field4(hb.w, j, 1u) * 16.0, xv[7]);
+    return sm.x * s - sm.y * (xsum(xv[0], xv[1], xv[2], xv[3]) + xsum(xv[4], xv[5], xv[6], xv[7]));
 }

@@ -29,7 +29,16 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     return m8(q0 * dl, q1 * dl);
 }
 
-fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
+// 16 6-bit values (low 4 bits: nibbles of l from bit ls; top 2: bits hs of h) - 32, dotted with x.
+fn q6_dot(l: vec4<u32>, ls: u32, h: vec4<u32>, hs: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>,
+          x3: vec4<f32>) -> f32 {
+    return dot(field4(l.x, ls, 15u) + field4(h.x, hs, 3u) * 16.0 - 32.0, x0)
+         + dot(field4(l.y, ls, 15u) + field4(h.y, hs, 3u) * 16.0 - 32.0, x1)
+         + dot(field4(l.z, ls, 15u) + field4(h.z, hs, 3u) * 16.0 - 32.0, x2)
+         + dot(field4(l.w, ls, 15u) + field4(h.w, hs, 3u) * 16.0 - 32.0, x3);
+}
+
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
     let b = row * (K / 256u) + u / 8u;
     let d = half_at(wd[b >> 1u], b & 1u);
     let base = b * 13u;
@@ -38,15 +47,8 @@ fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
     let s = quarter % 4u;
     let la = wq[base + h * 4u + (s % 2u) * 2u];
     let lb = wq[base + h * 4u + (s % 2u) * 2u + 1u];
-    let ha = wq[base + 8u + h * 2u];
-    let hb = wq[base + 9u + h * 2u];
     let scw = wq[base + 12u][quarter / 2u];
-    let lsh = (s / 2u) * 4u;
-    var s0 = 0.0;
-    var s1 = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        s0 += dot(field4(la[i], lsh, 15u) + field4(ha[i], 2u * s, 3u) * 16.0 - 32.0, xv[i]);
-        s1 += dot(field4(lb[i], lsh, 15u) + field4(hb[i], 2u * s, 3u) * 16.0 - 32.0, xv[i + 4u]);
-    }
+    let s0 = q6_dot(la, (s / 2u) * 4u, wq[base + 8u + h * 2u], 2u * s, xv[0], xv[1], xv[2], xv[3]);
+    let s1 = q6_dot(lb, (s / 2u) * 4u, wq[base + 9u + h * 2u], 2u * s, xv[4], xv[5], xv[6], xv[7]);
     return d * (i8_of(scw, 2u * quarter) * s0 + i8_of(scw, 2u * quarter + 1u) * s1);
 }

@@ -13,7 +13,7 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     return m8(i8x4(q[h]) * d, i8x4(q[h + 1u]) * d);
 }
 
-fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, UNIT / 4u>) -> f32 {
+fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
     let b = row * (K / 32u) + u;
     let d = half_at(wd[b >> 1u], b & 1u);
     let q0 = wq[2u * b];
