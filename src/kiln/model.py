@@ -4,6 +4,7 @@ backend ops of runtime/base.py. Shapes in comments: T tokens in the batch, d mod
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,8 @@ from tqdm import tqdm
 from .errors import ContextOverflow
 from .gguf import GGUFFile, ModelConfig
 from .runtime.base import Device, Tensor, Weight
+
+_MODEL_IDS = itertools.count()
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Model:
         """all_reduce(tensor) sums a tensor across tensor-parallel ranks in place; None on a single device."""
         self.cfg, self.dev, self.gguf = gguf.config, dev, gguf
         self.all_reduce = all_reduce
+        self.uid = next(_MODEL_IDS)  # names this model's recorded steps on the device (ids of dead objects recur)
         self.n_ctx = min(n_ctx or 4096, self.cfg.context_length)
         self._load_weights(gguf, progress)
         cache_shape = (self.cfg.n_kv_heads, self.n_ctx, self.cfg.head_dim)
@@ -124,7 +128,7 @@ class Model:
         a = self.acts(T)
         self.dev.write(a.ids, np.asarray(ids, np.int32))
         self.dev.write(a.pos, np.arange(start, start + T, dtype=np.int32))
-        self.dev.replay(("forward", T), lambda: self._forward(a, n_kv=start + T))
+        self.dev.replay((self.uid, "forward", T), lambda: self._forward(a, n_kv=start + T))
         return a.logits
 
     def _forward(self, a: Activations, n_kv: int) -> None:

@@ -20,7 +20,9 @@ one file serves every activation/KV type and shape it is specialised for.
 from __future__ import annotations
 
 import math
+import os
 import struct
+import tempfile
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -167,6 +169,8 @@ class WgpuDevice(Device):
 
     def __init__(self, index: int | None = None):
         super().__init__()
+        # Mesa's EGL prints "XDG_RUNTIME_DIR is invalid" per adapter probe on headless machines; give it a folder.
+        os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
         self.adapters = wgpu.gpu.enumerate_adapters_sync()
         if not self.adapters:
             raise BackendUnavailable(
@@ -230,6 +234,10 @@ class WgpuDevice(Device):
         self._staging = None
         self._encoder = self._pass = None
         self.dispatches = 0  # recorded dispatches, for tests and benchmarks
+        # replay(): the decode step's dispatches (pipeline, bind group, workgroups), recorded once and re-encoded
+        # each token without going through the ops again; dropped whenever a buffer they bind may change.
+        self._steps: dict[Any, list[tuple]] = {}
+        self._recording: list[tuple] | None = None
         # Bound where an optional input (a bias) is absent.
         self._dummy = self._make_weight_buffer(np.zeros(4, np.float32), const=True)
 
@@ -328,12 +336,14 @@ class WgpuDevice(Device):
         entry = self._live.get(key)
         if entry is not None and entry[0] is ref:
             del self._live[key]
+            self._steps.clear()
             if self.device is not None:
                 self.pool.give(entry[1], entry[2])
 
     def free(self, tensor: Tensor) -> None:
         if not self._owns(tensor):
             raise ValueError("free() of a tensor this device does not own (a view, or freed twice)")
+        self._steps.clear()  # a recorded step may bind this buffer, which the pool can now hand out again
         _, buf, size = self._live.pop(id(tensor))
         self.pool.give(buf, size)
         tensor.storage = None
@@ -388,6 +398,7 @@ class WgpuDevice(Device):
             for buf in part.buffers:
                 self._destroy_weight_buffer(buf)
         self._bind_groups.clear()  # they may reference the destroyed buffers
+        self._steps.clear()
         weight.storage = None
         weight.extra.clear()
 
@@ -459,6 +470,28 @@ class WgpuDevice(Device):
             buf.destroy()
         self._uniforms.clear()
         self._bind_groups.clear()
+        self._steps.clear()
+
+    def replay(self, key: Any, step) -> None:
+        """Decode steps (T == 1) are recorded once, then re-encoded from the list: no per-op Python work per token.
+        Valid because every per-token input (ids, positions, KV length) is read from device buffers."""
+        if key[-1] != 1:
+            return step()
+        recorded = self._steps.get(key)
+        if recorded is None:
+            self._recording = []
+            try:
+                step()
+                self._steps[key] = self._recording
+            finally:
+                self._recording = None
+            return
+        cp = self._compute_pass()
+        for pipeline, group, groups in recorded:
+            cp.set_pipeline(pipeline)
+            cp.set_bind_group(0, group)
+            cp.dispatch_workgroups(*groups)
+        self.dispatches += len(recorded)
 
     def _dispatch(self, pipeline, bindings: list, groups: tuple[int, int, int]) -> None:
         """Record one dispatch. bindings: (binding index, buffer, offset, size) for each resource."""
@@ -475,6 +508,8 @@ class WgpuDevice(Device):
         cp.set_bind_group(0, group)
         cp.dispatch_workgroups(*groups)
         self.dispatches += 1
+        if self._recording is not None:
+            self._recording.append((pipeline, group, groups))
 
     @staticmethod
     def _bind(index: int, tensor: Tensor) -> tuple:
@@ -734,6 +769,7 @@ class WgpuDevice(Device):
             self._staging = None
         self._rope_tables.clear()
         self._bind_groups.clear()
+        self._steps.clear()
         self._pipelines.clear()
         self.device.destroy()
         self.device = self.queue = None
