@@ -16,7 +16,7 @@ from .runtime import BACKENDS
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="path to a GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--backend", "-b", choices=(*BACKENDS, "auto"), default=None,
-                   help="compute backend (default: $KILN_BACKEND or auto: cuda, then wgpu, then numpy)")
+                   help="compute backend (default: $KILN_BACKEND or auto: cuda, then a wgpu GPU adapter, then numpy)")
     p.add_argument("--device", type=int, default=None, help="device index within the backend (see `kiln devices`)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(model, 4096))")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
