@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("cupy")
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
+from helpers import cuda_device_or_skip, nmse  # noqa: E402
 
 from kiln import conformance, quant  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
@@ -19,12 +20,7 @@ from kiln.runtime.numpy_backend import NumpyDevice  # noqa: E402
 
 @pytest.fixture(scope="module")
 def dev():
-    try:
-        from kiln.runtime.cuda_backend import CudaDevice
-
-        d = CudaDevice()
-    except (KilnError, ImportError) as e:
-        pytest.skip(f"no CUDA device: {e}")
+    d = cuda_device_or_skip()
     yield d
     d.close()
 
@@ -34,11 +30,6 @@ def ref():
     r = NumpyDevice()
     yield r
     r.close()
-
-
-def nmse(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sum((a - b) ** 2) / max(np.sum(b * b), 1e-30))
 
 
 @pytest.mark.parametrize("case", conformance.cases(quick=True), ids=lambda c: c.id)

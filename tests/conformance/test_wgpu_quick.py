@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from helpers import nmse  # noqa: E402
 
 from kiln import quant
 from kiln.errors import BackendUnavailable
@@ -36,12 +37,6 @@ def dev():
 @pytest.fixture(scope="module")
 def ref():
     return NumpyDevice()
-
-
-def nmse(got: np.ndarray, want: np.ndarray) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert np.isfinite(got).all(), "NaN/Inf in the output"
-    return float(np.sum((got - want) ** 2) / max(np.sum(want**2), 1e-30))
 
 
 def both(dev, ref, array: np.ndarray):

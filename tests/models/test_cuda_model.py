@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("cupy")
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
+from helpers import cuda_device_or_skip, greedy, nmse  # noqa: E402
 
 from kiln import api, gguf, synth  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
@@ -26,29 +27,9 @@ N_GREEDY = 32
 
 @pytest.fixture(scope="module")
 def cuda():
-    try:
-        from kiln.runtime.cuda_backend import CudaDevice
-
-        dev = CudaDevice()
-    except (KilnError, ImportError) as e:
-        pytest.skip(f"no CUDA device: {e}")
+    dev = cuda_device_or_skip()
     yield dev
     dev.close()
-
-
-def nmse(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sum((a - b) ** 2) / np.sum(b * b))
-
-
-def greedy(model: Model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
-    model.reset()
-    logits = model.prefill(ids)
-    out = []
-    for _ in range(n):
-        out.append(model.dev.argmax(logits))
-        logits = model.step([out[-1]])
-    return out, model.dev.download(logits)[0]
 
 
 def _embedded() -> str:

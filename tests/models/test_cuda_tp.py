@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("cupy")
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
+from helpers import nmse  # noqa: E402
 
 from kiln import api, gguf, synth  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
@@ -70,11 +71,6 @@ def greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray, float]
         out.append(model.dev.argmax(logits))
     tps = (n - 1) / (time.perf_counter() - t0)
     return out, model.dev.download(model.step([out[-1]]))[0], tps
-
-
-def nmse(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sum((a - b) ** 2) / np.sum(b * b))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 from gguf.quants import dequantize
+from helpers import nmse
 
 from kiln import gguf
 from kiln.model import Model
@@ -59,10 +60,6 @@ def reference_logits(path: str, ids: list[int]) -> np.ndarray:
         g, u = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
         x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down.weight"].T
     return norm(x, W["output_norm.weight"]) @ W.get("output.weight", W["token_embd.weight"]).T
-
-
-def nmse(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.sum((a - ref) ** 2) / np.sum(ref**2))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

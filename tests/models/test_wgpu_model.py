@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import nmse  # noqa: E402
 
 from kiln import gguf
 from kiln.errors import BackendUnavailable, KilnError
@@ -24,10 +25,6 @@ FALLBACK_IDS = [[504, 3575, 282, 4649, 314], [563, 28431, 30, 94, 2734], [10930,
 STEPS = 32
 LOGITS_NMSE = 1e-4
 NEAR_TIE = 1e-2  # top-two logit margin (reference) under which a different argmax is a tie, not a bug
-
-
-def nmse(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.sum((a.astype(np.float64) - b) ** 2) / np.sum(b.astype(np.float64) ** 2))
 
 
 @pytest.fixture(scope="module")

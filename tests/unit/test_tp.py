@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from helpers import greedy
 
 from kiln import api, bench, cli, gguf
 from kiln.errors import ContextOverflow, KilnError
@@ -22,16 +23,6 @@ from kiln.tp import TensorParallelError, TensorParallelModel, TPDevice
 
 PROMPT = [1, 504, 345, 314, 289, 28, 17, 42, 400, 7]
 N_GREEDY = 12
-
-
-def greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
-    model.reset()
-    logits = model.prefill(ids)
-    out = []
-    for _ in range(n):
-        out.append(model.dev.argmax(logits))
-        logits = model.step([out[-1]])
-    return out, model.dev.download(logits)[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,35 @@
+"""Helpers shared by the test modules (pytest puts tests/ on sys.path through tests/conftest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.errors import KilnError
+
+
+def nmse(got, want) -> float:
+    """Normalised mean squared error in float64; NaN/Inf in the output fails outright."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.isfinite(got).all(), "NaN/Inf in the output"
+    return float(np.sum((got - want) ** 2) / max(np.sum(want**2), 1e-30))
+
+
+def greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """n greedy tokens from a fresh cache (argmax on the device), and the logits after the last one."""
+    model.reset()
+    logits = model.prefill(ids)
+    out = []
+    for _ in range(n):
+        out.append(model.dev.argmax(logits))
+        logits = model.step([out[-1]])
+    return out, model.dev.download(logits)[0]
+
+
+def cuda_device_or_skip():
+    try:
+        from kiln.runtime.cuda_backend import CudaDevice
+
+        return CudaDevice()
+    except (KilnError, ImportError) as e:
+        pytest.skip(f"no CUDA device: {e}")
