@@ -666,7 +666,9 @@ class CudaDevice(Device):
             self._plans[gkey] = plan
         elif seen >= 2:  # a prefill size seen again (chunked prompts, benchmarks): worth a graph
             try:
-                self._capture(gkey, plan)
+                # Not _capture(): a prefill graph fails for reasons of its own (CuPy refuses cuBLAS calls during
+                # capture), which must not switch programmatic dependent launch off for the decode graphs too.
+                self._capture_once(gkey, plan)
             except Exception:
                 self._eager_keys.add(gkey)
 
