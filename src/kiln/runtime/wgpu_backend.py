@@ -435,6 +435,8 @@ class WgpuDevice(Device):
             parts.append((_KERNELS / f"w_{fmt}.wgsl").read_text())
         if kernel == "gemv":
             parts.append((_KERNELS / ("reduce_sg.wgsl" if self.use_subgroups else "reduce_wg.wgsl")).read_text())
+        if kernel.startswith("attn_"):
+            parts.append((_KERNELS / "attn_params.wgsl").read_text())
         parts.append((_KERNELS / f"{kernel}.wgsl").read_text())
         return "\n".join(parts)
 

@@ -1,15 +1,6 @@
 // Flash-decoding, pass 2: merge the splits' partials of one (token, head): out = sum_s acc_s e^(m_s - M) /
 // sum_s l_s e^(m_s - M) with M the largest split max (split 0 always holds key 0, so M is finite).
 
-struct Params {
-    T: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    n_ctx: u32,
-    n_splits: u32,
-    scale: f32,
-}
-
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> partial: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<act>;

@@ -8,15 +8,6 @@
 // Header: HD (head dim, a multiple of 4, at most 4 * WG), NV = HD / 4, G = WG / NV, GQ (query heads per KV
 // head), CHUNK (keys per chunk).
 
-struct Params {
-    T: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    n_ctx: u32,
-    n_splits: u32,
-    scale: f32,
-}
-
 const WG: u32 = 64u;
 const NEG: f32 = -1.0e30;  // finite "minus infinity": exp(NEG - m) is 0 without inf - inf = NaN
 

@@ -3,15 +3,6 @@
 // the same for all threads), and each thread runs an online softmax over the keys at or before its own
 // position, in f32. Header: HD (head dim).
 
-struct Params {
-    T: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    n_ctx: u32,
-    n_splits: u32,
-    scale: f32,
-}
-
 const BQ: u32 = 64u;
 const BK: u32 = 16u;
 const NEG: f32 = -1.0e30;
