@@ -433,6 +433,8 @@ class WgpuDevice(Device):
         parts = ["\n".join(head), (_KERNELS / "common.wgsl").read_text()]
         if fmt is not None:
             parts.append((_KERNELS / f"w_{fmt}.wgsl").read_text())
+            if fmt in ("f32", "f16", "bf16"):
+                parts.append((_KERNELS / "w_float.wgsl").read_text())
         if kernel == "gemv":
             parts.append((_KERNELS / ("reduce_sg.wgsl" if self.use_subgroups else "reduce_wg.wgsl")).read_text())
         if kernel.startswith("attn_"):

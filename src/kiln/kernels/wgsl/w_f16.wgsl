@@ -14,19 +14,9 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
         return m8(vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)),
                   vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)));
     }
-    var v: array<f32, 8>;
-    for (var j = 0u; j < 8u; j++) {
-        v[j] = select(0.0, w_at(i + j), k + j < K);
-    }
-    return m8(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
+    return load8_each(i, k, K);
 }
 
 fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
-    let k = u * UNIT;
-    let a = load8(row, k, K);
-    let b = load8(row, k + 8u, K);
-    let c = load8(row, k + 16u, K);
-    let e = load8(row, k + 24u, K);
-    return dot(a[0], xv[0]) + dot(a[1], xv[1]) + dot(b[0], xv[2]) + dot(b[1], xv[3])
-         + dot(c[0], xv[4]) + dot(c[1], xv[5]) + dot(e[0], xv[6]) + dot(e[1], xv[7]);
+    return unit_dot_by8(row, u * UNIT, K, xv);
 }
