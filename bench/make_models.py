@@ -29,34 +29,6 @@ MODELS = {
 }
 
 
-def _consistent_merges(fields: list) -> list:
-    """Drop the BPE merges that reach past a vocabulary cut to the model's size (TinyLlama/Llama keep 32000 of
-    SmolLM2's 49152 tokens): tokenizers rejects a merge whose parts or result are not tokens."""
-    tokens = next(v for k, v, _ in fields if k == "tokenizer.ggml.tokens")
-    vocab = set(tokens)
-
-    def ok(merge: str) -> bool:
-        a, _, b = merge.partition(" ")
-        return a in vocab and b in vocab and a + b in vocab
-
-    return [(k, [m for m in v if ok(m)] if k == "tokenizer.ggml.merges" else v, t) for k, v, t in fields]
-
-
-def _choose_tokenizer() -> None:
-    """The embedded SmolLM2's tokenizer (cut to each model's vocabulary) when it is installed, else a byte-level one.
-    llama.cpp loads the first kind."""
-    try:
-        from kiln.api import default_model_path
-
-        if os.path.exists(default_model_path()):
-            full = synth._tokenizer_fields
-            synth._tokenizer_fields = lambda vocab_size: _consistent_merges(full(vocab_size))
-            return
-    except Exception:
-        pass
-    synth._tokenizer_fields = synth._byte_tokenizer_fields
-
-
 def write(out_dir: str, name: str) -> str:
     shape, qtype, tied = MODELS[name]
     path = os.path.join(out_dir, f"{name}.gguf")
@@ -75,7 +47,6 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=sorted(MODELS), help="models to write (default: all)")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
-    _choose_tokenizer()
     for name in args.only or MODELS:
         t0 = time.perf_counter()
         path = write(args.out_dir, name)

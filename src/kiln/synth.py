@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from tqdm import tqdm
 
 from . import quant
+from .errors import KilnError
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ SHAPES = {
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def _file_type(qtype: GGMLQuantizationType) -> LlamaFileType:
+    """general.file_type is llama.cpp's file-type enum, not the tensor type id (Q8_0 is 7 there, 8 here)."""
+    names = {"F32": "ALL_F32", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M"}
+    return LlamaFileType[names.get(qtype.name, f"MOSTLY_{qtype.name}")]
 
 
 def _byte_chars() -> list[str]:
@@ -71,24 +78,42 @@ def _byte_tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValue
             ("tokenizer.chat_template", CHATML, GGUFValueType.STRING)]
 
 
-def _tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType | None]]:
-    """SmolLM2's tokenizer keys, the vocab cut or padded to vocab_size (padding tokens are never produced);
-    below 1024 tokens, a byte-level vocabulary instead."""
+def _embedded_path() -> str | None:
     from .api import default_model_path
 
-    if vocab_size < 1024:
-        return _byte_tokenizer_fields(vocab_size)
-    reader = GGUFReader(default_model_path())
+    try:
+        path = default_model_path()
+    except KilnError:
+        return None
+    return path if os.path.exists(path) else None
+
+
+def _consistent_merges(merges: list[str], vocab: set[str]) -> list[str]:
+    """The merges whose parts and result survive a vocabulary cut: tokenizers rejects any other."""
     out = []
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        value = field.contents()
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-            pad = [f"<pad_{i}>" if key.endswith("tokens") else 1 for i in range(max(0, vocab_size - len(value)))]
-            value = list(value[:vocab_size]) + pad
-        out.append((key, value, field.types[0] if field.types else None))
+    for merge in merges:
+        a, _, b = merge.partition(" ")
+        if a in vocab and b in vocab and a + b in vocab:
+            out.append(merge)
     return out
+
+
+def _tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType | None]]:
+    """SmolLM2's tokenizer keys, the vocab cut or padded to vocab_size (padding tokens are never produced);
+    below 1024 tokens, or where the embedded model is not installed, a byte-level vocabulary instead."""
+    embedded = _embedded_path() if vocab_size >= 1024 else None
+    if embedded is None:
+        return _byte_tokenizer_fields(vocab_size)
+    fields = {key: (field.contents(), field.types[0] if field.types else None)
+              for key, field in GGUFReader(embedded).fields.items() if key.startswith("tokenizer.")}
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        if key in fields:
+            value, vtype = fields[key]
+            pad = [f"<pad_{i}>" if key.endswith("tokens") else 1 for i in range(max(0, vocab_size - len(value)))]
+            fields[key] = (list(value[:vocab_size]) + pad, vtype)
+    merges, vtype = fields["tokenizer.ggml.merges"]
+    fields["tokenizer.ggml.merges"] = (_consistent_merges(merges, set(fields["tokenizer.ggml.tokens"][0])), vtype)
+    return [(key, value, vtype) for key, (value, vtype) in fields.items()]
 
 
 def write_model(path: str, shape: Shape, qtype: GGMLQuantizationType, arch: str = "llama", seed: int = 0,
@@ -101,7 +126,7 @@ def write_model(path: str, shape: Shape, qtype: GGMLQuantizationType, arch: str 
     u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
     meta = {
         "general.name": (f"random {arch} {shape.n_layers}x{shape.d_model} {qtype.name}", GGUFValueType.STRING),
-        "general.file_type": (int(qtype), u32),
+        "general.file_type": (int(_file_type(qtype)), u32),
         f"{arch}.block_count": (shape.n_layers, u32),
         f"{arch}.context_length": (shape.context_length, u32),
         f"{arch}.embedding_length": (shape.d_model, u32),
