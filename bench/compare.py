@@ -29,19 +29,33 @@ def _shape(model: str) -> str:
 
 
 def table(kiln: list[dict], peers: list[dict]) -> str:
-    lines = [f"{'model':<26} {'test':<6} {'kiln tok/s':>11} {'GB/s':>6}  " + "  ".join(
-        f"{name + ' tok/s':>18} {'ratio':>6}" for name in ("llama.cpp", "transformers"))]
+    lines = [
+        f"{'model':<26} {'test':<6} {'kiln tok/s':>11} {'GB/s':>6}  "
+        + "  ".join(f"{name + ' tok/s':>18} {'ratio':>6}" for name in ("llama.cpp", "transformers"))
+    ]
     for r in kiln:
-        for test, key, n in (("pp", "prefill_tok_s", r.get("prompt_tokens")), ("tg", "decode_tok_s",
-                                                                               r.get("generated_tokens"))):
+        for test, key, n in (
+            ("pp", "prefill_tok_s", r.get("prompt_tokens")),
+            ("tg", "decode_tok_s", r.get("generated_tokens")),
+        ):
             if not n:
                 continue
             gbs = f"{r.get('decode_gb_s', 0):.0f}" if test == "tg" else "-"
             cells = [f"{r['model'].removesuffix('.gguf'):<26} {test + str(n):<6} {r[key]:>11.1f} {gbs:>6}"]
             for name in ("llama.cpp", "transformers"):
-                match = [p for p in peers if p.get("peer") == name and key in p and (
-                    p["model"] == r["model"] or (name == "transformers" and
-                                                 p["model"].split(" ")[0] == _shape(r["model"].removesuffix(".gguf"))))]
+                match = [
+                    p
+                    for p in peers
+                    if p.get("peer") == name
+                    and key in p
+                    and (
+                        p["model"] == r["model"]
+                        or (
+                            name == "transformers"
+                            and p["model"].split(" ")[0] == _shape(r["model"].removesuffix(".gguf"))
+                        )
+                    )
+                ]
                 if match:
                     v = match[0][key]
                     cells.append(f"{v:>18.1f} {r[key] / v:>5.2f}x")
@@ -66,8 +80,9 @@ def main() -> None:
             with open(p) as fh:
                 extra[p.rsplit("/", 1)[-1].removesuffix(".json")] = json.load(fh)
         with open(args.out, "w") as fh:
-            json.dump({"device": kiln[0]["device"] if kiln else None, "kiln": kiln, "peers": peers, **extra}, fh,
-                      indent=1)
+            json.dump(
+                {"device": kiln[0]["device"] if kiln else None, "kiln": kiln, "peers": peers, **extra}, fh, indent=1
+            )
 
 
 if __name__ == "__main__":

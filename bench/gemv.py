@@ -75,8 +75,16 @@ def gemv_bandwidth(dev, fmt: str, N: int, K: int, l2_bytes: int, pdl: bool = Fal
             dev.free_weight(w)
         dev.free(x)
         dev.free(out)
-    return {"format": fmt, "pdl": pdl, "N": N, "K": K, "bytes": raw.nbytes, "us": t * 1e6, "gb_s": raw.nbytes / t / 1e9,
-            "max_rel_err": err}
+    return {
+        "format": fmt,
+        "pdl": pdl,
+        "N": N,
+        "K": K,
+        "bytes": raw.nbytes,
+        "us": t * 1e6,
+        "gb_s": raw.nbytes / t / 1e9,
+        "max_rel_err": err,
+    }
 
 
 def main() -> None:
@@ -90,8 +98,10 @@ def main() -> None:
     dev = get_device("cuda")
     l2 = cupy.cuda.runtime.getDeviceProperties(dev.index)["l2CacheSize"]
     ceiling = copy_bandwidth(dev)
-    print(f"{dev.name}: device-to-device copy {ceiling:.0f} GB/s (read + write), L2 {l2 >> 20} MiB, "
-          f"PDL {'on' if args.pdl and dev.pdl_enabled else 'off'}")
+    print(
+        f"{dev.name}: device-to-device copy {ceiling:.0f} GB/s (read + write), L2 {l2 >> 20} MiB, "
+        f"PDL {'on' if args.pdl and dev.pdl_enabled else 'off'}"
+    )
     rows = []
     print(f"{'format':<6} {'N':>6} {'K':>6} {'MiB':>7} {'us':>8} {'GB/s':>7} {'% copy':>7} {'err':>8}")
     for fmt in args.formats:
@@ -99,8 +109,11 @@ def main() -> None:
             r = gemv_bandwidth(dev, fmt, N, K, l2, args.pdl and dev.pdl_enabled)
             r["pct_of_copy"] = 100 * r["gb_s"] / ceiling
             rows.append(r)
-            print(f"{fmt:<6} {N:>6} {K:>6} {r['bytes'] / 2**20:>7.1f} {r['us']:>8.1f} {r['gb_s']:>7.0f} "
-                  f"{r['pct_of_copy']:>6.0f}% {r['max_rel_err']:>8.1e}", flush=True)
+            print(
+                f"{fmt:<6} {N:>6} {K:>6} {r['bytes'] / 2**20:>7.1f} {r['us']:>8.1f} {r['gb_s']:>7.0f} "
+                f"{r['pct_of_copy']:>6.0f}% {r['max_rel_err']:>8.1e}",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": dev.name, "copy_gb_s": ceiling, "l2_bytes": l2, "gemv": rows}, fh, indent=1)

@@ -22,25 +22,52 @@ from urllib.parse import urlparse
 import httpx
 
 QUESTIONS = [
-    "What is 2+2?", "Name a color.", "Say hello.", "What is the capital of France?", "Name a fruit.",
-    "Count to three.", "What is water made of?", "Name a planet.",
+    "What is 2+2?",
+    "Name a color.",
+    "Say hello.",
+    "What is the capital of France?",
+    "Name a fruit.",
+    "Count to three.",
+    "What is water made of?",
+    "Name a planet.",
 ]
 PROMPTS = [
-    "The capital of France is", "One, two, three,", "The sky is", "Water boils at", "My favourite fruit is",
-    "The first planet from the sun is", "Once upon a time", "Python is a",
+    "The capital of France is",
+    "One, two, three,",
+    "The sky is",
+    "Water boils at",
+    "My favourite fruit is",
+    "The first planet from the sun is",
+    "Once upon a time",
+    "Python is a",
 ]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     """`kiln serve --port 0` in a subprocess; the URL comes from the line it prints once listening."""
-    cmd = [sys.executable, "-m", "kiln", "serve", "--host", "127.0.0.1", "--port", "0", "--ctx", str(args.ctx),
-           "--max-concurrency", str(args.clients), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kiln",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--ctx",
+        str(args.ctx),
+        "--max-concurrency",
+        str(args.clients),
+        "--log-level",
+        "warning",
+    ]
     cmd += ["--backend", args.backend] if args.backend else []
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--api-key", args.api_key] if args.api_key else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -54,8 +81,13 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 
 def body(args, i: int) -> dict:
-    common = {"model": "default", "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
-              "stream_options": {"include_usage": True}}
+    common = {
+        "model": "default",
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if args.endpoint == "chat":
         return {**common, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]}
     return {**common, "prompt": PROMPTS[i % len(PROMPTS)]}
@@ -65,8 +97,15 @@ async def one(client: httpx.AsyncClient, args, i: int) -> dict:
     """One streamed request; returns its text, timings, ids seen and status."""
     path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
     t0 = time.perf_counter()
-    rec = {"prompt": i % len(QUESTIONS if args.endpoint == "chat" else PROMPTS), "status": None, "ttft": None,
-           "text": "", "ids": set(), "tokens": 0, "done": False}
+    rec = {
+        "prompt": i % len(QUESTIONS if args.endpoint == "chat" else PROMPTS),
+        "status": None,
+        "ttft": None,
+        "text": "",
+        "ids": set(),
+        "tokens": 0,
+        "done": False,
+    }
     async with client.stream("POST", path, json=body(args, i)) as r:
         rec["status"] = r.status_code
         if r.status_code != 200:
@@ -129,13 +168,24 @@ async def run(args, url: str) -> dict:
         return round(xs[min(len(xs) - 1, int(p / 100 * len(xs)))], 3) if xs else None
 
     return {
-        "url": url, "endpoint": args.endpoint, "clients": args.clients, "requests_per_client": args.requests,
-        "max_tokens": args.max_tokens, "expected": expected, "completed": len(ok),
+        "url": url,
+        "endpoint": args.endpoint,
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "max_tokens": args.max_tokens,
+        "expected": expected,
+        "completed": len(ok),
         "status_5xx": sum(1 for r in recs if r["status"] and r["status"] >= 500),
         "errors": [r.get("error") or r["status"] for r in recs if r not in ok][:10] + crashed[:10],
-        "timed_out": len(pending), "mismatched_streams": len(mixed), "wall_s": round(wall, 2),
-        "requests_per_s": round(len(ok) / wall, 3), "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
-        "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "latency_p50_s": pct(lat, 50),
+        "timed_out": len(pending),
+        "mismatched_streams": len(mixed),
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(len(ok) / wall, 3),
+        "generated_tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 2),
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "latency_p50_s": pct(lat, 50),
         "latency_p99_s": pct(lat, 99),
         "server_metrics": {k: float(v) for k, v in re.findall(r"^(kiln_\w+) (\S+)$", metrics, re.M)},
     }
@@ -175,8 +225,12 @@ def main() -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
-    good = (res["completed"] == res["expected"] and not res["mismatched_streams"] and not res["status_5xx"]
-            and not res["timed_out"])
+    good = (
+        res["completed"] == res["expected"]
+        and not res["mismatched_streams"]
+        and not res["status_5xx"]
+        and not res["timed_out"]
+    )
     print("PASS" if good else "FAIL", file=sys.stderr)
     return 0 if good else 1
 

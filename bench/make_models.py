@@ -35,8 +35,9 @@ def write(out_dir: str, name: str) -> str:
     if os.path.exists(path):
         return path
     embed = Q.Q8_0 if tied else qtype  # SmolLM2's GGUF keeps its tied embedding in Q8_0
-    synth.write_model(path + ".part", synth.SHAPES[shape], qtype, embed_type=embed, tied=tied,
-                      progress=sys.stderr.isatty())
+    synth.write_model(
+        path + ".part", synth.SHAPES[shape], qtype, embed_type=embed, tied=tied, progress=sys.stderr.isatty()
+    )
     os.replace(path + ".part", path)
     return path
 

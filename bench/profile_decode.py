@@ -56,7 +56,7 @@ def main() -> None:
     logits = m.prefill(ids)
     for _ in range(3):
         logits = m.step([dev.argmax(logits)])
-    (gkey, graph), = [(k, g) for k, g in dev._graphs.items() if k[0] == ("forward", 1)]
+    ((gkey, graph),) = [(k, g) for k, g in dev._graphs.items() if k[0] == ("forward", 1)]
     plan = dev._plans[gkey]
     # whole step: GPU time of the graph, and wall time of step + argmax from Python
     with dev.stream:
@@ -76,8 +76,10 @@ def main() -> None:
     print(f"{'op':<14} {'count':>5} {'total us':>9} {'share':>6}")
     for name, (n, t) in sorted(per_op.items(), key=lambda kv: -kv[1][1]):
         print(f"{name:<14} {n:>5} {t * 1e6:>9.1f} {100 * t / total:>5.0f}%")
-    print(f"sum of kernels alone {total * 1e6:.0f} us; whole graph on the GPU {gpu * 1e6:.0f} us; "
-          f"step + argmax from Python {wall * 1e6:.0f} us ({1 / wall:.0f} tok/s)")
+    print(
+        f"sum of kernels alone {total * 1e6:.0f} us; whole graph on the GPU {gpu * 1e6:.0f} us; "
+        f"step + argmax from Python {wall * 1e6:.0f} us ({1 / wall:.0f} tok/s)"
+    )
     m.close()
     dev.close()
 

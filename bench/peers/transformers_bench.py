@@ -26,9 +26,16 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     s = SHAPES[args.shape]
-    cfg = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.d_model, intermediate_size=s.d_ff,
-                      num_hidden_layers=s.n_layers, num_attention_heads=s.n_heads, num_key_value_heads=s.n_kv_heads,
-                      max_position_embeddings=max(s.context_length, args.p + args.n), rope_theta=s.rope_theta)
+    cfg = LlamaConfig(
+        vocab_size=s.vocab_size,
+        hidden_size=s.d_model,
+        intermediate_size=s.d_ff,
+        num_hidden_layers=s.n_layers,
+        num_attention_heads=s.n_heads,
+        num_key_value_heads=s.n_kv_heads,
+        max_position_embeddings=max(s.context_length, args.p + args.n),
+        rope_theta=s.rope_theta,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).half().eval()
@@ -54,10 +61,17 @@ def main() -> None:
     pp = [prefill() for _ in range(args.r)]
     tg = [decode() for _ in range(args.r)]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    res = {"peer": "transformers", "model": f"{args.shape} (random fp16)", "torch": torch.__version__,
-           "device": torch.cuda.get_device_name(), "prompt_tokens": args.p, "generated_tokens": args.n,
-           "prefill_tok_s": statistics.fmean(pp), "decode_tok_s": statistics.fmean(tg),
-           "decode_gb_s": weight_bytes * statistics.fmean(tg) / 1e9}
+    res = {
+        "peer": "transformers",
+        "model": f"{args.shape} (random fp16)",
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+        "prompt_tokens": args.p,
+        "generated_tokens": args.n,
+        "prefill_tok_s": statistics.fmean(pp),
+        "decode_tok_s": statistics.fmean(tg),
+        "decode_gb_s": weight_bytes * statistics.fmean(tg) / 1e9,
+    }
     import transformers
 
     res["transformers"] = transformers.__version__

@@ -7,5 +7,14 @@ from .sample import make_logits_processors, make_sampler
 
 __version__ = "0.1.0"
 
-__all__ = ["KilnError", "apply_chat_template", "default_model_path", "generate", "generate_step", "load",
-           "make_logits_processors", "make_sampler", "stream_generate"]
+__all__ = [
+    "KilnError",
+    "apply_chat_template",
+    "default_model_path",
+    "generate",
+    "generate_step",
+    "load",
+    "make_logits_processors",
+    "make_sampler",
+    "stream_generate",
+]

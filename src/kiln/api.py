@@ -25,8 +25,15 @@ def default_model_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], EMBEDDED_FILE)
 
 
-def load(path: str | None = None, backend: str | None = None, device: int | None = None, n_ctx: int | None = None,
-         progress: bool = False, quiet: bool = True, tensor_parallel: int = 1) -> Model:
+def load(
+    path: str | None = None,
+    backend: str | None = None,
+    device: int | None = None,
+    n_ctx: int | None = None,
+    progress: bool = False,
+    quiet: bool = True,
+    tensor_parallel: int = 1,
+) -> Model:
     """Load a GGUF (default: the embedded SmolLM2) onto a backend. The model carries its tokenizer and template.
     tensor_parallel > 1 splits it over that many GPUs from `device` on (cuda only): a tp.TensorParallelModel."""
     t0 = time.perf_counter()
@@ -49,5 +56,10 @@ def apply_chat_template(model: Model, messages: list[dict], add_generation_promp
     if not template:
         raise KilnError("this model has no chat template (tokenizer.chat_template); use --no-chat-template")
     tok = model.tokenizer
-    return chat.render(template, messages, add_generation_prompt, bos_token=tok.token_text(tok.bos_id),
-                       eos_token=tok.token_text(tok.eos_id))
+    return chat.render(
+        template,
+        messages,
+        add_generation_prompt,
+        bos_token=tok.token_text(tok.bos_id),
+        eos_token=tok.token_text(tok.eos_id),
+    )

@@ -22,8 +22,18 @@ import numpy as np
 
 from . import __version__, api, gguf
 
-FIELDS = ("model", "weight_type", "backend", "device", "prompt_tokens", "prefill_tok_s", "generated_tokens",
-          "decode_tok_s", "decode_gb_s", "peak_memory_bytes")
+FIELDS = (
+    "model",
+    "weight_type",
+    "backend",
+    "device",
+    "prompt_tokens",
+    "prefill_tok_s",
+    "generated_tokens",
+    "decode_tok_s",
+    "decode_gb_s",
+    "peak_memory_bytes",
+)
 
 
 def decode_weight_bytes(f: gguf.GGUFFile) -> int:
@@ -78,15 +88,30 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def run_bench(path: str | None, backend: str | None = None, device: int | None = None, prompt_tokens: int = 512,
-              gen_tokens: int = 128, repetitions: int = 3, seed: int = 0, progress: bool = False,
-              tensor_parallel: int = 1) -> dict:
+def run_bench(
+    path: str | None,
+    backend: str | None = None,
+    device: int | None = None,
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    repetitions: int = 3,
+    seed: int = 0,
+    progress: bool = False,
+    tensor_parallel: int = 1,
+) -> dict:
     """Load the model once, warm up, then time prefill and decode `repetitions` times each. Returns the result.
     With tensor_parallel > 1, GB/s is the weights read by all GPUs together per second."""
     f = gguf.load(path or api.default_model_path())
     n_ctx = max(prompt_tokens, gen_tokens, 1) + 1
-    model = api.load(f.path, backend=backend, device=device, n_ctx=n_ctx, progress=progress, quiet=True,
-                     tensor_parallel=tensor_parallel)
+    model = api.load(
+        f.path,
+        backend=backend,
+        device=device,
+        n_ctx=n_ctx,
+        progress=progress,
+        quiet=True,
+        tensor_parallel=tensor_parallel,
+    )
     try:
         cfg, dev = model.cfg, model.dev
         ids = _prompt(cfg.vocab_size, max(prompt_tokens, 1), seed)
@@ -102,15 +127,28 @@ def run_bench(path: str | None, backend: str | None = None, device: int | None =
         per_token = decode_weight_bytes(f)
         stats = dev.memory_stats()
         return {
-            "kiln_version": __version__, "model": os.path.basename(f.path), "model_name": cfg.name,
-            "file_bytes": f.file_size, "weight_type": weight_type(f), "backend": dev.backend, "device": dev.name,
-            "tensor_parallel": tensor_parallel, "prompt_tokens": prompt_tokens, "generated_tokens": gen_tokens,
+            "kiln_version": __version__,
+            "model": os.path.basename(f.path),
+            "model_name": cfg.name,
+            "file_bytes": f.file_size,
+            "weight_type": weight_type(f),
+            "backend": dev.backend,
+            "device": dev.name,
+            "tensor_parallel": tensor_parallel,
+            "prompt_tokens": prompt_tokens,
+            "generated_tokens": gen_tokens,
             "repetitions": repetitions,
-            "prefill_tok_s": pp, "prefill_tok_s_sd": pp_sd, "decode_tok_s": tg, "decode_tok_s_sd": tg_sd,
-            "decode_weight_bytes_per_token": per_token, "decode_gb_s": per_token * tg / 1e9,
-            "peak_memory_bytes": _peak_bytes(stats), "load_seconds": round(model.load_seconds, 3),
+            "prefill_tok_s": pp,
+            "prefill_tok_s_sd": pp_sd,
+            "decode_tok_s": tg,
+            "decode_tok_s_sd": tg_sd,
+            "decode_weight_bytes_per_token": per_token,
+            "decode_gb_s": per_token * tg / 1e9,
+            "peak_memory_bytes": _peak_bytes(stats),
+            "load_seconds": round(model.load_seconds, 3),
             "memory_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float))},
-            "prefill_runs": prefill, "decode_runs": decode,
+            "prefill_runs": prefill,
+            "decode_runs": decode,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
     finally:
@@ -125,19 +163,42 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         common = [r["model"], r["weight_type"], f"{r['file_bytes'] / 2**20:.0f} MiB", r["device"]]
         if r["prompt_tokens"]:
-            rows.append(common + [f"pp{r['prompt_tokens']}", f"{r['prefill_tok_s']:.1f} ± {r['prefill_tok_s_sd']:.1f}",
-                                  "", f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"])
+            rows.append(
+                common
+                + [
+                    f"pp{r['prompt_tokens']}",
+                    f"{r['prefill_tok_s']:.1f} ± {r['prefill_tok_s_sd']:.1f}",
+                    "",
+                    f"{r['peak_memory_bytes'] / 2**20:.0f} MiB",
+                ]
+            )
         if r["generated_tokens"]:
-            rows.append(common + [f"tg{r['generated_tokens']}", f"{r['decode_tok_s']:.1f} ± {r['decode_tok_s_sd']:.1f}",
-                                  f"{r['decode_gb_s']:.1f}", f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"])
+            rows.append(
+                common
+                + [
+                    f"tg{r['generated_tokens']}",
+                    f"{r['decode_tok_s']:.1f} ± {r['decode_tok_s_sd']:.1f}",
+                    f"{r['decode_gb_s']:.1f}",
+                    f"{r['peak_memory_bytes'] / 2**20:.0f} MiB",
+                ]
+            )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
 def cmd_bench(args) -> int:
-    res = run_bench(args.model, args.backend, args.device, args.prompt_tokens, args.gen_tokens, args.repetitions,
-                    seed=args.seed, progress=sys.stderr.isatty(), tensor_parallel=args.tensor_parallel)
+    res = run_bench(
+        args.model,
+        args.backend,
+        args.device,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.repetitions,
+        seed=args.seed,
+        progress=sys.stderr.isatty(),
+        tensor_parallel=args.tensor_parallel,
+    )
     print(format_table([res]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -150,13 +211,21 @@ def cmd_bench(args) -> int:
 def register_cli(sub) -> None:
     from .runtime import BACKENDS
 
-    p = sub.add_parser("bench", help="measure prefill and decode speed (tokens/s, GB/s) like llama-bench",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "bench",
+        help="measure prefill and decode speed (tokens/s, GB/s) like llama-bench",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", "-m", help="path to a GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--backend", "-b", choices=(*BACKENDS, "auto"), default=None, help="compute backend")
     p.add_argument("--device", type=int, default=None, help="device index within the backend")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the model over N GPUs (cuda, NCCL); ranks on devices --device.. --device+N-1")
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N GPUs (cuda, NCCL); ranks on devices --device.. --device+N-1",
+    )
     p.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt tokens to prefill (0: skip)")
     p.add_argument("-n", "--gen-tokens", type=int, default=128, help="tokens to decode (0: skip)")
     p.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs of each test")

@@ -16,8 +16,9 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
-def render(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",
-           eos_token: str = "") -> str:
+def render(
+    template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "", eos_token: str = ""
+) -> str:
     """Render messages with the model's template, as HF transformers' apply_chat_template does."""
     for m in messages:
         if m.get("role") not in ROLES:
@@ -28,7 +29,8 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool = Tr
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=bos_token, eos_token=eos_token)
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token
+        )
     except TemplateError as e:
         raise KilnError(f"chat template failed: {e}") from None

@@ -15,12 +15,22 @@ from .runtime import BACKENDS
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="path to a GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--backend", "-b", choices=(*BACKENDS, "auto"), default=None,
-                   help="compute backend (default: $KILN_BACKEND or auto: cuda, then a wgpu GPU adapter, then numpy)")
+    p.add_argument(
+        "--backend",
+        "-b",
+        choices=(*BACKENDS, "auto"),
+        default=None,
+        help="compute backend (default: $KILN_BACKEND or auto: cuda, then a wgpu GPU adapter, then numpy)",
+    )
     p.add_argument("--device", type=int, default=None, help="device index within the backend (see `kiln devices`)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(model, 4096))")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the model over N GPUs of this host (cuda backend, NCCL; default 1)")
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N GPUs of this host (cuda backend, NCCL; default 1)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -80,8 +90,15 @@ def _sampling(args):
 
 
 def _load(args):
-    model = api.load(args.model, backend=args.backend, device=args.device, n_ctx=args.ctx,
-                     progress=sys.stderr.isatty() or args.verbose, quiet=False, tensor_parallel=args.tensor_parallel)
+    model = api.load(
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        n_ctx=args.ctx,
+        progress=sys.stderr.isatty() or args.verbose,
+        quiet=False,
+        tensor_parallel=args.tensor_parallel,
+    )
     if args.verbose:
         print(f"[loaded {model.cfg.name} on {model.dev.name} in {model.load_seconds:.2f} s]", file=sys.stderr)
     return model
@@ -92,8 +109,9 @@ def _stream(model, prompt, args) -> tuple[str, object]:
 
     sampler, procs = _sampling(args)
     text, last = [], None
-    for chunk in stream_generate(model, model.tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
-                                 logits_processors=procs):
+    for chunk in stream_generate(
+        model, model.tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler, logits_processors=procs
+    ):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         text.append(chunk.text)
@@ -103,9 +121,11 @@ def _stream(model, prompt, args) -> tuple[str, object]:
 
 def _report(last, args) -> None:
     if args.verbose and last is not None:
-        print(f"\n[prompt {last.prompt_tokens} tok at {last.prompt_tps:.1f} tok/s, generated "
-              f"{last.generation_tokens} tok at {last.generation_tps:.1f} tok/s, finish: {last.finish_reason}]",
-              file=sys.stderr)
+        print(
+            f"\n[prompt {last.prompt_tokens} tok at {last.prompt_tps:.1f} tok/s, generated "
+            f"{last.generation_tokens} tok at {last.generation_tps:.1f} tok/s, finish: {last.finish_reason}]",
+            file=sys.stderr,
+        )
 
 
 def _messages(system: str | None, history: list[dict]) -> list[dict]:
@@ -170,15 +190,26 @@ def cmd_info(args) -> int:
     n_params = sum(math.prod(t.shape) for t in f.tensors.values())
     tok = Tokenizer.from_gguf_fields(f.tokenizer_fields())
     rows = [
-        ("file", f"{path} ({f.file_size / 1e6:.1f} MB)"), ("name", c.name), ("architecture", c.arch),
-        ("parameters", f"{n_params / 1e6:.1f} M"), ("layers", c.n_layers), ("d_model", c.d_model),
-        ("heads", f"{c.n_heads} query, {c.n_kv_heads} kv, head dim {c.head_dim}"), ("ffn", c.d_ff),
-        ("vocab", c.vocab_size), ("context", c.context_length),
-        ("rope", f"theta {c.rope_theta:g}, {'neox' if c.rope_neox else 'normal'}"), ("rms eps", f"{c.norm_eps:g}"),
-        ("tied embeddings", c.tied_embeddings), ("qkv bias", c.qkv_bias),
+        ("file", f"{path} ({f.file_size / 1e6:.1f} MB)"),
+        ("name", c.name),
+        ("architecture", c.arch),
+        ("parameters", f"{n_params / 1e6:.1f} M"),
+        ("layers", c.n_layers),
+        ("d_model", c.d_model),
+        ("heads", f"{c.n_heads} query, {c.n_kv_heads} kv, head dim {c.head_dim}"),
+        ("ffn", c.d_ff),
+        ("vocab", c.vocab_size),
+        ("context", c.context_length),
+        ("rope", f"theta {c.rope_theta:g}, {'neox' if c.rope_neox else 'normal'}"),
+        ("rms eps", f"{c.norm_eps:g}"),
+        ("tied embeddings", c.tied_embeddings),
+        ("qkv bias", c.qkv_bias),
         ("tensor types", ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))),
-        ("tokenizer", f"{f.metadata.get('tokenizer.ggml.model')} (pre: {f.metadata.get('tokenizer.ggml.pre', '-')}), "
-                      f"bos {tok.bos_id}, eos {tok.eos_id}"),
+        (
+            "tokenizer",
+            f"{f.metadata.get('tokenizer.ggml.model')} (pre: {f.metadata.get('tokenizer.ggml.pre', '-')}), "
+            f"bos {tok.bos_id}, eos {tok.eos_id}",
+        ),
         ("chat template", "yes" if f.chat_template else "none"),
     ]
     width = max(len(k) for k, _ in rows)

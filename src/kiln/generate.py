@@ -15,9 +15,13 @@ from .sample import LogitsProcessor, Sampler, log_softmax
 from .tokenizer import StreamDecoder, Tokenizer
 
 
-def generate_step(model: Model, prompt_ids: Sequence[int], sampler: Sampler | None = None,
-                  logits_processors: Sequence[LogitsProcessor] = (), want_logits: bool = False,
-                  ) -> Iterator[tuple[int, np.ndarray | None]]:
+def generate_step(
+    model: Model,
+    prompt_ids: Sequence[int],
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    want_logits: bool = False,
+) -> Iterator[tuple[int, np.ndarray | None]]:
     """Prefill the prompt, then yield (token, logits) forever; the caller decides when to stop.
 
     Greedy decoding without processors takes the argmax on the device, so logits never cross to the host.
@@ -72,14 +76,22 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
-def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
-                    sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] = (),
-                    stop: Sequence[str] = (), logprobs: int = 0) -> Iterator[Chunk]:
+def stream_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    stop: Sequence[str] = (),
+    logprobs: int = 0,
+) -> Iterator[Chunk]:
     """Yield text as it is generated; stops on EOS, a stop string (not included in the text) or max_tokens."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if len(ids) >= model.n_ctx:
-        raise ContextOverflow(f"prompt has {len(ids)} tokens but the context holds {model.n_ctx}; "
-                              "shorten the prompt or raise --ctx")
+        raise ContextOverflow(
+            f"prompt has {len(ids)} tokens but the context holds {model.n_ctx}; shorten the prompt or raise --ctx"
+        )
     stops = [s for s in stop if s]
     decoder = StreamDecoder(tokenizer)
     t0 = time.perf_counter()
@@ -90,8 +102,11 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[i
             t1 = time.perf_counter()
             stats["prompt_tps"] = len(ids) / max(t1 - t0, 1e-9)
         n += 1
-        stats.update(prompt_tokens=len(ids), generation_tokens=n,
-                     generation_tps=(n - 1) / max(time.perf_counter() - t1, 1e-9) if n > 1 else 0.0)
+        stats.update(
+            prompt_tokens=len(ids),
+            generation_tokens=n,
+            generation_tps=(n - 1) / max(time.perf_counter() - t1, 1e-9) if n > 1 else 0.0,
+        )
         if token in tokenizer.eos_ids:
             finish = "stop"
             break

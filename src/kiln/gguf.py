@@ -187,15 +187,22 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         shapes |= {
-            p + "attn_norm.weight": (d,), p + "ffn_norm.weight": (d,),
-            p + "attn_q.weight": (cfg.n_heads * hd, d), p + "attn_k.weight": (cfg.n_kv_heads * hd, d),
-            p + "attn_v.weight": (cfg.n_kv_heads * hd, d), p + "attn_output.weight": (d, cfg.n_heads * hd),
-            p + "ffn_gate.weight": (cfg.d_ff, d), p + "ffn_up.weight": (cfg.d_ff, d),
+            p + "attn_norm.weight": (d,),
+            p + "ffn_norm.weight": (d,),
+            p + "attn_q.weight": (cfg.n_heads * hd, d),
+            p + "attn_k.weight": (cfg.n_kv_heads * hd, d),
+            p + "attn_v.weight": (cfg.n_kv_heads * hd, d),
+            p + "attn_output.weight": (d, cfg.n_heads * hd),
+            p + "ffn_gate.weight": (cfg.d_ff, d),
+            p + "ffn_up.weight": (cfg.d_ff, d),
             p + "ffn_down.weight": (d, cfg.d_ff),
         }
         if cfg.qkv_bias:
-            shapes |= {p + "attn_q.bias": (cfg.n_heads * hd,), p + "attn_k.bias": (cfg.n_kv_heads * hd,),
-                       p + "attn_v.bias": (cfg.n_kv_heads * hd,)}
+            shapes |= {
+                p + "attn_q.bias": (cfg.n_heads * hd,),
+                p + "attn_k.bias": (cfg.n_kv_heads * hd,),
+                p + "attn_v.bias": (cfg.n_kv_heads * hd,),
+            }
     return shapes
 
 

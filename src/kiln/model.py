@@ -59,8 +59,7 @@ class Activations:
 class Model:
     """A loaded model on one device, with its KV cache. Not thread-safe: one generation at a time."""
 
-    def __init__(self, gguf: GGUFFile, dev: Device, n_ctx: int | None = None, progress: bool = False,
-                 all_reduce=None):
+    def __init__(self, gguf: GGUFFile, dev: Device, n_ctx: int | None = None, progress: bool = False, all_reduce=None):
         """all_reduce(tensor) sums a tensor across tensor-parallel ranks in place; None on a single device."""
         self.cfg, self.dev, self.gguf = gguf.config, dev, gguf
         self.all_reduce = all_reduce
@@ -76,8 +75,14 @@ class Model:
     def _load_weights(self, gguf: GGUFFile, progress: bool) -> None:
         infos = gguf.tensors
         self.dev.check_tensors(infos)
-        bar = tqdm(total=sum(t.nbytes for t in infos.values()), unit="B", unit_scale=True, desc="loading weights",
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            total=sum(t.nbytes for t in infos.values()),
+            unit="B",
+            unit_scale=True,
+            desc="loading weights",
+            disable=not progress,
+            leave=False,
+        )
 
         def load(name: str) -> Weight:
             t = infos[name]
@@ -92,13 +97,22 @@ class Model:
         self.layers = []
         for i in range(self.cfg.n_layers):
             p = f"blk.{i}."
-            self.layers.append(Layer(
-                attn_norm=load(p + "attn_norm.weight"), wq=load(p + "attn_q.weight"), wk=load(p + "attn_k.weight"),
-                wv=load(p + "attn_v.weight"), wo=load(p + "attn_output.weight"), ffn_norm=load(p + "ffn_norm.weight"),
-                w_gate=load(p + "ffn_gate.weight"), w_up=load(p + "ffn_up.weight"), w_down=load(p + "ffn_down.weight"),
-                bq=load(p + "attn_q.bias") if bias else None, bk=load(p + "attn_k.bias") if bias else None,
-                bv=load(p + "attn_v.bias") if bias else None,
-            ))
+            self.layers.append(
+                Layer(
+                    attn_norm=load(p + "attn_norm.weight"),
+                    wq=load(p + "attn_q.weight"),
+                    wk=load(p + "attn_k.weight"),
+                    wv=load(p + "attn_v.weight"),
+                    wo=load(p + "attn_output.weight"),
+                    ffn_norm=load(p + "ffn_norm.weight"),
+                    w_gate=load(p + "ffn_gate.weight"),
+                    w_up=load(p + "ffn_up.weight"),
+                    w_down=load(p + "ffn_down.weight"),
+                    bq=load(p + "attn_q.bias") if bias else None,
+                    bk=load(p + "attn_k.bias") if bias else None,
+                    bv=load(p + "attn_v.bias") if bias else None,
+                )
+            )
         bar.close()
 
     def weights(self) -> list[Weight]:
@@ -141,8 +155,19 @@ class Model:
             dev.matmul(a.h, L.wv, a.v, L.bv)
             dev.rope(a.q, a.pos, c.n_heads, c.head_dim, c.rope_theta, c.rope_neox)
             dev.rope(a.k, a.pos, c.n_kv_heads, c.head_dim, c.rope_theta, c.rope_neox)
-            dev.attention(a.q, a.k, a.v, self.k_cache[i], self.v_cache[i], a.pos, a.attn,
-                          c.n_heads, c.n_kv_heads, c.head_dim, n_kv)
+            dev.attention(
+                a.q,
+                a.k,
+                a.v,
+                self.k_cache[i],
+                self.v_cache[i],
+                a.pos,
+                a.attn,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                n_kv,
+            )
             dev.matmul(a.attn, L.wo, a.h)  # h: [T, d]
             self._reduce(a.h)
             dev.add(a.x, a.h, a.x)
@@ -167,8 +192,9 @@ class Model:
         if len(ids) == 0:
             raise ValueError("cannot run an empty prompt")
         if len(ids) > self.n_ctx:
-            raise ContextOverflow(f"prompt has {len(ids)} tokens but the context holds {self.n_ctx}; "
-                                  "shorten the prompt or raise --ctx")
+            raise ContextOverflow(
+                f"prompt has {len(ids)} tokens but the context holds {self.n_ctx}; shorten the prompt or raise --ctx"
+            )
         keep = _common_prefix(self.tokens, ids)
         keep = min(keep, len(ids) - 1)  # always run at least one token to get logits
         self.tokens = list(ids[:keep])

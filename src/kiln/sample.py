@@ -19,8 +19,9 @@ def greedy(logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
-def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 seed: int | None = None) -> Sampler:
+def make_sampler(
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None
+) -> Sampler:
     """temperature 0 is greedy. Filters apply in llama.cpp's order: top-k, top-p, min-p, then temperature."""
     if temperature < 0:
         raise InvalidArgument("temperature must be >= 0")
@@ -77,8 +78,13 @@ def presence_frequency_penalty(presence: float, frequency: float, start: int = 0
     return process
 
 
-def make_logits_processors(repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
-                           frequency_penalty: float = 0.0, prompt_len: int = 0) -> list[LogitsProcessor]:
+def make_logits_processors(
+    repeat_penalty: float = 1.0,
+    repeat_last_n: int = 64,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    prompt_len: int = 0,
+) -> list[LogitsProcessor]:
     procs: list[LogitsProcessor] = []
     if repeat_penalty != 1.0:
         procs.append(repetition_penalty(repeat_penalty, repeat_last_n))

@@ -46,8 +46,9 @@ def _require_deps() -> None:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise KilnError(f"kiln serve needs FastAPI and uvicorn ({e.name} is missing): "
-                        "pip install 'kiln[server]'") from None
+        raise KilnError(
+            f"kiln serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'kiln[server]'"
+        ) from None
 
 
 # --- errors in OpenAI's format --------------------------------------------------------------------------------
@@ -56,8 +57,14 @@ def _require_deps() -> None:
 class ApiError(Exception):
     """A request the client must fix (or retry later): becomes {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -72,8 +79,14 @@ def _invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
 # --- request parsing --------------------------------------------------------------------------------------------
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
-               dict: "an object"}
+_KIND_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+}
 
 
 def _get(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
@@ -90,8 +103,9 @@ def _get(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
     return value
 
 
-def _number(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False) -> float:
+def _number(
+    body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> float:
     value = float(_get(body, name, float, default))
     if not math.isfinite(value):
         raise _invalid(name, f"'{name}' must be a finite number")
@@ -209,8 +223,9 @@ def parse_messages(body: dict) -> list[dict]:
         elif content is None and role == "assistant":
             content = ""
         elif not isinstance(content, str):
-            raise _invalid(f"{where}.content", f"{where}.content must be a string or an array of text parts",
-                           "invalid_type")
+            raise _invalid(
+                f"{where}.content", f"{where}.content must be a string or an array of text parts", "invalid_type"
+            )
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
@@ -253,8 +268,10 @@ class Metrics:
 
     def render(self, queue_depth: int, active: int) -> str:
         with self.lock:
-            lines = ["# HELP kiln_requests_total HTTP requests by endpoint and status code.",
-                     "# TYPE kiln_requests_total counter"]
+            lines = [
+                "# HELP kiln_requests_total HTTP requests by endpoint and status code.",
+                "# TYPE kiln_requests_total counter",
+            ]
             for (ep, status), n in sorted(self.requests.items()):
                 lines.append(f'kiln_requests_total{{endpoint="{ep}",status="{status}"}} {n}')
             for name, kind, value, text in (
@@ -262,8 +279,12 @@ class Metrics:
                 ("kiln_generation_tokens_total", "counter", self.generation_tokens, "Tokens generated."),
                 ("kiln_cancelled_requests_total", "counter", self.cancelled, "Generations stopped by a disconnect."),
                 ("kiln_rejected_requests_total", "counter", self.rejected, "Requests refused: queue full (429)."),
-                ("kiln_generation_tokens_per_second", "gauge", round(self.tokens_per_second, 3),
-                 "Decode speed of the latest generation."),
+                (
+                    "kiln_generation_tokens_per_second",
+                    "gauge",
+                    round(self.tokens_per_second, 3),
+                    "Decode speed of the latest generation.",
+                ),
                 ("kiln_queue_depth", "gauge", queue_depth, "Requests waiting for the model."),
                 ("kiln_active_requests", "gauge", active, "Requests generating now (at most 1: one KV cache)."),
                 ("kiln_uptime_seconds", "gauge", round(time.time() - self.started, 1), "Seconds since start."),
@@ -348,9 +369,13 @@ class Engine:
         with self._lock:
             if self._admitted >= self.max_concurrency:
                 self.metrics.rejected += 1
-                raise ApiError(429, f"the server is busy ({self._admitted} requests queued or running, limit "
-                               f"{self.max_concurrency}); retry later", code="rate_limit_exceeded",
-                               type="rate_limit_error")
+                raise ApiError(
+                    429,
+                    f"the server is busy ({self._admitted} requests queued or running, limit "
+                    f"{self.max_concurrency}); retry later",
+                    code="rate_limit_exceeded",
+                    type="rate_limit_error",
+                )
             self._admitted += 1
             self._queued += 1
             self._idle.clear()
@@ -424,13 +449,25 @@ class Engine:
 
         r, m = job.req, self.metrics
         sampler = make_sampler(r.temperature, r.top_k, r.top_p, r.min_p, r.seed) if r.temperature > 0 else None
-        procs = make_logits_processors(repeat_penalty=r.repetition_penalty, presence_penalty=r.presence_penalty,
-                                       frequency_penalty=r.frequency_penalty, prompt_len=len(r.prompt_ids))
+        procs = make_logits_processors(
+            repeat_penalty=r.repetition_penalty,
+            presence_penalty=r.presence_penalty,
+            frequency_penalty=r.frequency_penalty,
+            prompt_len=len(r.prompt_ids),
+        )
         room = self.model.n_ctx - len(r.prompt_ids)
         max_tokens = min(r.max_tokens or room, room)
         k = max(r.top_logprobs, 1) if r.logprobs else 0
-        gen = stream_generate(self.model, self.tokenizer, r.prompt_ids, max_tokens=max_tokens, sampler=sampler,
-                              logits_processors=procs, stop=r.stop, logprobs=k)
+        gen = stream_generate(
+            self.model,
+            self.tokenizer,
+            r.prompt_ids,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=procs,
+            stop=r.stop,
+            logprobs=k,
+        )
         n_seen = 0
         try:
             for chunk in gen:
@@ -472,13 +509,20 @@ def _completion_logprobs(tok, chunk, top_n: int, offset: int) -> dict:
     top = {}
     for tid, lp in list((chunk.top_logprobs or {}).items())[:top_n]:
         top.setdefault(_token_info(tok, tid)[0], lp)
-    return {"tokens": [_token_info(tok, chunk.token)[0]], "token_logprobs": [chunk.logprob], "top_logprobs": [top],
-            "text_offset": [offset]}
+    return {
+        "tokens": [_token_info(tok, chunk.token)[0]],
+        "token_logprobs": [chunk.logprob],
+        "top_logprobs": [top],
+        "text_offset": [offset],
+    }
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 class _Reply:
@@ -490,8 +534,13 @@ class _Reply:
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id,
-                "system_fingerprint": self.fingerprint}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model_id,
+            "system_fingerprint": self.fingerprint,
+        }
 
     def chunk(self, chunk=None, role: bool = False, offset: int = 0) -> dict:
         """One streamed event: the role announcement (chat), a text delta, or the final one with finish_reason."""
@@ -514,8 +563,11 @@ class _Reply:
         return out
 
     def usage_chunk(self, usage: dict) -> dict:
-        return {**self._head("chat.completion.chunk" if self.req.chat else "text_completion"), "choices": [],
-                "usage": usage}
+        return {
+            **self._head("chat.completion.chunk" if self.req.chat else "text_completion"),
+            "choices": [],
+            "usage": usage,
+        }
 
     def whole(self, chunks: list, prompt_tokens: int) -> dict:
         r = self.req
@@ -524,11 +576,16 @@ class _Reply:
         finish = last.finish_reason if last else "length"
         usage = _usage(prompt_tokens, last.generation_tokens if last else 0)
         if r.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
             if r.logprobs:
-                choice["logprobs"] = {"content": [e for c in chunks for e in _chat_logprobs(self.tok, c,
-                                                                                            r.top_logprobs)]}
+                choice["logprobs"] = {
+                    "content": [e for c in chunks for e in _chat_logprobs(self.tok, c, r.top_logprobs)]
+                }
             return {**self._head("chat.completion"), "choices": [choice], "usage": usage}
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         if r.logprobs:
@@ -576,8 +633,9 @@ class _MetricsMiddleware:
             raise
 
 
-def create_app(engine: Engine, model_id: str | None = None, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY):
+def create_app(
+    engine: Engine, model_id: str | None = None, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
+):
     """The FastAPI app for an engine; `model_id` is the name clients use (default: the GGUF file stem)."""
     _require_deps()
     from fastapi import FastAPI, Request
@@ -600,8 +658,9 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
         yield
         engine.close()
 
-    app = FastAPI(title="kiln", version=_kiln_version, docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="kiln", version=_kiln_version, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
     app.state.engine = engine
     app.state.model_id = model_id
     app.add_middleware(_MetricsMiddleware, metrics=engine.metrics)
@@ -637,15 +696,20 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise ApiError(
+                401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     def check_model(name: Any) -> None:
         if name is not None and not isinstance(name, str):
             raise _invalid("model", "'model' must be a string", "invalid_type")
         if name is not None and name not in aliases:
-            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{model_id}'",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{model_id}'",
+                param="model",
+                code="model_not_found",
+            )
 
     async def read_json(request: Request) -> Any:
         """The body as JSON, refusing more than max_body_bytes before reading it all (chunked bodies too)."""
@@ -677,9 +741,13 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
         if not ids:
             raise _invalid(param, f"'{param}' is empty")
         if len(ids) >= n_ctx:
-            raise ApiError(400, f"this model's context holds {n_ctx} tokens, but the {param} has {len(ids)} tokens "
-                           "(leave room for at least one generated token); shorten it", param=param,
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's context holds {n_ctx} tokens, but the {param} has {len(ids)} tokens "
+                "(leave room for at least one generated token); shorten it",
+                param=param,
+                code="context_length_exceeded",
+            )
         req.prompt_ids = ids
 
     async def run(request: Request, req: GenRequest):
@@ -714,8 +782,9 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
             if isinstance(item, BaseException):  # headers are sent: report in-band, as OpenAI does
                 e = item if isinstance(item, KilnError) else None
                 msg = str(e) if e else "internal server error; see the server log"
-                yield _sse(ApiError(400 if e else 500, msg, type="invalid_request_error" if e else "server_error")
-                           .body())
+                yield _sse(
+                    ApiError(400 if e else 500, msg, type="invalid_request_error" if e else "server_error").body()
+                )
                 break
             last = item
             if item.text or item.finish_reason or (req.logprobs and item.logprob is not None):
@@ -729,18 +798,33 @@ def create_app(engine: Engine, model_id: str | None = None, api_key: str | None 
     async def health():
         queued, active = engine.depth()
         ok = engine.alive
-        return JSONResponse({"status": "ok" if ok else "error", "model": model_id, "backend": model.dev.name,
-                             "n_ctx": n_ctx, "queue_depth": queued, "active_requests": active},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "error",
+                "model": model_id,
+                "backend": model.dev.name,
+                "n_ctx": n_ctx,
+                "queue_depth": queued,
+                "active_requests": active,
+            },
+            status_code=200 if ok else 503,
+        )
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(engine.metrics.render(*engine.depth()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(
+            engine.metrics.render(*engine.depth()), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     def model_card() -> dict:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "kiln",
-                "context_length": n_ctx, "backend": model.dev.name}
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "kiln",
+            "context_length": n_ctx,
+            "backend": model.dev.name,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -817,21 +901,34 @@ def cmd_serve(args) -> int:
 
     api_key = args.api_key or os.environ.get("KILN_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
-              file=sys.stderr)
+        print(
+            f"kiln: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
     sock = bind(args.host, args.port)
     try:
-        engine = Engine(max_concurrency=args.max_concurrency, loader=lambda: api.load(
-            args.model, backend=args.backend, device=args.device, n_ctx=args.ctx, progress=sys.stderr.isatty(),
-            quiet=False, tensor_parallel=args.tensor_parallel))
+        engine = Engine(
+            max_concurrency=args.max_concurrency,
+            loader=lambda: api.load(
+                args.model,
+                backend=args.backend,
+                device=args.device,
+                n_ctx=args.ctx,
+                progress=sys.stderr.isatty(),
+                quiet=False,
+                tensor_parallel=args.tensor_parallel,
+            ),
+        )
     except BaseException:
         sock.close()
         raise
     model = engine.model
     app = create_app(engine, model_id=args.model_id, api_key=api_key, max_body_bytes=args.max_body_bytes)
     host, port = sock.getsockname()[:2]
-    print(f"kiln: serving {app.state.model_id} ({model.dev.name}, ctx {model.n_ctx}) on http://{host}:{port}/v1",
-          flush=True)
+    print(
+        f"kiln: serving {app.state.model_id} ({model.dev.name}, ctx {model.n_ctx}) on http://{host}:{port}/v1",
+        flush=True,
+    )
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
@@ -849,8 +946,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $KILN_API_KEY)")
-    p.add_argument("--max-concurrency", type=int, default=64,
-                   help="requests queued + running before new ones get 429 (default 64)")
+    p.add_argument(
+        "--max-concurrency", type=int, default=64, help="requests queued + running before new ones get 429 (default 64)"
+    )
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body (default 1 MiB)")
     p.add_argument("--model-id", default=None, help="model name clients use (default: the GGUF file name stem)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -88,12 +88,16 @@ def plan(cfg: ModelConfig, n: int, ffn_align: int = QK_K) -> ShardPlan:
     if H % n:
         raise ShardError(f"cannot split {H} attention heads over {n} ranks: the rank count must divide n_heads")
     if Hkv % n and n % Hkv:
-        raise ShardError(f"cannot split {Hkv} KV heads over {n} ranks: the rank count must divide n_kv_heads "
-                         f"or be a multiple of it (KV heads are then replicated)")
+        raise ShardError(
+            f"cannot split {Hkv} KV heads over {n} ranks: the rank count must divide n_kv_heads "
+            f"or be a multiple of it (KV heads are then replicated)"
+        )
     units = -(-cfg.d_ff // ffn_align)
     if units < n:
-        raise ShardError(f"cannot split d_ff={cfg.d_ff} over {n} ranks on {ffn_align}-element block boundaries: "
-                         f"only {units} blocks; use fewer ranks")
+        raise ShardError(
+            f"cannot split d_ff={cfg.d_ff} over {n} ranks on {ffn_align}-element block boundaries: "
+            f"only {units} blocks; use fewer ranks"
+        )
     hq, group = H // n, H // Hkv
     ranks = []
     for r in range(n):
@@ -107,8 +111,9 @@ def plan(cfg: ModelConfig, n: int, ffn_align: int = QK_K) -> ShardPlan:
 
 def plan_for(source: GGUFFile, n: int) -> ShardPlan:
     """A plan whose FFN split is aligned to the block size of the file's ffn_down tensors (evener than QK_K)."""
-    align = max((block_elems(t.qtype) for name, t in source.tensors.items() if name.endswith("ffn_down.weight")),
-                default=QK_K)
+    align = max(
+        (block_elems(t.qtype) for name, t in source.tensors.items() if name.endswith("ffn_down.weight")), default=QK_K
+    )
     return plan(source.config, n, ffn_align=align)
 
 
@@ -138,9 +143,11 @@ def slice_cols(info: TensorInfo, start: int, stop: int) -> TensorInfo:
         raise ShardError(f"tensor {info.name}: columns [{start}, {stop}) are out of range for shape {info.shape}")
     for edge in (start, stop):
         if edge % block:
-            raise ShardError(f"tensor {info.name} ({qt.name}) cannot be split at column {edge}: {qt.name} stores "
-                             f"blocks of {block} elements, so splits must fall on multiples of {block}; "
-                             f"use fewer ranks or a model whose per-rank widths are multiples of {block}")
+            raise ShardError(
+                f"tensor {info.name} ({qt.name}) cannot be split at column {edge}: {qt.name} stores "
+                f"blocks of {block} elements, so splits must fall on multiples of {block}; "
+                f"use fewer ranks or a model whose per-rank widths are multiples of {block}"
+            )
     raw = info.raw if len(info.shape) == 2 else info.raw.reshape(1, -1)
     piece = np.ascontiguousarray(raw[:, start // block * block_bytes : stop // block * block_bytes])
     if len(info.shape) == 1:
@@ -183,13 +190,20 @@ class ShardedFile:
         self.tensors = {name: shard_tensor(t, rank, self.plan) for name, t in self.source.tensors.items()}
         for name, shape in gguf_mod.expected_shapes(self.config).items():  # guards the slicing rules themselves
             if self.tensors[name].shape != shape:
-                raise ShardError(f"rank {rank}: shard of '{name}' has shape {self.tensors[name].shape}, "
-                                 f"expected {shape}")
+                raise ShardError(
+                    f"rank {rank}: shard of '{name}' has shape {self.tensors[name].shape}, expected {shape}"
+                )
         arch, c = self.config.arch, self.config
-        self.metadata = {**self.source.metadata, f"{arch}.attention.head_count": c.n_heads,
-                         f"{arch}.attention.head_count_kv": c.n_kv_heads, f"{arch}.feed_forward_length": c.d_ff,
-                         f"{arch}.attention.key_length": c.head_dim, f"{arch}.attention.value_length": c.head_dim,
-                         "kiln.tensor_parallel.rank": rank, "kiln.tensor_parallel.size": self.plan.n}
+        self.metadata = {
+            **self.source.metadata,
+            f"{arch}.attention.head_count": c.n_heads,
+            f"{arch}.attention.head_count_kv": c.n_kv_heads,
+            f"{arch}.feed_forward_length": c.d_ff,
+            f"{arch}.attention.key_length": c.head_dim,
+            f"{arch}.attention.value_length": c.head_dim,
+            "kiln.tensor_parallel.rank": rank,
+            "kiln.tensor_parallel.size": self.plan.n,
+        }
 
     @property
     def file_size(self) -> int:
@@ -223,8 +237,10 @@ class SimulatedTP:
         self._parts: list[np.ndarray | None] = [None] * n
         files = [ShardedFile(source, r, self.plan) for r in range(n)]  # all shards first: fail before loading
         self.devices = [NumpyDevice() for _ in range(n)]
-        self.models = [Model(f, dev, n_ctx=n_ctx, all_reduce=self._reducer(r, dev))
-                       for r, (f, dev) in enumerate(zip(files, self.devices))]
+        self.models = [
+            Model(f, dev, n_ctx=n_ctx, all_reduce=self._reducer(r, dev))
+            for r, (f, dev) in enumerate(zip(files, self.devices))
+        ]
 
     def _reducer(self, rank: int, dev):
         def all_reduce(t) -> None:
@@ -256,8 +272,10 @@ class SimulatedTP:
             t.start()
         for t in threads:
             t.join()
-        first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)),
-                     next((e for e in errors if e is not None), None))
+        first = next(
+            (e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)),
+            next((e for e in errors if e is not None), None),
+        )
         if first is not None:
             self._barrier.reset()
             raise first

@@ -38,8 +38,10 @@ SHAPES = {
 }
 
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
@@ -68,14 +70,17 @@ def _byte_tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValue
     tokens = list(SPECIALS) + _byte_chars() + ["ab"]  # one merge: the gguf writer cannot store an empty array
     tokens += [f"<pad_{i}>" for i in range(vocab_size - len(tokens))]
     types = [3] * len(SPECIALS) + [1] * (vocab_size - len(SPECIALS))
-    return [("tokenizer.ggml.model", "gpt2", GGUFValueType.STRING),
-            ("tokenizer.ggml.pre", "gpt2", GGUFValueType.STRING),
-            ("tokenizer.ggml.tokens", tokens, None), ("tokenizer.ggml.token_type", types, None),
-            ("tokenizer.ggml.merges", ["a b"], None),
-            ("tokenizer.ggml.bos_token_id", 0, GGUFValueType.UINT32),
-            ("tokenizer.ggml.eos_token_id", 2, GGUFValueType.UINT32),
-            ("tokenizer.ggml.add_bos_token", False, GGUFValueType.BOOL),
-            ("tokenizer.chat_template", CHATML, GGUFValueType.STRING)]
+    return [
+        ("tokenizer.ggml.model", "gpt2", GGUFValueType.STRING),
+        ("tokenizer.ggml.pre", "gpt2", GGUFValueType.STRING),
+        ("tokenizer.ggml.tokens", tokens, None),
+        ("tokenizer.ggml.token_type", types, None),
+        ("tokenizer.ggml.merges", ["a b"], None),
+        ("tokenizer.ggml.bos_token_id", 0, GGUFValueType.UINT32),
+        ("tokenizer.ggml.eos_token_id", 2, GGUFValueType.UINT32),
+        ("tokenizer.ggml.add_bos_token", False, GGUFValueType.BOOL),
+        ("tokenizer.chat_template", CHATML, GGUFValueType.STRING),
+    ]
 
 
 def _embedded_path() -> str | None:
@@ -104,8 +109,11 @@ def _tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType 
     embedded = _embedded_path() if vocab_size >= 1024 else None
     if embedded is None:
         return _byte_tokenizer_fields(vocab_size)
-    fields = {key: (field.contents(), field.types[0] if field.types else None)
-              for key, field in GGUFReader(embedded).fields.items() if key.startswith("tokenizer.")}
+    fields = {
+        key: (field.contents(), field.types[0] if field.types else None)
+        for key, field in GGUFReader(embedded).fields.items()
+        if key.startswith("tokenizer.")
+    }
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
         if key in fields:
             value, vtype = fields[key]
@@ -116,9 +124,18 @@ def _tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType 
     return [(key, value, vtype) for key, (value, vtype) in fields.items()]
 
 
-def write_model(path: str, shape: Shape, qtype: GGMLQuantizationType, arch: str = "llama", seed: int = 0,
-                embed_type: GGMLQuantizationType | None = GGMLQuantizationType.Q8_0, tied: bool = True,
-                progress: bool = False, scale: float = 0.02, meta_overrides: dict | None = None) -> str:
+def write_model(
+    path: str,
+    shape: Shape,
+    qtype: GGMLQuantizationType,
+    arch: str = "llama",
+    seed: int = 0,
+    embed_type: GGMLQuantizationType | None = GGMLQuantizationType.Q8_0,
+    tied: bool = True,
+    progress: bool = False,
+    scale: float = 0.02,
+    meta_overrides: dict | None = None,
+) -> str:
     """Write a random-weight model. Matrices use `qtype`; norms are F32 near 1; qwen2 gets QKV biases."""
     rng = np.random.default_rng(seed)
     hd = shape.d_model // shape.n_heads

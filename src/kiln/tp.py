@@ -95,8 +95,10 @@ class _NcclGroup:
             raise BackendUnavailable(f"cuda: no usable NVIDIA GPU ({e})") from None
         missing = [i for i in indices if not 0 <= i < count]
         if missing:
-            raise BackendUnavailable(f"--tensor-parallel {len(indices)} needs GPUs {indices[0]}..{indices[-1]} but "
-                                     f"this machine has {count} (see `kiln devices`); use fewer ranks")
+            raise BackendUnavailable(
+                f"--tensor-parallel {len(indices)} needs GPUs {indices[0]}..{indices[-1]} but "
+                f"this machine has {count} (see `kiln devices`); use fewer ranks"
+            )
         self.nccl, self.indices, self._device_class = nccl, indices, _nccl_device_class()
         self.comms = nccl.NcclCommunicator.initAll(list(indices))
 
@@ -161,8 +163,11 @@ def _import_nccl():
     """cupy.cuda.nccl, with the NCCL of the nvidia-nccl wheel (PyTorch's) loaded first when the loader finds no
     system libnccl: CuPy's module decides once, at import, whether NCCL is there."""
     if "cupy.cuda.nccl" not in sys.modules and ctypes.util.find_library("nccl") is None:
-        found = [lib for base in sys.path for lib in glob.glob(os.path.join(base or ".", "nvidia", "*", "lib",
-                                                                            "libnccl.so.2"))]
+        found = [
+            lib
+            for base in sys.path
+            for lib in glob.glob(os.path.join(base or ".", "nvidia", "*", "lib", "libnccl.so.2"))
+        ]
         for lib in found[:1]:
             try:
                 ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
@@ -173,8 +178,10 @@ def _import_nccl():
     except ImportError as e:
         raise BackendUnavailable(f"cuda: tensor parallelism needs NCCL, which CuPy cannot load ({e})") from None
     if not getattr(nccl, "available", False):
-        raise BackendUnavailable("cuda: tensor parallelism needs NCCL, which CuPy cannot load; "
-                                 "pip install nvidia-nccl-cu13 (or put libnccl.so.2 on LD_LIBRARY_PATH)")
+        raise BackendUnavailable(
+            "cuda: tensor parallelism needs NCCL, which CuPy cannot load; "
+            "pip install nvidia-nccl-cu13 (or put libnccl.so.2 on LD_LIBRARY_PATH)"
+        )
     return nccl
 
 
@@ -220,8 +227,11 @@ def _nccl_device_class() -> type:
                 self._eager_keys.add(gkey)
                 if not getattr(self, "_capture_warned", False):
                     self._capture_warned = True
-                    print(f"kiln: warning: cuda:{self.index}: capturing a decode step with NCCL in a CUDA graph "
-                          f"failed ({e}); decoding without graphs", file=sys.stderr)
+                    print(
+                        f"kiln: warning: cuda:{self.index}: capturing a decode step with NCCL in a CUDA graph "
+                        f"failed ({e}); decoding without graphs",
+                        file=sys.stderr,
+                    )
 
     _NCCL_DEVICE = NcclCudaDevice
     return _NCCL_DEVICE
@@ -253,8 +263,15 @@ class TPDevice:
 class TensorParallelModel:
     """A model split over n devices (ranks 0..n-1 on GPUs `devices`, default 0..n-1), used like a Model."""
 
-    def __init__(self, source: GGUFFile | str, n: int, n_ctx: int | None = None, progress: bool = False,
-                 backend: str = "cuda", devices: Sequence[int] | None = None):
+    def __init__(
+        self,
+        source: GGUFFile | str,
+        n: int,
+        n_ctx: int | None = None,
+        progress: bool = False,
+        backend: str = "cuda",
+        devices: Sequence[int] | None = None,
+    ):
         if n < 1:
             raise KilnError(f"--tensor-parallel must be at least 1, got {n}")
         self.gguf = gguf_mod.load(source) if isinstance(source, str) else source
@@ -279,8 +296,9 @@ class TensorParallelModel:
 
         def load(r: int) -> None:
             dev = self.devices[r] = self._group.device(r)
-            self.models[r] = Model(files[r], dev, n_ctx=n_ctx, progress=progress and r == 0,
-                                   all_reduce=self._group.reducer(r, dev))
+            self.models[r] = Model(
+                files[r], dev, n_ctx=n_ctx, progress=progress and r == 0, all_reduce=self._group.reducer(r, dev)
+            )
 
         try:
             self._all(load)
@@ -302,16 +320,16 @@ class TensorParallelModel:
         if not ids:
             raise ValueError("cannot run an empty prompt")
         if len(ids) > self.n_ctx:
-            raise ContextOverflow(f"prompt has {len(ids)} tokens but the context holds {self.n_ctx}; "
-                                  "shorten the prompt or raise --ctx")
+            raise ContextOverflow(
+                f"prompt has {len(ids)} tokens but the context holds {self.n_ctx}; shorten the prompt or raise --ctx"
+            )
         return self._all(lambda r: self.models[r].prefill(ids, chunk))[0]
 
     def step(self, ids: Sequence[int]) -> Tensor:
         self._check()
         ids = list(ids)
         if len(self.tokens) + len(ids) > self.n_ctx:
-            raise ContextOverflow(f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self.n_ctx} "
-                                  "tokens")
+            raise ContextOverflow(f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self.n_ctx} tokens")
         return self._all(lambda r: self.models[r].step(ids))[0]
 
     def reset(self) -> None:
@@ -357,8 +375,9 @@ class TensorParallelModel:
         if self._closed:
             raise KilnError("this tensor-parallel model is closed")
         if self._broken is not None:
-            raise TensorParallelError(f"this tensor-parallel model failed earlier ({self._broken}); "
-                                      "close it and load it again")
+            raise TensorParallelError(
+                f"this tensor-parallel model failed earlier ({self._broken}); close it and load it again"
+            )
 
     def _all(self, fn: Callable[[int], Any]) -> list:
         """fn(rank) on every rank at once (rank 0 here, the others on their threads); the results in rank order."""
@@ -394,15 +413,24 @@ class TensorParallelModel:
         return results
 
 
-def load(source: GGUFFile | str, n: int, backend: str | None = None, device: int | None = None,
-         n_ctx: int | None = None, progress: bool = False) -> TensorParallelModel:
+def load(
+    source: GGUFFile | str,
+    n: int,
+    backend: str | None = None,
+    device: int | None = None,
+    n_ctx: int | None = None,
+    progress: bool = False,
+) -> TensorParallelModel:
     """api.load's tensor-parallel path: ranks on GPUs device..device+n-1 of the cuda backend (auto means cuda)."""
     name = (backend or os.environ.get("KILN_BACKEND") or "auto").lower()
     if n < 1:
         raise KilnError(f"--tensor-parallel must be at least 1, got {n}")
     if name not in (*TP_BACKENDS, "auto"):
-        raise KilnError(f"--tensor-parallel {n} runs on the cuda backend (NCCL between the GPUs of one host), "
-                        f"not on '{name}'; use --backend cuda or drop --tensor-parallel")
+        raise KilnError(
+            f"--tensor-parallel {n} runs on the cuda backend (NCCL between the GPUs of one host), "
+            f"not on '{name}'; use --backend cuda or drop --tensor-parallel"
+        )
     first = device or 0
-    return TensorParallelModel(source, n, n_ctx=n_ctx, progress=progress, backend="cuda",
-                               devices=range(first, first + n))
+    return TensorParallelModel(
+        source, n, n_ctx=n_ctx, progress=progress, backend="cuda", devices=range(first, first + n)
+    )

@@ -69,17 +69,44 @@ def _fused_case(dev, fmt: str, neox: bool, bias: bool):
     rng = np.random.default_rng(7)
     qt = Q[fmt]
     d_model, hq, hkv, hd, d_ff, n_ctx = 256, 4, 2, 64, 512, 40
-    w = {n: dev.load_weight(n, qt, quant.random_weight(qt, r, c, rng, 0.1), (r, c)) for n, r, c in (
-        ("q", hq * hd, d_model), ("k", hkv * hd, d_model), ("v", hkv * hd, d_model), ("o", d_model, hq * hd),
-        ("g", d_ff, d_model), ("u", d_ff, d_model), ("dn", d_model, d_ff))}
+    w = {
+        n: dev.load_weight(n, qt, quant.random_weight(qt, r, c, rng, 0.1), (r, c))
+        for n, r, c in (
+            ("q", hq * hd, d_model),
+            ("k", hkv * hd, d_model),
+            ("v", hkv * hd, d_model),
+            ("o", d_model, hq * hd),
+            ("g", d_ff, d_model),
+            ("u", d_ff, d_model),
+            ("dn", d_model, d_ff),
+        )
+    }
     f32 = Q.F32
-    vec = {n: dev.load_weight(n, f32, (1 + 0.1 * rng.standard_normal(m)).astype(np.float32).view(np.uint8), (m,))
-           for n, m in (("n1", d_model), ("n2", d_model))}
-    biases = {n: dev.load_weight("b" + n, f32, (0.1 * rng.standard_normal(m)).astype(np.float32).view(np.uint8), (m,))
-              for n, m in (("q", hq * hd), ("k", hkv * hd), ("v", hkv * hd))} if bias else {}
-    t = {n: dev.empty(s) for n, s in (("x", (1, d_model)), ("h", (1, d_model)), ("q", (1, hq * hd)),
-                                       ("k", (1, hkv * hd)), ("v", (1, hkv * hd)), ("a", (1, hq * hd)),
-                                       ("g", (1, d_ff)), ("u", (1, d_ff)))}
+    vec = {
+        n: dev.load_weight(n, f32, (1 + 0.1 * rng.standard_normal(m)).astype(np.float32).view(np.uint8), (m,))
+        for n, m in (("n1", d_model), ("n2", d_model))
+    }
+    biases = (
+        {
+            n: dev.load_weight("b" + n, f32, (0.1 * rng.standard_normal(m)).astype(np.float32).view(np.uint8), (m,))
+            for n, m in (("q", hq * hd), ("k", hkv * hd), ("v", hkv * hd))
+        }
+        if bias
+        else {}
+    )
+    t = {
+        n: dev.empty(s)
+        for n, s in (
+            ("x", (1, d_model)),
+            ("h", (1, d_model)),
+            ("q", (1, hq * hd)),
+            ("k", (1, hkv * hd)),
+            ("v", (1, hkv * hd)),
+            ("a", (1, hq * hd)),
+            ("g", (1, d_ff)),
+            ("u", (1, d_ff)),
+        )
+    }
     kc = dev.zeros((hkv, n_ctx, hd), "f16")
     vc = dev.zeros((hkv, n_ctx, hd), "f16")
     pos = dev.empty((1,), "i32")
@@ -122,8 +149,10 @@ def _fused_case(dev, fmt: str, neox: bool, bias: bool):
     return results
 
 
-@pytest.mark.parametrize("fmt,neox,bias", [("Q8_0", False, False), ("Q4_K", True, True), ("Q6_K", False, True),
-                                           ("Q5_0", True, False), ("F16", False, False)])
+@pytest.mark.parametrize(
+    "fmt,neox,bias",
+    [("Q8_0", False, False), ("Q4_K", True, True), ("Q6_K", False, True), ("Q5_0", True, False), ("F16", False, False)],
+)
 def test_fused_decode_matches_unfused(dev, fmt, neox, bias):
     r = _fused_case(dev, fmt, neox, bias)
     assert len(dev._graphs) == 0  # the graph went away with the buffers it used

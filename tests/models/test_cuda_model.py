@@ -57,9 +57,22 @@ def test_embedded_greedy_tokens_match_numpy(cuda):
         models["cuda"].close()
 
 
-@pytest.mark.parametrize("qtype,arch", [(Q.Q8_0, "llama"), (Q.Q4_0, "qwen2"), (Q.Q4_1, "llama"), (Q.Q5_0, "llama"),
-                                        (Q.Q5_1, "qwen2"), (Q.Q4_K, "llama"), (Q.Q5_K, "qwen2"), (Q.Q6_K, "llama"),
-                                        (Q.F16, "llama"), (Q.BF16, "llama"), (Q.F32, "qwen2")])
+@pytest.mark.parametrize(
+    "qtype,arch",
+    [
+        (Q.Q8_0, "llama"),
+        (Q.Q4_0, "qwen2"),
+        (Q.Q4_1, "llama"),
+        (Q.Q5_0, "llama"),
+        (Q.Q5_1, "qwen2"),
+        (Q.Q4_K, "llama"),
+        (Q.Q5_K, "qwen2"),
+        (Q.Q6_K, "llama"),
+        (Q.F16, "llama"),
+        (Q.BF16, "llama"),
+        (Q.F32, "qwen2"),
+    ],
+)
 def test_tiny_model_logits_match_numpy(cuda, tiny_models, qtype, arch):
     """Teacher-forced: the same 20-token prompt and 12 decode tokens on both; logits after every step."""
     f = gguf.load(tiny_models(qtype, arch))

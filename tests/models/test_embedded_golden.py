@@ -41,8 +41,10 @@ def test_greedy_tokens_equal_hf_for_48_tokens(model, golden):
     assert len(want) >= 32
     got = greedy_ids(model, golden["prompt_ids"], len(want))
     first_diff = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-    assert first_diff is None, (f"step {first_diff}: kiln {got[first_diff]} vs HF {want[first_diff]} "
-                                f"(HF top-2 margin {golden['hf_top2_margins_past_eos'][first_diff]})")
+    assert first_diff is None, (
+        f"step {first_diff}: kiln {got[first_diff]} vs HF {want[first_diff]} "
+        f"(HF top-2 margin {golden['hf_top2_margins_past_eos'][first_diff]})"
+    )
 
 
 @pytest.mark.parametrize("golden", PROMPTS, ids=[p["prompt"][:24] for p in PROMPTS])

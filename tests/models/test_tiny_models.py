@@ -22,8 +22,10 @@ def reference_logits(path: str, ids: list[int]) -> np.ndarray:
     r = GGUFReader(path)
     arch = r.fields["general.architecture"].contents()
     meta = {k: f.contents() for k, f in r.fields.items() if k.startswith(arch)}
-    W = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64).reshape([int(x) for x in reversed(t.shape)])
-         for t in r.tensors}
+    W = {
+        t.name: dequantize(t.data, t.tensor_type).astype(np.float64).reshape([int(x) for x in reversed(t.shape)])
+        for t in r.tensors
+    }
     d, H = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
     Hkv, eps = meta[f"{arch}.attention.head_count_kv"], meta[f"{arch}.attention.layer_norm_rms_epsilon"]
     theta, hd, T = meta[f"{arch}.rope.freq_base"], d // H, len(ids)
@@ -105,5 +107,6 @@ def test_weights_over_the_cache_budget_are_dequantized_per_use(tiny_models):
     cached = Model(gguf.load(path), NumpyDevice(), n_ctx=16)
     lean = Model(gguf.load(path), NumpyDevice(cache_bytes=0), n_ctx=16)
     assert lean.dev.memory_stats()["weight_cache_bytes"] == 0
-    np.testing.assert_allclose(lean.dev.download(lean.prefill(ids)), cached.dev.download(cached.prefill(ids)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        lean.dev.download(lean.prefill(ids)), cached.dev.download(cached.prefill(ids)), rtol=1e-5, atol=1e-5
+    )

@@ -63,8 +63,9 @@ def test_models_and_health(served):
 
 
 def test_chat_equals_generate_and_kiln_run(served, monkeypatch, capsys):
-    r = client(served).chat.completions.create(model=served.model_id, temperature=0, max_tokens=N,
-                                               messages=[{"role": "user", "content": QUESTION}])
+    r = client(served).chat.completions.create(
+        model=served.model_id, temperature=0, max_tokens=N, messages=[{"role": "user", "content": QUESTION}]
+    )
     text = r.choices[0].message.content
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert text == reference(served, chat_prompt(served))
@@ -81,11 +82,19 @@ def test_chat_equals_generate_and_kiln_run(served, monkeypatch, capsys):
 
 
 def test_chat_stream_with_usage(served):
-    whole = client(served).chat.completions.create(model="default", temperature=0, max_tokens=N,
-                                                   messages=[{"role": "user", "content": QUESTION}])
-    chunks = list(client(served).chat.completions.create(
-        model=served.model_id, temperature=0, max_tokens=N, stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": QUESTION}]))
+    whole = client(served).chat.completions.create(
+        model="default", temperature=0, max_tokens=N, messages=[{"role": "user", "content": QUESTION}]
+    )
+    chunks = list(
+        client(served).chat.completions.create(
+            model=served.model_id,
+            temperature=0,
+            max_tokens=N,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": QUESTION}],
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -101,8 +110,11 @@ def test_completions_stream_and_not(served):
     assert r.object == "text_completion" and r.choices[0].text == want
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
     assert r.usage.prompt_tokens == len(served.model.tokenizer.encode(PROMPT))
-    chunks = list(client(served).completions.create(model=served.model_id, prompt=PROMPT, max_tokens=6,
-                                                    temperature=0, stream=True))
+    chunks = list(
+        client(served).completions.create(
+            model=served.model_id, prompt=PROMPT, max_tokens=6, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == want
     assert chunks[-1].choices[0].finish_reason == "length"
     # token ids are a valid prompt too
@@ -116,17 +128,27 @@ def test_stop_string(served):
     word = full.split()[2]
     want = full[: full.index(word)]
     for stop in (word, [word, "\u2603never"]):
-        r = client(served).completions.create(model=served.model_id, prompt=PROMPT, max_tokens=6, temperature=0,
-                                              stop=stop)
+        r = client(served).completions.create(
+            model=served.model_id, prompt=PROMPT, max_tokens=6, temperature=0, stop=stop
+        )
         assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
-    chunks = list(client(served).completions.create(model=served.model_id, prompt=PROMPT, max_tokens=6,
-                                                    temperature=0, stop=word, stream=True))
+    chunks = list(
+        client(served).completions.create(
+            model=served.model_id, prompt=PROMPT, max_tokens=6, temperature=0, stop=word, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == want and chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_logprobs(served):
-    r = client(served).chat.completions.create(model=served.model_id, temperature=0, max_tokens=4, logprobs=True,
-                                               top_logprobs=3, messages=[{"role": "user", "content": QUESTION}])
+    r = client(served).chat.completions.create(
+        model=served.model_id,
+        temperature=0,
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+        messages=[{"role": "user", "content": QUESTION}],
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 4
     for e in content:
@@ -134,29 +156,50 @@ def test_logprobs(served):
         assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)  # greedy
     assert "".join(e.token for e in content).strip() == r.choices[0].message.content.strip()
 
-    c = client(served).completions.create(model=served.model_id, prompt=PROMPT, max_tokens=4, temperature=0,
-                                          logprobs=2)
+    c = client(served).completions.create(model=served.model_id, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2)
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
-    streamed = list(client(served).chat.completions.create(
-        model=served.model_id, temperature=0, max_tokens=4, logprobs=True, stream=True,
-        messages=[{"role": "user", "content": QUESTION}]))
-    tokens = [e.token for ch in streamed if ch.choices and ch.choices[0].logprobs
-              for e in ch.choices[0].logprobs.content]
+    streamed = list(
+        client(served).chat.completions.create(
+            model=served.model_id,
+            temperature=0,
+            max_tokens=4,
+            logprobs=True,
+            stream=True,
+            messages=[{"role": "user", "content": QUESTION}],
+        )
+    )
+    tokens = [
+        e.token for ch in streamed if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content
+    ]
     assert tokens == [e.token for e in content]
 
 
 def test_sampling_parameters(served):
-    kw = dict(model=served.model_id, prompt=PROMPT, max_tokens=5, temperature=0.9, top_p=0.9, seed=1234,
-              presence_penalty=0.5, frequency_penalty=0.3, extra_body={"top_k": 40, "min_p": 0.05,
-                                                                        "repetition_penalty": 1.1})
+    kw = dict(
+        model=served.model_id,
+        prompt=PROMPT,
+        max_tokens=5,
+        temperature=0.9,
+        top_p=0.9,
+        seed=1234,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1},
+    )
     a = client(served).completions.create(**kw).choices[0].text
     b = client(served).completions.create(**kw).choices[0].text
     assert a == b  # same seed, same text
-    r = client(served).chat.completions.create(model=served.model_id, max_completion_tokens=3, temperature=0,
-                                               messages=[{"role": "system", "content": "Be brief."},
-                                                         {"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    r = client(served).chat.completions.create(
+        model=served.model_id,
+        max_completion_tokens=3,
+        temperature=0,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
+    )
     assert r.usage.completion_tokens <= 3
 
 
@@ -172,8 +215,9 @@ def test_concurrent_streams_do_not_mix(served):
     def ask(i: int) -> None:
         try:
             msgs = [{"role": "user", "content": questions[i]}]
-            s = client(served).chat.completions.create(model=served.model_id, temperature=0, max_tokens=6,
-                                                       stream=True, messages=msgs)
+            s = client(served).chat.completions.create(
+                model=served.model_id, temperature=0, max_tokens=6, stream=True, messages=msgs
+            )
             out[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
         except BaseException as e:  # reported below
             errors.append(e)
@@ -190,8 +234,13 @@ def test_queue_full_and_disconnect_frees_slot(served):
     """Two held streams fill --max-concurrency 2: a third request gets 429. Dropping the queued stream frees its
     slot at once; dropping the active one stops its generation at the next token, so the next request runs."""
     served.idle()
-    body = {"model": served.model_id, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": served.model_id,
+        "prompt": "Once upon a time",
+        "max_tokens": 1000,
+        "temperature": 0,
+        "stream": True,
+    }
     before = httpx.get(served.url + "/metrics").text
     with raw(served) as ca, raw(served) as cb, raw(served) as cc:
         with ca.stream("POST", "/v1/completions", json=body) as a:
@@ -206,8 +255,11 @@ def test_queue_full_and_disconnect_frees_slot(served):
             wait_for(served, lambda h: h["queue_depth"] == 0)  # B dropped while queued: slot free
             t0 = time.monotonic()
             result: dict = {}
-            th = threading.Thread(target=lambda: result.update(r=cc.post("/v1/completions", json={
-                **body, "stream": False, "max_tokens": 2})))
+            th = threading.Thread(
+                target=lambda: result.update(
+                    r=cc.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+                )
+            )
             th.start()
             wait_for(served, lambda h: h["queue_depth"] == 1)  # C queued behind A
         th.join(120)  # A dropped: C must run now, not after A's 1000 tokens
@@ -253,42 +305,83 @@ BAD = [
     ("messages wrong type", CHAT, {"messages": "Hi"}, 400, "invalid_type", "messages"),
     ("empty messages", CHAT, {"messages": []}, 400, "invalid_value", "messages"),
     ("message not object", CHAT, {"messages": ["Hi"]}, 400, "invalid_type", "messages[0]"),
-    ("unknown role", CHAT, {"messages": [{"role": "wizard", "content": "Hi"}]}, 400, "invalid_value",
-     "messages[0].role"),
-    ("content wrong type", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "invalid_type",
-     "messages[0].content"),
-    ("image part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
-     "invalid_value", "messages[0].content"),
+    (
+        "unknown role",
+        CHAT,
+        {"messages": [{"role": "wizard", "content": "Hi"}]},
+        400,
+        "invalid_value",
+        "messages[0].role",
+    ),
+    (
+        "content wrong type",
+        CHAT,
+        {"messages": [{"role": "user", "content": 5}]},
+        400,
+        "invalid_type",
+        "messages[0].content",
+    ),
+    (
+        "image part",
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400,
+        "invalid_value",
+        "messages[0].content",
+    ),
     ("prompt wrong type", COMP, {"prompt": {"text": "Hi"}}, 400, "invalid_type", "prompt"),
     ("several prompts", COMP, {"prompt": ["a", "b"]}, 400, "invalid_value", "prompt"),
     ("token id out of range", COMP, {"prompt": [1, 10**9]}, 400, "invalid_value", "prompt"),
     ("negative max_tokens", COMP, {"prompt": "Hi", "max_tokens": -5}, 400, "invalid_value", "max_tokens"),
     ("zero max_tokens", CHAT, {"messages": MSG, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
     ("huge max_tokens", CHAT, {"messages": MSG, "max_tokens": 10**12}, 400, "invalid_value", "max_tokens"),
-    ("huge max_completion_tokens", CHAT, {"messages": MSG, "max_completion_tokens": 10**6}, 400, "invalid_value",
-     "max_completion_tokens"),
+    (
+        "huge max_completion_tokens",
+        CHAT,
+        {"messages": MSG, "max_completion_tokens": 10**6},
+        400,
+        "invalid_value",
+        "max_completion_tokens",
+    ),
     ("max_tokens string", COMP, {"prompt": "Hi", "max_tokens": "5"}, 400, "invalid_type", "max_tokens"),
     ("max_tokens bool", COMP, {"prompt": "Hi", "max_tokens": True}, 400, "invalid_type", "max_tokens"),
     ("temperature string", CHAT, {"messages": MSG, "temperature": "hot"}, 400, "invalid_type", "temperature"),
-    ("NaN temperature", CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', 400,
-     "invalid_value", "temperature"),
+    (
+        "NaN temperature",
+        CHAT,
+        b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+        400,
+        "invalid_value",
+        "temperature",
+    ),
     ("negative temperature", CHAT, {"messages": MSG, "temperature": -1}, 400, "invalid_value", "temperature"),
     ("top_p zero", CHAT, {"messages": MSG, "top_p": 0}, 400, "invalid_value", "top_p"),
     ("n=2", CHAT, {"messages": MSG, "n": 2}, 400, "invalid_value", "n"),
     ("stop wrong type", COMP, {"prompt": "Hi", "stop": 5}, 400, "invalid_type", "stop"),
     ("stop list of ints", COMP, {"prompt": "Hi", "stop": [1]}, 400, "invalid_value", "stop"),
     ("presence too big", COMP, {"prompt": "Hi", "presence_penalty": 3}, 400, "invalid_value", "presence_penalty"),
-    ("top_logprobs without logprobs", CHAT, {"messages": MSG, "top_logprobs": 2}, 400, "invalid_value",
-     "top_logprobs"),
+    ("top_logprobs without logprobs", CHAT, {"messages": MSG, "top_logprobs": 2}, 400, "invalid_value", "top_logprobs"),
     ("logprobs too many", COMP, {"prompt": "Hi", "logprobs": 100}, 400, "invalid_value", "logprobs"),
     ("stream wrong type", COMP, {"prompt": "Hi", "stream": "yes"}, 400, "invalid_type", "stream"),
-    ("stream_options without stream", COMP, {"prompt": "Hi", "stream_options": {"include_usage": True}}, 400,
-     "invalid_value", "stream_options"),
+    (
+        "stream_options without stream",
+        COMP,
+        {"prompt": "Hi", "stream_options": {"include_usage": True}},
+        400,
+        "invalid_value",
+        "stream_options",
+    ),
     ("tools", CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "invalid_value", "tools"),
     ("unknown model", CHAT, {"model": "gpt-4o", "messages": MSG}, 404, "model_not_found", "model"),
     ("prompt longer than context", COMP, {"prompt": "hello " * 1100}, 400, "context_length_exceeded", "prompt"),
-    ("chat longer than context", CHAT, {"messages": [{"role": "user", "content": "hello " * 1100}]}, 400,
-     "context_length_exceeded", "messages"),
+    (
+        "chat longer than context",
+        CHAT,
+        {"messages": [{"role": "user", "content": "hello " * 1100}]},
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
     ("oversized body", COMP, {"prompt": "x" * (70 * 1024)}, 413, "request_too_large", None),
 ]
 
@@ -382,9 +475,28 @@ def test_missing_dependencies_message(monkeypatch):
 def test_kiln_serve_subprocess(tmp_path):
     """The real entry point: `kiln serve --port 0` prints its address and answers on loopback."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", "--backend", "numpy", "--ctx", "256",
-                             "--port", "0", "--api-key", "k", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kiln",
+            "serve",
+            "--backend",
+            "numpy",
+            "--ctx",
+            "256",
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         url, deadline = None, time.monotonic() + 120
         while url is None and time.monotonic() < deadline:

@@ -67,14 +67,16 @@ def test_unsupported_tensor_type(capsys, tmp_path):
 
 
 def test_shape_not_matching_metadata(capsys, tmp_path):
-    path = synth.write_model(str(tmp_path / "bad.gguf"), synth.SHAPES["tiny"], Q.Q8_0,
-                             meta_overrides={"llama.feed_forward_length": 100})
+    path = synth.write_model(
+        str(tmp_path / "bad.gguf"), synth.SHAPES["tiny"], Q.Q8_0, meta_overrides={"llama.feed_forward_length": 100}
+    )
     assert_one_clear_error(*run_cli(capsys, "run", "hi", "--model", path), "ffn_gate", "(100, 256)")
 
 
 def test_prompt_longer_than_context(capsys, tiny_models):
-    code, err = run_cli(capsys, "run", "word " * 200, "--model", tiny_models(Q.Q8_0), "--ctx", "64", "-n", "4",
-                        "--backend", "numpy")
+    code, err = run_cli(
+        capsys, "run", "word " * 200, "--model", tiny_models(Q.Q8_0), "--ctx", "64", "-n", "4", "--backend", "numpy"
+    )
     assert_one_clear_error(code, err, "context")
 
 

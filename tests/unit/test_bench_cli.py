@@ -14,8 +14,9 @@ from kiln.cli import main
 def test_bench_cli_writes_json(tiny_models, tmp_path, capsys):
     path = tiny_models(Q.Q8_0)
     out = tmp_path / "res" / "bench.json"
-    assert main(["bench", "--model", path, "--backend", "numpy", "-p", "8", "-n", "4", "-r", "1",
-                 "--json", str(out)]) == 0
+    assert (
+        main(["bench", "--model", path, "--backend", "numpy", "-p", "8", "-n", "4", "-r", "1", "--json", str(out)]) == 0
+    )
     table = capsys.readouterr().out
     assert "pp8" in table and "tg4" in table
     res = json.loads(out.read_text())

@@ -10,8 +10,13 @@ import time
 
 
 def test_ctrl_c_stops_the_answer_not_the_session(embedded_path):
-    proc = subprocess.Popen([sys.executable, "-m", "kiln", "chat", "--backend", "numpy", "-n", "2000", "--ctx", "2048"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiln", "chat", "--backend", "numpy", "-n", "2000", "--ctx", "2048"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
     reader.start()

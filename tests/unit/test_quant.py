@@ -1,6 +1,5 @@
 """kiln.quant against gguf's reference dequantizer: exact agreement on random blocks of every format."""
 
-
 import gguf
 import numpy as np
 import pytest

@@ -103,9 +103,13 @@ def test_logprobs_are_reported(tiny):
 
 def test_chat_session_with_reset_and_exit(tiny_models):
     """`kiln chat` in a real process: two turns, /reset, /exit."""
-    proc = subprocess.run([sys.executable, "-m", "kiln", "chat", "--model", tiny_models(Q.Q8_0), "--backend",
-                           "numpy", "-n", "4"], input="hello\nagain\n/reset\nnew\n/exit\n", capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln", "chat", "--model", tiny_models(Q.Q8_0), "--backend", "numpy", "-n", "4"],
+        input="hello\nagain\n/reset\nnew\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "history cleared" in proc.stderr
     assert proc.stdout.count(">>> ") == 5  # one prompt per input line

@@ -24,9 +24,23 @@ UNEVEN = synth.Shape(1, 256, 4, 2, 288, vocab_size=512, context_length=64)  # d_
 
 
 def config(**kw) -> ModelConfig:
-    base = dict(arch="llama", name="t", n_layers=1, d_model=1024, n_heads=4, n_kv_heads=2, head_dim=256, d_ff=1024,
-                vocab_size=512, context_length=64, rope_theta=1e4, rope_neox=False, norm_eps=1e-5,
-                tied_embeddings=True, qkv_bias=False)
+    base = dict(
+        arch="llama",
+        name="t",
+        n_layers=1,
+        d_model=1024,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=256,
+        d_ff=1024,
+        vocab_size=512,
+        context_length=64,
+        rope_theta=1e4,
+        rope_neox=False,
+        norm_eps=1e-5,
+        tied_embeddings=True,
+        qkv_bias=False,
+    )
     return ModelConfig(**(base | kw))
 
 
@@ -41,8 +55,9 @@ def models(tmp_path_factory, tiny_models):
             return tiny_models(qtype, arch)
         key = (qtype, arch, shape)
         if key not in cache:
-            cache[key] = synth.write_model(str(root / f"{shape}-{arch}-{qtype.name}.gguf"), shapes[shape], qtype,
-                                           arch=arch, seed=int(qtype))
+            cache[key] = synth.write_model(
+                str(root / f"{shape}-{arch}-{qtype.name}.gguf"), shapes[shape], qtype, arch=arch, seed=int(qtype)
+            )
         return cache[key]
 
     return make
@@ -88,12 +103,15 @@ def test_plan_deals_uneven_ffn_in_whole_blocks():
     assert p.ranks[-1].ffn[1] == 5632
 
 
-@pytest.mark.parametrize("kw, n, words", [
-    (dict(n_heads=4), 3, "must divide n_heads"),
-    (dict(n_heads=12, n_kv_heads=4, head_dim=64, d_model=768), 3, "KV heads"),  # 4 q heads per rank, groups of 3
-    (dict(d_ff=512), 4, "only 2 blocks"),
-    (dict(), 0, "at least 1 rank"),
-])
+@pytest.mark.parametrize(
+    "kw, n, words",
+    [
+        (dict(n_heads=4), 3, "must divide n_heads"),
+        (dict(n_heads=12, n_kv_heads=4, head_dim=64, d_model=768), 3, "KV heads"),  # 4 q heads per rank, groups of 3
+        (dict(d_ff=512), 4, "only 2 blocks"),
+        (dict(), 0, "at least 1 rank"),
+    ],
+)
 def test_plan_rejects_unsupported_splits(kw, n, words):
     with pytest.raises(ShardError, match=words):
         plan(config(**kw), n)
@@ -143,8 +161,9 @@ def test_bias_vectors_split_with_their_rows(qtype):
         for part, (lo, hi) in (("q", p[r].heads), ("k", p[r].kv_heads)):
             shard = shard_tensor(TensorInfo(f"blk.1.attn_{part}.bias", qtype, (1024,), raw), r, p)
             assert shard.shape == ((hi - lo) * 128,) and shard.raw.ndim == 1
-            np.testing.assert_array_equal(quant.dequantize(shard.raw, qtype, shard.shape[0])[0],
-                                          full[lo * 128 : hi * 128])
+            np.testing.assert_array_equal(
+                quant.dequantize(shard.raw, qtype, shard.shape[0])[0], full[lo * 128 : hi * 128]
+            )
 
 
 def test_row_shards_stay_views_of_the_file():
@@ -154,10 +173,14 @@ def test_row_shards_stay_views_of_the_file():
 
 
 def test_misaligned_column_split_raises_a_clear_error(models):
-    info = TensorInfo("blk.0.attn_output.weight", Q.Q4_K, (4, 512), quant.random_weight(Q.Q4_K, 4, 512,
-                                                                                      np.random.default_rng(2)))
-    with pytest.raises(ShardError, match=r"blk.0.attn_output.weight \(Q4_K\) cannot be split at column 128.*"
-                                         r"multiples of 256"):
+    info = TensorInfo(
+        "blk.0.attn_output.weight", Q.Q4_K, (4, 512), quant.random_weight(Q.Q4_K, 4, 512, np.random.default_rng(2))
+    )
+    with pytest.raises(
+        ShardError,
+        match=r"blk.0.attn_output.weight \(Q4_K\) cannot be split at column 128.*"
+        r"multiples of 256",
+    ):
         slice_cols(info, 0, 128)
     # The tiny model's heads are 64 wide: 2 ranks split attn_output at column 128, inside a K-quant super-block.
     with pytest.raises(ShardError, match="Q6_K.*column 128"):
@@ -181,16 +204,18 @@ def test_qwen2_biases_and_kv_replication(models, n):
     path = models(Q.Q8_0, "qwen2")
     sf = ShardedFile(path, 0, n)
     assert sf.config.qkv_bias and sf.config.n_kv_heads == 1 and sf.plan.kv_replicated == (n == 4)
-    np.testing.assert_allclose(run_simulated(path, n, IDS, decode=DECODE, n_ctx=32), reference(path),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        run_simulated(path, n, IDS, decode=DECODE, n_ctx=32), reference(path), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_uneven_ffn_split(models, n):
     path = models(Q.Q8_0, shape="uneven")
     assert {r.d_ff for r in ShardedFile(path, 0, n).plan.ranks} == ({128, 160} if n == 2 else {64, 96})
-    np.testing.assert_allclose(run_simulated(path, n, IDS, decode=DECODE, n_ctx=32), reference(path),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        run_simulated(path, n, IDS, decode=DECODE, n_ctx=32), reference(path), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_sharded_file_looks_like_a_gguf_file(models):
@@ -202,8 +227,9 @@ def test_sharded_file_looks_like_a_gguf_file(models):
     assert sf.chat_template == src.chat_template and sf.tokenizer_fields() == src.tokenizer_fields()
     assert sf.tensors["token_embd.weight"] is src.tensors["token_embd.weight"]
     assert sf.tensors["blk.0.attn_output.weight"].shape == (256, 128)
-    assert sum(sf.tensors[f"blk.0.{k}.weight"].nbytes for k in ("attn_q", "ffn_down")) * 2 == \
-        sum(src.tensors[f"blk.0.{k}.weight"].nbytes for k in ("attn_q", "ffn_down"))
+    assert sum(sf.tensors[f"blk.0.{k}.weight"].nbytes for k in ("attn_q", "ffn_down")) * 2 == sum(
+        src.tensors[f"blk.0.{k}.weight"].nbytes for k in ("attn_q", "ffn_down")
+    )
     with pytest.raises(ShardError, match="different model config"):
         ShardedFile(src, 0, plan(dataclasses.replace(src.config, d_ff=1024), 2))
 

@@ -111,8 +111,12 @@ class BufferPool:
         self.pooled = 0
 
     def stats(self) -> dict:
-        return {"bytes_in_use": self.in_use, "bytes_pooled": self.pooled, "peak_bytes": self.peak,
-                "allocations": self.allocations}
+        return {
+            "bytes_in_use": self.in_use,
+            "bytes_pooled": self.pooled,
+            "peak_bytes": self.peak,
+            "allocations": self.allocations,
+        }
 
 
 class Device(ABC):
@@ -195,8 +199,9 @@ class Device(ABC):
     def require_op(self, op: str, *dtypes: str) -> None:
         if not self.supports_op(op, dtypes):
             what = f"{op}({', '.join(dtypes)})" if dtypes else op
-            raise UnsupportedOp(f"backend '{self.backend}' does not support {what}; "
-                                f"supported: {sorted(self.SUPPORTED_OPS.get(op, []))}")
+            raise UnsupportedOp(
+                f"backend '{self.backend}' does not support {what}; supported: {sorted(self.SUPPORTED_OPS.get(op, []))}"
+            )
 
     def check_tensors(self, tensors: dict) -> None:
         """Fail before loading anything if a tensor's format has no kernel here (tensors: name -> TensorInfo)."""
@@ -222,8 +227,20 @@ class Device(ABC):
         """Rotate x in place. x: [T, n_heads*head_dim]; pos: i32 [T]. neox pairs (i, i+d/2), else (2i, 2i+1)."""
 
     @abstractmethod
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
-                  out: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, n_kv: int) -> None:
+    def attention(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        pos: Tensor,
+        out: Tensor,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        n_kv: int,
+    ) -> None:
         """Write k, v at rows pos[t] of the caches, then causal GQA attention of q over cache rows <= pos[t].
 
         q, out: [T, n_heads*head_dim]; k, v: [T, n_kv_heads*head_dim]; caches: [n_kv_heads, n_ctx, head_dim];

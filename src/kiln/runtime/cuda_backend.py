@@ -36,8 +36,19 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 _KERNELS = resources.files("kiln") / "kernels" / "cuda"
 
 # GGUF type -> format id of quant.cuh; block (elements, bytes) of the formats repacked at upload.
-FORMATS = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3, "Q4_0": 4, "Q4_1": 5, "Q5_0": 6, "Q5_1": 7, "Q4_K": 8,
-           "Q5_K": 9, "Q6_K": 10}
+FORMATS = {
+    "F32": 0,
+    "F16": 1,
+    "BF16": 2,
+    "Q8_0": 3,
+    "Q4_0": 4,
+    "Q4_1": 5,
+    "Q5_0": 6,
+    "Q5_1": 7,
+    "Q4_K": 8,
+    "Q5_K": 9,
+    "Q6_K": 10,
+}
 _FLOAT = ("F32", "F16", "BF16")
 # Activations per 16-byte chunk of a GEMV lane (NA + NB in quant.cuh): K must be a multiple.
 _CHUNK = {"F32": 4, "F16": 8, "BF16": 8, "Q8_0": 16}
@@ -60,23 +71,40 @@ class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, pad, 64-
 
 
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
-    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
-                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
-                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
-                ("attrs", ctypes.POINTER(_LaunchAttr)), ("numAttrs", ctypes.c_uint)]
+    _fields_ = [
+        ("gridDimX", ctypes.c_uint),
+        ("gridDimY", ctypes.c_uint),
+        ("gridDimZ", ctypes.c_uint),
+        ("blockDimX", ctypes.c_uint),
+        ("blockDimY", ctypes.c_uint),
+        ("blockDimZ", ctypes.c_uint),
+        ("sharedMemBytes", ctypes.c_uint),
+        ("hStream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttr)),
+        ("numAttrs", ctypes.c_uint),
+    ]
 
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_CTYPE = {np.uint64: ctypes.c_uint64, np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32,
-          np.float32: ctypes.c_float, np.int64: ctypes.c_int64}
+_CTYPE = {
+    np.uint64: ctypes.c_uint64,
+    np.int32: ctypes.c_int32,
+    np.uint32: ctypes.c_uint32,
+    np.float32: ctypes.c_float,
+    np.int64: ctypes.c_int64,
+}
 
 
 def _load_libcuda():
     try:
         lib = ctypes.CDLL("libcuda.so.1")
         lib.cuLaunchKernelEx.restype = ctypes.c_int
-        lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                                         ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        lib.cuLaunchKernelEx.argtypes = [
+            ctypes.POINTER(_LaunchConfig),
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_void_p,
+        ]
         return lib
     except (OSError, AttributeError):
         return None
@@ -114,10 +142,26 @@ def _tid(t: Tensor) -> int:
 
 
 # Which op arguments each recorded op reads and writes (indices), for the fusion pass's liveness checks.
-_READS = {"embed": (1,), "rms_norm": (0,), "matmul": (0,), "rope": (0, 1), "attention": (0, 1, 2, 3, 4, 5),
-          "swiglu": (0, 1), "add": (0, 1), "copy_row": (0,)}
-_WRITES = {"embed": (2,), "rms_norm": (3,), "matmul": (2,), "rope": (0,), "attention": (3, 4, 6),
-           "swiglu": (2,), "add": (2,), "copy_row": (2,)}
+_READS = {
+    "embed": (1,),
+    "rms_norm": (0,),
+    "matmul": (0,),
+    "rope": (0, 1),
+    "attention": (0, 1, 2, 3, 4, 5),
+    "swiglu": (0, 1),
+    "add": (0, 1),
+    "copy_row": (0,),
+}
+_WRITES = {
+    "embed": (2,),
+    "rms_norm": (3,),
+    "matmul": (2,),
+    "rope": (0,),
+    "attention": (3, 4, 6),
+    "swiglu": (2,),
+    "add": (2,),
+    "copy_row": (2,),
+}
 
 
 class CudaDevice(Device):
@@ -147,9 +191,15 @@ class CudaDevice(Device):
         self.name = f"cuda:{index} {self.gpu_name}"
         weights = set(FORMATS)
         self.SUPPORTED_OPS = {
-            "embed": weights, "matmul": weights | {"f32"}, "rms_norm": {"F32", "F16", "BF16", "f32", "f16"},
-            "rope": {"f32", "f16"}, "attention": {"f32", "f16"}, "swiglu": {"f32", "f16"}, "add": {"f32", "f16"},
-            "copy_row": {"f32", "f16", "i32"}, "argmax": {"f32", "f16"},
+            "embed": weights,
+            "matmul": weights | {"f32"},
+            "rms_norm": {"F32", "F16", "BF16", "f32", "f16"},
+            "rope": {"f32", "f16"},
+            "attention": {"f32", "f16"},
+            "swiglu": {"f32", "f16"},
+            "add": {"f32", "f16"},
+            "copy_row": {"f32", "f16", "i32"},
+            "argmax": {"f32", "f16"},
         }
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.mempool = cupy.cuda.MemoryPool()
@@ -185,8 +235,10 @@ class CudaDevice(Device):
             p = cupy.cuda.runtime.getDeviceProperties(i)
             name = p["name"].decode() if isinstance(p["name"], bytes) else p["name"]
             mark = "*" if i == self.index else " "
-            lines.append(f"  {mark} [{i}] {name} (sm_{p['major']}{p['minor']}, {p['multiProcessorCount']} SMs, "
-                         f"{p['totalGlobalMem'] / 2**30:.0f} GiB)")
+            lines.append(
+                f"  {mark} [{i}] {name} (sm_{p['major']}{p['minor']}, {p['multiProcessorCount']} SMs, "
+                f"{p['totalGlobalMem'] / 2**30:.0f} GiB)"
+            )
         return "\n".join(lines)
 
     # --- memory -------------------------------------------------------------------------------------------------
@@ -219,8 +271,13 @@ class CudaDevice(Device):
         if data.nbytes != tensor.nbytes:
             raise ValueError(f"write: {data.nbytes} bytes into a tensor of {tensor.nbytes}")
         # Pageable source: the copy is staged before the call returns, so `data` may go away; ordered on the stream.
-        cupy.cuda.runtime.memcpyAsync(tensor.storage.data.ptr, data.ctypes.data, data.nbytes,
-                                      cupy.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
+        cupy.cuda.runtime.memcpyAsync(
+            tensor.storage.data.ptr,
+            data.ctypes.data,
+            data.nbytes,
+            cupy.cuda.runtime.memcpyHostToDevice,
+            self.stream.ptr,
+        )
 
     def download(self, tensor: Tensor) -> np.ndarray:
         if self._rec is not None:
@@ -236,10 +293,16 @@ class CudaDevice(Device):
         tensor.storage = None
 
     def memory_stats(self) -> dict:
-        return {**self.pool.stats(), "bytes_in_use": self.pool.in_use + self.weight_bytes + self.scratch_bytes,
-                "peak_bytes": self.peak, "weight_bytes": self.weight_bytes, "scratch_bytes": self.scratch_bytes,
-                "activation_bytes": self.pool.in_use, "device_pool_bytes": self.mempool.total_bytes(),
-                "graphs": len(self._graphs)}
+        return {
+            **self.pool.stats(),
+            "bytes_in_use": self.pool.in_use + self.weight_bytes + self.scratch_bytes,
+            "peak_bytes": self.peak,
+            "weight_bytes": self.weight_bytes,
+            "scratch_bytes": self.scratch_bytes,
+            "activation_bytes": self.pool.in_use,
+            "device_pool_bytes": self.mempool.total_bytes(),
+            "graphs": len(self._graphs),
+        }
 
     def _scratch_array(self, name: str, nbytes: int, zero: bool = False):
         """A grow-only internal buffer (GEMM operands, attention partials). Growing frees the old one, which drops
@@ -446,8 +509,12 @@ class CudaDevice(Device):
         d = x.shape[-1]
         rows = x.size // d
         k = self._kernel("elementwise.cu", "rms_norm", DT=_DT[x.dtype])
-        self._launch(k, rows, 1024 if d >= 4096 else 256,
-                     (_ptr(x), _ptr(weight.storage["v"]), _ptr(out), np.int32(d), np.float32(eps)))
+        self._launch(
+            k,
+            rows,
+            1024 if d >= 4096 else 256,
+            (_ptr(x), _ptr(weight.storage["v"]), _ptr(out), np.int32(d), np.float32(eps)),
+        )
 
     def _fast_gemv(self, x: Tensor, weight: Weight) -> bool:
         fmt, K = weight.extra["fmt"], weight.shape[1]
@@ -464,8 +531,15 @@ class CudaDevice(Device):
                 self._gemv(_ptr(x) + np.uint64(4 * t * K), K, [(weight, bias, _ptr(out) + np.uint64(4 * t * N))])
         elif T <= _GEMV_MAX_T and fmt in _FLOAT:
             k = self._kernel("dequant.cu", "matvec_float", FMT=FORMATS[fmt], DT=0)
-            args = (_ptr(x), _ptr(weight.storage["q"]), _ptr(bias.storage["v"] if bias else None), _ptr(out),
-                    np.int32(T), np.int32(N), np.int32(K))
+            args = (
+                _ptr(x),
+                _ptr(weight.storage["q"]),
+                _ptr(bias.storage["v"] if bias else None),
+                _ptr(out),
+                np.int32(T),
+                np.int32(N),
+                np.int32(K),
+            )
             self._launch(k, self._blocks(T * N * 32), 256, args)
         else:
             self._gemm(x, weight, out, bias)
@@ -478,8 +552,12 @@ class CudaDevice(Device):
         k = self._kernel("gemv.cu", "gemv", FMT=FORMATS[fmt], MODE=mode, R=2, U=u, NORM=int(norm is not None))
         rows = [w.shape[0] for w, _, _ in segs]
         warps = rows[0] if mode == 2 else sum(rows) // 2 if mode == 3 else -(-sum(rows) // 2)
-        args = [x_ptr, _ptr(norm[0].storage["v"]) if norm else np.uint64(0), np.float32(norm[1] if norm else 0.0),
-                np.int32(K)]
+        args = [
+            x_ptr,
+            _ptr(norm[0].storage["v"]) if norm else np.uint64(0),
+            np.float32(norm[1] if norm else 0.0),
+            np.int32(K),
+        ]
         for i in range(3):
             if i < len(segs):
                 w, b, o = segs[i]
@@ -489,8 +567,15 @@ class CudaDevice(Device):
         args.append(resid if resid is not None else np.uint64(0))
         if rope is not None:
             pos, theta, hd, neox, kc, vc = rope
-            args += [_ptr(pos), np.float32(theta), np.int32(hd), np.int32(neox), _ptr(kc), _ptr(vc),
-                     np.int32(kc.shape[1])]
+            args += [
+                _ptr(pos),
+                np.float32(theta),
+                np.int32(hd),
+                np.int32(neox),
+                _ptr(kc),
+                _ptr(vc),
+                np.int32(kc.shape[1]),
+            ]
         else:
             args += [np.uint64(0), np.float32(0), np.int32(2), np.int32(0), np.uint64(0), np.uint64(0), np.int32(0)]
         self._launch(k, self._blocks(warps, _WARPS), 32 * _WARPS, tuple(args))
@@ -531,14 +616,33 @@ class CudaDevice(Device):
             else:
                 w16 = self._scratch_array("gemm_w", N * K * 2)
                 k = self._kernel("dequant.cu", "dequant_f16", FMT=FORMATS[fmt], DT=0)
-                self._launch(k, self._blocks(N * K // 32), 256,
-                             (*self._wptrs(weight), _ptr(w16), np.int32(N), np.int32(K)))
+                self._launch(
+                    k, self._blocks(N * K // 32), 256, (*self._wptrs(weight), _ptr(w16), np.int32(N), np.int32(K))
+                )
                 w_ptr = _ptr(w16)
             a_type = _R_16F
         # On the current stream, which the caller made self.stream; cuBLAS kernels run without PDL (full dependency).
-        cublas.gemmEx(cupy.cuda.device.get_cublas_handle(), _OP_T, _OP_N, N, T, K, self._one.ctypes.data, int(w_ptr),
-                      a_type, K, int(b_ptr), a_type, K, self._zero.ctypes.data, int(_ptr(out)), _R_32F, N,
-                      _COMPUTE_32F, _GEMM_DEFAULT)
+        cublas.gemmEx(
+            cupy.cuda.device.get_cublas_handle(),
+            _OP_T,
+            _OP_N,
+            N,
+            T,
+            K,
+            self._one.ctypes.data,
+            int(w_ptr),
+            a_type,
+            K,
+            int(b_ptr),
+            a_type,
+            K,
+            self._zero.ctypes.data,
+            int(_ptr(out)),
+            _R_32F,
+            N,
+            _COMPUTE_32F,
+            _GEMM_DEFAULT,
+        )
         if bias is not None:
             out.storage += bias.storage["v"]
 
@@ -546,8 +650,20 @@ class CudaDevice(Device):
         T = x.shape[0]
         n = T * n_heads * (head_dim // 2)
         k = self._kernel("elementwise.cu", "rope", DT=_DT[x.dtype])
-        self._launch(k, self._blocks(n), 256, (_ptr(x), _ptr(pos), np.int32(T), np.int32(n_heads),
-                                               np.int32(head_dim), np.float32(theta), np.int32(bool(neox))))
+        self._launch(
+            k,
+            self._blocks(n),
+            256,
+            (
+                _ptr(x),
+                _ptr(pos),
+                np.int32(T),
+                np.int32(n_heads),
+                np.int32(head_dim),
+                np.float32(theta),
+                np.int32(bool(neox)),
+            ),
+        )
 
     def _do_attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
         if k_cache.dtype != "f16" or v_cache.dtype != "f16":
@@ -555,9 +671,22 @@ class CudaDevice(Device):
         T = q.shape[0]
         kv_dim = n_kv_heads * head_dim
         kw = self._kernel("elementwise.cu", "kv_write", DT=_DT[k.dtype])
-        self._launch(kw, self._blocks(T * kv_dim), 256, (_ptr(k), _ptr(v), _ptr(pos), _ptr(k_cache), _ptr(v_cache),
-                                                          np.int32(T), np.int32(kv_dim), np.int32(head_dim),
-                                                          np.int32(k_cache.shape[1])))
+        self._launch(
+            kw,
+            self._blocks(T * kv_dim),
+            256,
+            (
+                _ptr(k),
+                _ptr(v),
+                _ptr(pos),
+                _ptr(k_cache),
+                _ptr(v_cache),
+                np.int32(T),
+                np.int32(kv_dim),
+                np.int32(head_dim),
+                np.int32(k_cache.shape[1]),
+            ),
+        )
         self._attend(q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim)
 
     def _attend(self, q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim) -> None:
@@ -569,8 +698,9 @@ class CudaDevice(Device):
             qt = 1
             ns = max(1, min(-(-2 * self.sm_count // n_kv_heads), -(-n_ctx // _ATT_TILE), 64))
         else:
-            qt = next(c for c in (8, 4, 2, 1) if (G * c <= 32 and self._att_smem((G, G * c), head_dim) <= _ATT_SMEM)
-                      or c == 1)
+            qt = next(
+                c for c in (8, 4, 2, 1) if (G * c <= 32 and self._att_smem((G, G * c), head_dim) <= _ATT_SMEM) or c == 1
+            )
             ns = 1
         if self._att_smem((G, G * qt), head_dim) > _ATT_SMEM:
             raise UnsupportedOp(f"cuda attention: {G} query heads per KV head of dim {head_dim} exceed shared memory")
@@ -578,8 +708,20 @@ class CudaDevice(Device):
         ml = self._scratch_array("attn_ml", ns * n_heads * 8) if ns > 1 else None
         ticket = self._scratch_array("attn_ticket", n_kv_heads * 4, zero=True)
         k = self._kernel("attention.cu", "attention", HD=head_dim, G=G, QT=qt, TILE=_ATT_TILE, DT=_DT[q.dtype])
-        args = (_ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pos), _ptr(out), _ptr(part), _ptr(ml), _ptr(ticket),
-                np.int32(T), np.int32(n_heads), np.int32(n_ctx), np.float32(1.0 / math.sqrt(head_dim)))
+        args = (
+            _ptr(q),
+            _ptr(k_cache),
+            _ptr(v_cache),
+            _ptr(pos),
+            _ptr(out),
+            _ptr(part),
+            _ptr(ml),
+            _ptr(ticket),
+            np.int32(T),
+            np.int32(n_heads),
+            np.int32(n_ctx),
+            np.float32(1.0 / math.sqrt(head_dim)),
+        )
         self._launch(k, (ns, n_kv_heads, -(-T // qt)), 128, args)
 
     @staticmethod
@@ -613,17 +755,35 @@ class CudaDevice(Device):
             ws = self._scratch_array("argmax", blocks * 8 + 16, zero=True)
             base = ws.data.ptr
             k = self._kernel("elementwise.cu", "argmax", DT=_DT[x.dtype])
-            self._launch(k, blocks, 1024, (_ptr(x), np.int32(n), np.uint64(base + 16),
-                                           np.uint64(base + 16 + 4 * blocks), np.uint64(base), np.uint64(base + 4)))
-        cupy.cuda.runtime.memcpyAsync(self._host_i32.ptr, base + 4, 4, cupy.cuda.runtime.memcpyDeviceToHost,
-                                      self.stream.ptr)
+            self._launch(
+                k,
+                blocks,
+                1024,
+                (
+                    _ptr(x),
+                    np.int32(n),
+                    np.uint64(base + 16),
+                    np.uint64(base + 16 + 4 * blocks),
+                    np.uint64(base),
+                    np.uint64(base + 4),
+                ),
+            )
+        cupy.cuda.runtime.memcpyAsync(
+            self._host_i32.ptr, base + 4, 4, cupy.cuda.runtime.memcpyDeviceToHost, self.stream.ptr
+        )
         self.stream.synchronize()
         return int(self._argmax_host[0])
 
     # --- fused decode ops (from the fusion pass) ----------------------------------------------------------------
     def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, theta, hd, neox, kc, vc) -> None:
-        self._gemv(_ptr(x), wq.shape[1], [(wq, bq, _ptr(q)), (wk, bk, _ptr(k)), (wv, bv, _ptr(v))], mode=3, norm=norm,
-                   rope=(pos, theta, hd, int(bool(neox)), kc, vc))
+        self._gemv(
+            _ptr(x),
+            wq.shape[1],
+            [(wq, bq, _ptr(q)), (wk, bk, _ptr(k)), (wv, bv, _ptr(v))],
+            mode=3,
+            norm=norm,
+            rope=(pos, theta, hd, int(bool(neox)), kc, vc),
+        )
 
     def _do_gemv_glu(self, x, norm, wg, wu, out, up) -> None:
         self._gemv(_ptr(x), wg.shape[1], [(wg, None, _ptr(out)), (wu, None, _ptr(up))], mode=2, norm=norm)
@@ -739,8 +899,14 @@ class CudaDevice(Device):
 
     def _gemv_ok(self, x: Tensor, *weights: Weight) -> bool:
         w0 = weights[0]
-        return all(isinstance(w.storage, dict) and w.extra["fmt"] == w0.extra["fmt"] and len(w.shape) == 2
-                   and w.shape[1] == w0.shape[1] and self._fast_gemv(x, w) for w in weights)
+        return all(
+            isinstance(w.storage, dict)
+            and w.extra["fmt"] == w0.extra["fmt"]
+            and len(w.shape) == 2
+            and w.shape[1] == w0.shape[1]
+            and self._fast_gemv(x, w)
+            for w in weights
+        )
 
     @staticmethod
     def _dead_after(ops: list, j: int, t: Tensor) -> bool:
@@ -793,8 +959,10 @@ class CudaDevice(Device):
                 x, norm = prefix
             else:
                 return None  # leave the norm to run on its own; the matmuls fuse at the next index
-        fused = [("gemv_qkv", (x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, r1[4], hd, r1[5], kc, vc)),
-                 ("attend", (q, kc, vc, pos, out, hq, hkv, hd))]
+        fused = [
+            ("gemv_qkv", (x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, r1[4], hd, r1[5], kc, vc)),
+            ("attend", (q, kc, vc, pos, out, hq, hkv, hd)),
+        ]
         return fused, start + 6
 
     def _fuse_glu(self, ops, i):

@@ -30,9 +30,15 @@ def _default_cache_bytes() -> int:
 class NumpyDevice(Device):
     backend = "numpy"
     SUPPORTED_OPS = {
-        "embed": _ALL_TYPES, "matmul": _ALL_TYPES | {"f32", "f16"}, "rms_norm": {"F32", "F16", "f32", "f16"},
-        "rope": {"f32", "f16"}, "attention": {"f32", "f16"}, "swiglu": {"f32", "f16"}, "add": {"f32", "f16"},
-        "copy_row": {"f32", "f16", "i32"}, "argmax": {"f32", "f16"},
+        "embed": _ALL_TYPES,
+        "matmul": _ALL_TYPES | {"f32", "f16"},
+        "rms_norm": {"F32", "F16", "f32", "f16"},
+        "rope": {"f32", "f16"},
+        "attention": {"f32", "f16"},
+        "swiglu": {"f32", "f16"},
+        "add": {"f32", "f16"},
+        "copy_row": {"f32", "f16", "i32"},
+        "argmax": {"f32", "f16"},
     }
 
     def __init__(self, cache_bytes: int | None = None):
@@ -141,8 +147,11 @@ class NumpyDevice(Device):
         vc[:, positions] = v.storage.reshape(T, n_kv_heads, head_dim).transpose(1, 0, 2)
         group = n_heads // n_kv_heads
         # q: [T, Hq, hd] -> [Hkv, group*T, hd] so each KV head serves its query heads in one batched matmul.
-        qg = q.storage.reshape(T, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3).reshape(n_kv_heads, group * T,
-                                                                                              head_dim)
+        qg = (
+            q.storage.reshape(T, n_kv_heads, group, head_dim)
+            .transpose(1, 2, 0, 3)
+            .reshape(n_kv_heads, group * T, head_dim)
+        )
         keys = kc[:, :n_kv].astype(np.float32, copy=False)
         vals = vc[:, :n_kv].astype(np.float32, copy=False)
         scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(head_dim))  # [Hkv, group*T, n_kv]
