@@ -435,8 +435,11 @@ class WgpuDevice(Device):
             parts.append((_KERNELS / f"w_{fmt}.wgsl").read_text())
             if fmt in ("f32", "f16", "bf16"):
                 parts.append((_KERNELS / "w_float.wgsl").read_text())
+            if fmt in ("q4_k", "q5_k"):
+                parts.append((_KERNELS / "k_scales.wgsl").read_text())
         if kernel == "gemv":
             parts.append((_KERNELS / ("reduce_sg.wgsl" if self.use_subgroups else "reduce_wg.wgsl")).read_text())
+            parts.append((_KERNELS / "reduce_tree.wgsl").read_text())
         if kernel.startswith("attn_"):
             parts.append((_KERNELS / "attn_params.wgsl").read_text())
         parts.append((_KERNELS / f"{kernel}.wgsl").read_text())

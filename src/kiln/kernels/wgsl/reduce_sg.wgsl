@@ -18,16 +18,5 @@ fn reduce_rows(lid: u32, acc: array<f32, RPW>) {
         workgroupBarrier();
         return;
     }
-    for (var r = 0u; r < RPW; r++) {
-        partial[r * TPR + lid] = acc[r];
-    }
-    workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            for (var r = 0u; r < RPW; r++) {
-                partial[r * TPR + lid] += partial[r * TPR + lid + s];
-            }
-        }
-        workgroupBarrier();
-    }
+    reduce_tree(lid, acc);
 }

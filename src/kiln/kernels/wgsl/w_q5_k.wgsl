@@ -5,13 +5,6 @@
 
 const UNIT: u32 = 32u;  // one sub-block
 
-fn k_scale_min(hdr: vec4<u32>, j: u32) -> vec2<f32> {
-    let lo = vec2<u32>(byte_of(hdr.y, j) & 63u, byte_of(hdr.z, j) & 63u);
-    let mix = byte_of(hdr.w, j);
-    let hi = vec2<u32>((mix & 15u) | ((byte_of(hdr.y, j) >> 6u) << 4u), (mix >> 4u) | ((byte_of(hdr.z, j) >> 6u) << 4u));
-    return unpack2x16float(hdr.x) * vec2<f32>(select(hi, lo, j < 4u));
-}
-
 fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     let base = (row * (K / 256u) + k / 256u) * 11u;
     let e = k % 256u;
