@@ -198,9 +198,6 @@ def _nccl_device_class() -> type:
 
     nccl = _import_nccl()
     types = {"f32": nccl.NCCL_FLOAT32, "f16": nccl.NCCL_FLOAT16}
-    # The fusion pass asks which tensors each recorded op reads and writes: all_reduce reads and writes its own.
-    cb._READS.setdefault("all_reduce", (0,))
-    cb._WRITES.setdefault("all_reduce", (0,))
 
     class NcclCudaDevice(cb.CudaDevice):
         def __init__(self, index: int, comm):

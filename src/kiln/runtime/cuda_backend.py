@@ -27,6 +27,7 @@ import numpy as np
 from .. import quant
 from ..errors import BackendUnavailable, UnsupportedOp
 from .base import DTYPES, BufferPool, Device, Tensor, Weight
+from .fusion import Fuser
 
 try:
     import cupy
@@ -141,29 +142,6 @@ def _tid(t: Tensor) -> int:
     return t.storage.data.ptr
 
 
-# Which op arguments each recorded op reads and writes (indices), for the fusion pass's liveness checks.
-_READS = {
-    "embed": (1,),
-    "rms_norm": (0,),
-    "matmul": (0,),
-    "rope": (0, 1),
-    "attention": (0, 1, 2, 3, 4, 5),
-    "swiglu": (0, 1),
-    "add": (0, 1),
-    "copy_row": (0,),
-}
-_WRITES = {
-    "embed": (2,),
-    "rms_norm": (3,),
-    "matmul": (2,),
-    "rope": (0,),
-    "attention": (3, 4, 6),
-    "swiglu": (2,),
-    "add": (2,),
-    "copy_row": (2,),
-}
-
-
 class CudaDevice(Device):
     backend = "cuda"
     kv_dtype = "f16"
@@ -222,6 +200,7 @@ class CudaDevice(Device):
         self._argmax_host = np.frombuffer(self._host_i32, np.int32, 1)
         self.graphs_enabled = os.environ.get("KILN_CUDA_GRAPHS", "1") != "0"
         self.fuse_enabled = os.environ.get("KILN_CUDA_FUSE", "1") != "0"
+        self._fuser = Fuser(_tid, self._gemv_ok)
         # Programmatic dependent launch inside captured graphs: each kernel's launch and weight loads overlap the
         # tail of the kernel before it (kernels call pdl_wait() before reading what it wrote).
         self._libcuda = _load_libcuda() if props["major"] >= 9 else None
@@ -818,7 +797,7 @@ class CudaDevice(Device):
         finally:
             ops, self._rec = self._rec, None
         decode = all(_tokens(name, args) == 1 for name, args in ops)
-        plan = self._fuse(ops) if decode and self.fuse_enabled else self._group_matmuls(ops)
+        plan = self._fuser.fuse(ops) if decode and self.fuse_enabled else self._group_matmuls(ops)
         self._run(plan)  # this step's result; also compiles kernels and sizes scratch before capture
         seen = self._seen[gkey] = self._seen.get(gkey, 0) + 1
         if decode:
@@ -873,31 +852,8 @@ class CudaDevice(Device):
         finally:
             self._capture_ptrs = None
 
-    def _forget(self, base: int, size: int) -> None:
-        """Drop the graphs that use memory [base, base + size), which is being freed."""
-        if not self._graphs:
-            return
-        for gkey in [k for k, g in self._graphs.items() if any(base <= p < base + size for p in g.ptrs)]:
-            del self._graphs[gkey]
-            self._plans.pop(gkey, None)
-
-    # --- the fusion pass ----------------------------------------------------------------------------------------
-    def _fuse(self, ops: list) -> list:
-        """Rewrite a recorded T=1 step into fused kernels where the pattern and the data flow allow it."""
-        plan, i = [], 0
-        while i < len(ops):
-            for pattern in (self._fuse_qkv, self._fuse_glu, self._fuse_res, self._fuse_norm):
-                got = pattern(ops, i)
-                if got:
-                    fused, i = got
-                    plan += fused
-                    break
-            else:
-                plan.append(ops[i])
-                i += 1
-        return plan
-
     def _gemv_ok(self, x: Tensor, *weights: Weight) -> bool:
+        """One gemv.cu launch can take x with these weights: same repacked format, 2-D, same K."""
         w0 = weights[0]
         return all(
             isinstance(w.storage, dict)
@@ -908,105 +864,13 @@ class CudaDevice(Device):
             for w in weights
         )
 
-    @staticmethod
-    def _dead_after(ops: list, j: int, t: Tensor) -> bool:
-        """True if `t` is overwritten after ops[j] before anything reads it (its value there is never used)."""
-        p = _tid(t)
-        for name, args in ops[j + 1 :]:
-            if any(_tid(args[a]) == p for a in _READS[name]):
-                return False
-            if any(_tid(args[a]) == p for a in _WRITES[name]):
-                return True
-        return False
-
-    def _norm_prefix(self, ops: list, i: int, h: Tensor, last: int):
-        """(x, norm) if ops[i] is rms_norm(x, w, eps, h) that the ops up to ops[last] can absorb, else None."""
-        name, args = ops[i]
-        if name != "rms_norm" or _tid(args[3]) != _tid(h) or _tid(args[0]) == _tid(h) or args[0].dtype != "f32":
-            return None
-        return (args[0], (args[1], args[2])) if self._dead_after(ops, last, h) else None
-
-    def _matmuls(self, ops: list, i: int, n: int):
-        """n consecutive matmuls from ops[i] sharing their input, or None."""
-        if i + n > len(ops) or any(ops[j][0] != "matmul" for j in range(i, i + n)):
-            return None
-        mm = [ops[j][1] for j in range(i, i + n)]
-        x = mm[0][0]
-        if any(_tid(a[0]) != _tid(x) for a in mm) or not self._gemv_ok(x, *(a[1] for a in mm)):
-            return None
-        return mm
-
-    def _fuse_qkv(self, ops, i):
-        start = i + 1 if ops[i][0] == "rms_norm" else i
-        mm = self._matmuls(ops, start, 3)
-        if mm is None or start + 6 > len(ops):
-            return None
-        (h, wq, q, bq), (_, wk, k, bk), (_, wv, v, bv) = mm
-        (n1, r1), (n2, r2), (n3, at) = ops[start + 3], ops[start + 4], ops[start + 5]
-        if (n1, n2, n3) != ("rope", "rope", "attention"):
-            return None
-        aq, ak, av, kc, vc, pos, out, hq, hkv, hd, _ = at
-        if (_tid(r1[0]), _tid(r2[0]), _tid(aq), _tid(ak), _tid(av)) != (_tid(q), _tid(k), _tid(q), _tid(k), _tid(v)):
-            return None
-        if r1[1:] != (pos, hq, hd, r1[4], r1[5]) or r2[1:] != (pos, hkv, hd, r1[4], r1[5]) or kc.dtype != "f16":
-            return None
-        if wq.shape[0] != hq * hd or wk.shape[0] != hkv * hd or wv.shape[0] != hkv * hd:
-            return None
-        x, norm = h, None
-        if start > i:
-            prefix = self._norm_prefix(ops, i, h, start + 5)
-            if prefix:
-                x, norm = prefix
-            else:
-                return None  # leave the norm to run on its own; the matmuls fuse at the next index
-        fused = [
-            ("gemv_qkv", (x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, r1[4], hd, r1[5], kc, vc)),
-            ("attend", (q, kc, vc, pos, out, hq, hkv, hd)),
-        ]
-        return fused, start + 6
-
-    def _fuse_glu(self, ops, i):
-        start = i + 1 if ops[i][0] == "rms_norm" else i
-        mm = self._matmuls(ops, start, 2)
-        if mm is None or start + 3 > len(ops) or ops[start + 2][0] != "swiglu":
-            return None
-        (h, wg, g, bg), (_, wu, u, bu) = mm
-        sg, su, so = ops[start + 2][1]
-        if bg is not None or bu is not None or wg.shape[0] != wu.shape[0]:
-            return None
-        if _tid(sg) != _tid(g) or _tid(su) != _tid(u):
-            return None
-        if _tid(so) != _tid(g) and not self._dead_after(ops, start + 2, g):
-            return None
-        x, norm = h, None
-        if start > i:
-            prefix = self._norm_prefix(ops, i, h, start + 2)
-            if not prefix:
-                return None
-            x, norm = prefix
-        return [("gemv_glu", (x, norm, wg, wu, so, u))], start + 3
-
-    def _fuse_res(self, ops, i):
-        if i + 2 > len(ops) or ops[i][0] != "matmul" or ops[i + 1][0] != "add":
-            return None
-        x, w, h, bias = ops[i][1]
-        a, b, out = ops[i + 1][1]
-        ids = (_tid(a), _tid(b))
-        resid = a if ids[1] == _tid(h) else b
-        if _tid(h) not in ids or _tid(out) != _tid(resid) or _tid(resid) == _tid(h) or _tid(x) == _tid(resid):
-            return None
-        if not self._gemv_ok(x, w) or out.dtype != "f32":
-            return None
-        return [("gemv_res", (x, w, bias, h, resid))], i + 2
-
-    def _fuse_norm(self, ops, i):
-        if i + 2 > len(ops) or ops[i][0] != "rms_norm" or ops[i + 1][0] != "matmul":
-            return None
-        h, w, out, bias = ops[i + 1][1]
-        prefix = self._norm_prefix(ops, i, h, i + 1)
-        if not prefix or not self._gemv_ok(prefix[0], w) or _tid(out) == _tid(prefix[0]):
-            return None
-        return [("gemv_norm", (prefix[0], prefix[1], w, bias, out))], i + 2
+    def _forget(self, base: int, size: int) -> None:
+        """Drop the graphs that use memory [base, base + size), which is being freed."""
+        if not self._graphs:
+            return
+        for gkey in [k for k, g in self._graphs.items() if any(base <= p < base + size for p in g.ptrs)]:
+            del self._graphs[gkey]
+            self._plans.pop(gkey, None)
 
 
 def _tokens(name: str, args) -> int:
