@@ -2,7 +2,11 @@
 device-to-device copy (the practical ceiling). Each matrix is replicated past 4x the L2 cache and the launches
 rotate through the copies, so the weights come from HBM; timing is a CUDA graph of many launches between events.
 
-    python bench/gemv.py [--json PATH] [--formats Q8_0 Q4_K ...]
+    python bench/gemv.py [--json PATH] [--formats Q8_0 Q4_K ...] [--shapes 7b tinyllama] [--configs warp block:8:1]
+
+A config is `warp` (the warp kernel) or `block:R:G:T` (the block kernel: R rows per group, 0 = by format; G groups
+per block; at most T threads per block);
+`auto` is the backend's own choice per shape (see CudaDevice._gemv_shape).
 """
 
 from __future__ import annotations
@@ -17,7 +21,18 @@ from gguf import GGMLQuantizationType as Q
 from kiln import quant
 from kiln.runtime import get_device
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)]  # wq/wo, gate/up, down, output head
+SHAPES = {  # (N, K): wq/wo, gate/up, down, output head
+    "7b": [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)],
+    "tinyllama": [(2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048)],
+}
+
+
+def set_config(dev, config: str) -> None:
+    kind, *rest = config.split(":")
+    dev.gemv_kernel = kind
+    dev.gemv_rows = int(rest[0]) if rest else 0
+    dev.gemv_groups_per_block = int(rest[1]) if len(rest) > 1 else 1
+    dev.gemv_max_threads = int(rest[2]) if len(rest) > 2 else 512
 
 
 def _graph_time(dev, launch, n_launch: int, reps: int = 5, pdl: bool = False) -> float:
@@ -90,6 +105,8 @@ def gemv_bandwidth(dev, fmt: str, N: int, K: int, l2_bytes: int, pdl: bool = Fal
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", nargs="*", default=["Q8_0", "Q4_0", "Q4_K", "Q6_K", "F16"])
+    ap.add_argument("--shapes", nargs="*", default=["7b"], choices=sorted(SHAPES))
+    ap.add_argument("--configs", nargs="*", default=["auto"], help="auto, warp, or block:R:G:T (see above)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--pdl", action="store_true", help="launch with programmatic dependent launch, as decode graphs do")
     args = ap.parse_args()
@@ -103,17 +120,20 @@ def main() -> None:
         f"PDL {'on' if args.pdl and dev.pdl_enabled else 'off'}"
     )
     rows = []
-    print(f"{'format':<6} {'N':>6} {'K':>6} {'MiB':>7} {'us':>8} {'GB/s':>7} {'% copy':>7} {'err':>8}")
-    for fmt in args.formats:
-        for N, K in SHAPES:
-            r = gemv_bandwidth(dev, fmt, N, K, l2, args.pdl and dev.pdl_enabled)
-            r["pct_of_copy"] = 100 * r["gb_s"] / ceiling
-            rows.append(r)
-            print(
-                f"{fmt:<6} {N:>6} {K:>6} {r['bytes'] / 2**20:>7.1f} {r['us']:>8.1f} {r['gb_s']:>7.0f} "
-                f"{r['pct_of_copy']:>6.0f}% {r['max_rel_err']:>8.1e}",
-                flush=True,
-            )
+    print(f"{'config':<12} {'format':<6} {'N':>6} {'K':>6} {'MiB':>7} {'us':>8} {'GB/s':>7} {'% copy':>7} {'err':>8}")
+    for config in args.configs:
+        set_config(dev, config)
+        for fmt in args.formats:
+            for N, K in [s for name in args.shapes for s in SHAPES[name]]:
+                r = gemv_bandwidth(dev, fmt, N, K, l2, args.pdl and dev.pdl_enabled)
+                r["config"] = config
+                r["pct_of_copy"] = 100 * r["gb_s"] / ceiling
+                rows.append(r)
+                print(
+                    f"{config:<12} {fmt:<6} {N:>6} {K:>6} {r['bytes'] / 2**20:>7.1f} {r['us']:>8.1f} "
+                    f"{r['gb_s']:>7.0f} {r['pct_of_copy']:>6.0f}% {r['max_rel_err']:>8.1e}",
+                    flush=True,
+                )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": dev.name, "copy_gb_s": ceiling, "l2_bytes": l2, "gemv": rows}, fh, indent=1)

@@ -62,7 +62,8 @@ _COMPUTE_32F = 68
 _GEMM_DEFAULT = -1
 
 _GEMV_MAX_T = 4  # up to this many tokens, one GEMV launch per token beats dequantize + GEMM
-_WARPS = 4  # warps per GEMV block (gemv.cu NWARPS)
+_WARPS = 4  # warps per GEMV block of the warp kernel (gemv.cu NWARPS)
+_GEMV_BLOCK_MIN_CHUNKS = 64  # rows of at least this many 16-byte chunks take the block GEMV kernel
 _ATT_TILE = 32
 _ATT_SMEM = 46 * 1024
 
@@ -201,6 +202,12 @@ class CudaDevice(Device):
         self.graphs_enabled = os.environ.get("KILN_CUDA_GRAPHS", "1") != "0"
         self.fuse_enabled = os.environ.get("KILN_CUDA_FUSE", "1") != "0"
         self._fuser = Fuser(_tid, self._gemv_ok)
+        # GEMV kernel shape (gemv.cu), for benchmarks: auto | warp | block; rows per group (0: by format);
+        # groups per block; most threads per block.
+        self.gemv_kernel = os.environ.get("KILN_GEMV", "auto")
+        self.gemv_rows = int(os.environ.get("KILN_GEMV_ROWS", "0"))
+        self.gemv_groups_per_block = int(os.environ.get("KILN_GEMV_GPB", "1"))
+        self.gemv_max_threads = int(os.environ.get("KILN_GEMV_THREADS", "512"))
         # Programmatic dependent launch inside captured graphs: each kernel's launch and weight loads overlap the
         # tail of the kernel before it (kernels call pdl_wait() before reading what it wrote).
         self._libcuda = _load_libcuda() if props["major"] >= 9 else None
@@ -523,14 +530,36 @@ class CudaDevice(Device):
         else:
             self._gemm(x, weight, out, bias)
 
+    def _gemv_shape(self, fmt: str, K: int) -> tuple[int, int, int] | None:
+        """(threads, chunks per thread, rows per group) of the block GEMV kernel for rows of K, or None for the warp
+        kernel. The block kernel wins once a row has enough 16-byte chunks to keep a block busy (gemv.cu)."""
+        nch = K // _CHUNK.get(fmt, 32)
+        if self.gemv_kernel == "warp" or (self.gemv_kernel == "auto" and nch < _GEMV_BLOCK_MIN_CHUNKS):
+            return None
+        cpt = -(-nch // self.gemv_max_threads)
+        threads = (-(-nch // cpt) + 31) // 32 * 32
+        # Rows per group times chunks per thread is what each thread keeps in flight, in registers.
+        rows = self.gemv_rows or max(2, (4 if fmt in ("Q4_K", "Q5_K", "Q6_K") else 8) // cpt)
+        return threads, cpt, rows
+
     def _gemv(self, x_ptr, K: int, segs: list, mode: int = 0, norm=None, resid=None, rope=None) -> None:
         """One GEMV launch over up to three weight segments [(weight, bias, out_ptr)] (gemv.cu)."""
         w0 = segs[0][0]
         fmt = w0.extra["fmt"]
-        u = 4 if fmt in ("F32", "F16", "BF16", "Q8_0") else 2
-        k = self._kernel("gemv.cu", "gemv", FMT=FORMATS[fmt], MODE=mode, R=2, U=u, NORM=int(norm is not None))
         rows = [w.shape[0] for w, _, _ in segs]
-        warps = rows[0] if mode == 2 else sum(rows) // 2 if mode == 3 else -(-sum(rows) // 2)
+        pairs = mode in (2, 3)
+        units = rows[0] if mode == 2 else sum(rows) // 2 if mode == 3 else sum(rows)  # rows, or pairs of rows
+        consts = dict(FMT=FORMATS[fmt], MODE=mode, NORM=int(norm is not None))
+        shape = self._gemv_shape(fmt, K)
+        if shape is None:
+            u = 4 if fmt in ("F32", "F16", "BF16", "Q8_0") else 2
+            k = self._kernel("gemv.cu", "gemv", BK=0, R=2, U=u, **consts)
+            grid, block = self._blocks(units if pairs else -(-units // 2), _WARPS), 32 * _WARPS
+        else:
+            threads, cpt, r = shape
+            k = self._kernel("gemv.cu", "gemv", BK=1, NT=threads, CPT=cpt, R=r, **consts)
+            groups = -(-units // (r // 2 if pairs else r))
+            grid, block = -(-groups // self.gemv_groups_per_block), threads
         args = [
             x_ptr,
             _ptr(norm[0].storage["v"]) if norm else np.uint64(0),
@@ -557,7 +586,7 @@ class CudaDevice(Device):
             ]
         else:
             args += [np.uint64(0), np.float32(0), np.int32(2), np.int32(0), np.uint64(0), np.uint64(0), np.int32(0)]
-        self._launch(k, self._blocks(warps, _WARPS), 32 * _WARPS, tuple(args))
+        self._launch(k, grid, block, tuple(args))
 
     def _x_f16(self, x) -> np.uint64:
         T, K = x.shape

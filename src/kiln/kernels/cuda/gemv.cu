@@ -1,25 +1,37 @@
 // Quantized GEMV for decode: out[n] = sum_k W[n, k] * x[k], W in a GGUF format (quant.cuh), x f32.
-// Constants: FMT, MODE, R (rows per warp), U (chunks in flight per lane), NORM (fuse the preceding RMSNorm).
-//
-// A warp owns R rows; each lane walks the row in 16-byte chunks, 32 lanes apart, loading U chunks of all R rows
-// before using them (memory-level parallelism), and reuses each chunk's activations across the R rows.
+// Constants: FMT, MODE, NORM (fuse the preceding RMSNorm), BK (kernel shape), R (rows per unit of work), and
+//   BK 0 (warp kernel, small K): U (chunks in flight per lane). A warp owns R rows; each lane walks the row in
+//        16-byte chunks, 32 lanes apart, loading U chunks of all R rows before using them, and reuses each chunk's
+//        activations across the R rows.
+//   BK 1 (block kernel, large K): NT threads, CPT chunks per thread. The block's threads span the whole row, so
+//        each thread loads its slice of x into registers once and keeps it for every row the block computes;
+//        the block walks groups of R rows (loading the next group while it reduces the current one), and the
+//        R partial sums of each thread are reduced across the block: a transposed butterfly in each warp (one
+//        row per lane group, log2(R) + 5 - log2(R) shuffles instead of 5 R), then shared memory.
 // Up to three weight segments (e.g. Wq, Wk, Wv) of the same format and K run in one launch.
 // MODE 0: plain, rows are segment 0, then 1, then 2; out_s[row] = acc + bias_s[row].
 // MODE 1: residual, one segment: out0[row] = acc; resid[row] += acc (matmul + add in one pass).
-// MODE 2: SwiGLU, segments gate and up: warp i computes row i of both; out0[i] = silu(g) * u, out1[i] = u.
-// MODE 3: QKV, segments q, k, v: each warp computes the two rows one RoPE pair rotates (NeoX or adjacent) and
-//         writes q and k rotated (out0, out1) and k, v into the f16 KV caches at row pos[0].
-// NORM: x is the un-normalised residual: each lane also sums x^2 over its chunks (the warp sees every column),
-//       multiplies x by the norm weight, and the result is scaled by 1/sqrt(mean(x^2) + eps) at the end.
+// MODE 2: SwiGLU, segments gate and up: row i of both; out0[i] = silu(g) * u, out1[i] = u.
+// MODE 3: QKV, segments q, k, v: the two rows one RoPE pair rotates (NeoX or adjacent) go together; q and k are
+//         written rotated (out0, out1) and k, v also into the f16 KV caches at row pos[0].
+// NORM: x is the un-normalised residual: each lane also sums x^2 over its chunks, multiplies x by the norm weight,
+//       and the result is scaled by 1/sqrt(mean(x^2) + eps) at the end.
 
 #define MODE_PLAIN 0
 #define MODE_RES 1
 #define MODE_GLU 2
 #define MODE_QKV 3
 #define NWARPS 4
+#define PAIRS (MODE == MODE_GLU || MODE == MODE_QKV)
 
 // Pick segment i's pointer with selects: indexing a local array of pointers at run time would put it in memory.
 #define PICK(i, a, b, c) ((i) == 0 ? (a) : ((i) == 1 ? (b) : (c)))
+
+#define GEMV_PARAMS                                                                                                 \
+    const float *__restrict__ x, const float *__restrict__ nw, float eps, int K, const u8 *q0, const u8 *s0,        \
+        const u32 *h0, const float *b0, float *o0, int n0, const u8 *q1, const u8 *s1, const u32 *h1,             \
+        const float *b1, float *o1, int n1, const u8 *q2, const u8 *s2, const u32 *h2, const float *b2, float *o2, \
+        int n2, float *resid, const int *__restrict__ pos, float theta, int hd, int neox, u16 *kc, u16 *vc, int n_ctx
 
 __device__ __forceinline__ void load_x(const float* __restrict__ x, const float* __restrict__ nw, int off, int n,
                                        float* v, float& sum, float& ss) {
@@ -44,61 +56,123 @@ __device__ __forceinline__ void load_x(const float* __restrict__ x, const float*
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(NWARPS * 32)
-gemv(const float* __restrict__ x, const float* __restrict__ nw, float eps, int K,
-     const u8* q0, const u8* s0, const u32* h0, const float* b0, float* o0, int n0,
-     const u8* q1, const u8* s1, const u32* h1, const float* b1, float* o1, int n1,
-     const u8* q2, const u8* s2, const u32* h2, const float* b2, float* o2, int n2,
-     float* resid, const int* __restrict__ pos, float theta, int hd, int neox, u16* kc, u16* vc, int n_ctx) {
+
+// Row g of the rows of all segments, as (segment, row in it); false past the end.
+__device__ __forceinline__ bool locate_row(long g, int n0, int n1, int n2, int& seg, long& row) {
+    seg = 0;
+    if (g >= n0) g -= n0, seg = 1;
+    if (seg == 1 && g >= n1) g -= n1, seg = 2;
+    row = g;
+    return seg < 2 || g < n2;
+}
+
+// RoPE pair p of the q, k, v rows (v is paired the same way, unrotated): segment, its two rows, pair index in head.
+__device__ __forceinline__ bool locate_pair(long p, int n0, int n1, int n2, int hd, int neox, int& seg, long& ra,
+                                            long& rb, int& rot) {
+    seg = 0;
+    if (p >= n0 / 2) p -= n0 / 2, seg = 1;
+    if (seg == 1 && p >= n1 / 2) p -= n1 / 2, seg = 2;
+    int half = hd / 2;
+    rot = (int)(p % half);
+    ra = p / half * hd + (neox ? rot : 2 * rot);
+    rb = ra + (neox ? half : 1);
+    return seg < 2 || p < n2 / 2;
+}
+
+// The row (or pair) of unit `u` and slot r: what each mode's rows are.
+__device__ __forceinline__ bool locate(long u, int r, int n0, int n1, int n2, int hd, int neox, int& seg, long& row) {
+#if MODE == MODE_GLU
+    seg = r, row = u;
+    return u < n0;
+#elif MODE == MODE_QKV
+    long ra, rb;
+    int rot;
+    bool ok = locate_pair(u, n0, n1, n2, hd, neox, seg, ra, rb, rot);
+    row = r ? rb : ra;
+    return ok;
+#else
+    return locate_row(u, n0, n1, n2, seg, row);
+#endif
+}
+
+// PLAIN and RES: the finished dot of one row.
+__device__ __forceinline__ void finish_row(GEMV_PARAMS, int seg, long row, float acc) {
+    const float* bias = PICK(seg, b0, b1, b2);
+    float v = acc + (bias ? bias[row] : 0.0f);
+    PICK(seg, o0, o1, o2)[row] = v;
+#if MODE == MODE_RES
+    resid[row] += v;
+#endif
+}
+
+// GLU and QKV: the finished dots of a pair of rows (gate and up; or the two rows one RoPE rotation mixes).
+__device__ __forceinline__ void finish_pair(GEMV_PARAMS, long u, float a, float b) {
+#if MODE == MODE_GLU
+    o0[u] = a / (1.0f + expf(-a)) * b;
+    o1[u] = b;
+#elif MODE == MODE_QKV
+    int seg, rot;
+    long ra, rb;
+    locate_pair(u, n0, n1, n2, hd, neox, seg, ra, rb, rot);
+    const float* bias = PICK(seg, b0, b1, b2);
+    float* out = PICK(seg, o0, o1, o2);
+    a += bias ? bias[ra] : 0.0f;
+    b += bias ? bias[rb] : 0.0f;
+    int p = pos[0];
+    if (seg < 2) {  // rotate q and k exactly as numpy does: angle in float64, cos/sin rounded to float32
+        double ang = (double)p * pow((double)theta, -2.0 * rot / hd);
+        float cs = (float)cos(ang), sn = (float)sin(ang);
+        float a2 = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn)), b2 = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, cs));
+        a = a2, b = b2;
+    }
+    out[ra] = a;
+    out[rb] = b;
+    if (seg > 0) {
+        u16* cache = seg == 1 ? kc : vc;
+        long h = ra / hd;
+        cache[(h * n_ctx + p) * hd + ra % hd] = f2h(a);
+        cache[(h * n_ctx + p) * hd + rb % hd] = f2h(b);
+    }
+#endif
+}
+
+#define GEMV_ARGS                                                                                                  \
+    x, nw, eps, K, q0, s0, h0, b0, o0, n0, q1, s1, h1, b1, o1, n1, q2, s2, h2, b2, o2, n2, resid, pos, theta, hd, \
+        neox, kc, vc, n_ctx
+
+// Where row `row` of segment `seg` starts in q, s and h (rows past the end read row 0 and are not written).
+#define ROW_PTRS(seg, row, qr, sr, hr)                  \
+    {                                                   \
+        long rr_ = (row) < 0 ? 0 : (row);               \
+        qr = PICK(seg, q0, q1, q2) + rr_ * qrb;         \
+        sr = PICK(seg, s0, s1, s2) + rr_ * srb;         \
+        hr = PICK(seg, h0, h1, h2) + rr_ * hrw;         \
+    }
+
+#if !BK
+extern "C" __global__ void __launch_bounds__(NWARPS * 32) gemv(GEMV_PARAMS) {
     const int lane = threadIdx.x & 31;
     const long warp = (long)blockIdx.x * NWARPS + (threadIdx.x >> 5);
     const long qrb = q_row_bytes(K), srb = s_row_bytes(K), hrw = h_row_words(K);
 
-    // Which rows this warp computes: segment and row within it.
+    // Which rows this warp computes: in the pair modes (R == 2) the two rows of pair `warp`, else rows warp R + r.
     int seg[R];
     long row[R];
     bool any = false;
-#if MODE == MODE_GLU
-    seg[0] = 0, seg[1] = 1, row[0] = row[1] = warp;
-    any = warp < n0;
-#elif MODE == MODE_QKV
-    int half = hd / 2, rot_i = 0;
-    {
-        long p = warp, sg = 0;
-        if (p >= n0 / 2) { p -= n0 / 2, sg = 1; }
-        if (sg == 1 && p >= n1 / 2) { p -= n1 / 2, sg = 2; }
-        any = sg < 2 || p < n2 / 2;
-        long head = p / half;
-        rot_i = (int)(p % half);
-        seg[0] = seg[1] = (int)sg;
-        row[0] = head * hd + (neox ? rot_i : 2 * rot_i);
-        row[1] = row[0] + (neox ? half : 1);
-    }
-#else
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        long g = warp * R + r;
-        int sg = 0;
-        if (g >= n0) { g -= n0, sg = 1; }
-        if (sg == 1 && g >= n1) { g -= n1, sg = 2; }
-        bool ok = sg < 2 ? true : g < n2;
+        bool ok = PAIRS ? locate(warp, r, n0, n1, n2, hd, neox, seg[r], row[r])
+                        : locate(warp * R + r, 0, n0, n1, n2, hd, neox, seg[r], row[r]);
         any |= ok;
-        seg[r] = ok ? sg : 0;
-        row[r] = ok ? g : -1;
+        if (!ok) seg[r] = 0, row[r] = -1;
     }
-#endif
     if (!any) return;
 
     const u8* qr[R];
     const u8* sr[R];
     const u32* hr[R];
 #pragma unroll
-    for (int r = 0; r < R; r++) {
-        long rr = row[r] < 0 ? 0 : row[r];  // rows past the end read row 0 and are not written
-        qr[r] = PICK(seg[r], q0, q1, q2) + rr * qrb;
-        sr[r] = PICK(seg[r], s0, s1, s2) + rr * srb;
-        hr[r] = PICK(seg[r], h0, h1, h2) + rr * hrw;
-    }
+    for (int r = 0; r < R; r++) ROW_PTRS(seg[r], row[r], qr[r], sr[r], hr[r]);
 
     float acc[R];
 #pragma unroll
@@ -152,45 +226,128 @@ gemv(const float* __restrict__ x, const float* __restrict__ nw, float eps, int K
     for (int r = 0; r < R; r++) acc[r] *= scale;
 #endif
     if (lane != 0) return;
-
-#if MODE == MODE_PLAIN
+#if PAIRS
+    finish_pair(GEMV_ARGS, warp, acc[0], acc[1]);
+#else
 #pragma unroll
-    for (int r = 0; r < R; r++) {
-        if (row[r] < 0) continue;
-        const float* bias = PICK(seg[r], b0, b1, b2);
-        PICK(seg[r], o0, o1, o2)[row[r]] = acc[r] + (bias ? bias[row[r]] : 0.0f);
-    }
-#elif MODE == MODE_RES
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        if (row[r] < 0) continue;
-        float v = acc[r] + (b0 ? b0[row[r]] : 0.0f);
-        o0[row[r]] = v;
-        resid[row[r]] += v;
-    }
-#elif MODE == MODE_GLU
-    float g = acc[0], u = acc[1];
-    o0[row[0]] = g / (1.0f + expf(-g)) * u;
-    o1[row[0]] = u;
-#elif MODE == MODE_QKV
-    const float* bias = PICK(seg[0], b0, b1, b2);
-    float* out = PICK(seg[0], o0, o1, o2);
-    float a = acc[0] + (bias ? bias[row[0]] : 0.0f);
-    float b = acc[1] + (bias ? bias[row[1]] : 0.0f);
-    int p = pos[0];
-    if (seg[0] < 2) {  // rotate q and k exactly as numpy does: angle in float64, cos/sin rounded to float32
-        double ang = (double)p * pow((double)theta, -2.0 * rot_i / hd);
-        float cs = (float)cos(ang), sn = (float)sin(ang);
-        float a2 = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn)), b2 = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, cs));
-        a = a2, b = b2;
-    }
-    out[row[0]] = a;
-    out[row[1]] = b;
-    if (seg[0] > 0) {
-        u16* cache = seg[0] == 1 ? kc : vc;
-        long h = row[0] / hd;
-        cache[(h * n_ctx + p) * hd + row[0] % hd] = f2h(a);
-        cache[(h * n_ctx + p) * hd + row[1] % hd] = f2h(b);
-    }
+    for (int r = 0; r < R; r++)
+        if (row[r] >= 0) finish_row(GEMV_ARGS, seg[r], row[r], acc[r]);
 #endif
 }
+
+#else  // BK: the block kernel
+
+#define LOG2R (R == 2 ? 1 : R == 4 ? 2 : R == 8 ? 3 : R == 16 ? 4 : 5)
+#define UPG (PAIRS ? R / 2 : R)  // units (rows, or pairs of rows) per group of R rows
+
+__device__ __forceinline__ long n_units(int n0, int n1, int n2) {
+#if MODE == MODE_GLU
+    return n0;
+#elif MODE == MODE_QKV
+    return ((long)n0 + n1 + n2) / 2;
+#else
+    return (long)n0 + n1 + n2;
+#endif
+}
+
+// In a group, slot r < UPG is row (or first row of pair) g UPG + r; in the pair modes slot UPG + i is the second row
+// of pair g UPG + i.
+#define SLOT_UNIT(g, r) ((g) * UPG + (PAIRS ? (r) % UPG : (r)))
+#define SLOT_HALF(r) (PAIRS ? (r) / UPG : 0)
+
+// Each warp's R partial sums reduced over its 32 lanes, transposed: every lane ends with the warp total of one row,
+// row lane >> (5 - LOG2R), in acc[0]. Halving the row set at each exchange costs R - 1 + 5 - LOG2R shuffles.
+__device__ __forceinline__ void warp_sum_rows(float* acc, int lane) {
+#pragma unroll
+    for (int s = 0; s < LOG2R; s++) {
+        const int h = R >> (s + 1), off = 16 >> s;
+        const bool up = lane & off;
+#pragma unroll
+        for (int i = 0; i < h; i++) {
+            float send = up ? acc[i] : acc[i + h], keep = up ? acc[i + h] : acc[i];
+            acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+        }
+    }
+#pragma unroll
+    for (int off = 16 >> LOG2R; off > 0; off >>= 1) acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], off);
+}
+
+extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
+    __shared__ float red[2][NT / 32][R];
+    __shared__ float scratch[32];
+    const int t = threadIdx.x, lane = t & 31, wid = t >> 5;
+    const long qrb = q_row_bytes(K), srb = s_row_bytes(K), hrw = h_row_words(K);
+    const int nch = n_chunks(K);
+    const long groups = (n_units(n0, n1, n2) + UPG - 1) / UPG;
+    long g = blockIdx.x;
+    if (g >= groups) return;
+
+    Raw raw[R][CPT];
+    auto load_group = [&](long gg) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            int seg;
+            long row;
+            if (!locate(SLOT_UNIT(gg, r), SLOT_HALF(r), n0, n1, n2, hd, neox, seg, row)) seg = 0, row = -1;
+            const u8 *qr, *sr;
+            const u32* hr;
+            ROW_PTRS(seg, row, qr, sr, hr);
+#pragma unroll
+            for (int i = 0; i < CPT; i++)
+                if (t + NT * i < nch) raw[r][i] = load_chunk(qr, sr, hr, t + NT * i);
+        }
+    };
+    load_group(g);  // weights only: before waiting for the previous kernel (PDL)
+    pdl_wait();
+    pdl_trigger();
+
+    // This thread's slice of x (normalised by the norm weight if NORM), kept for every row.
+    float xa[CPT][NA], xb[CPT][NB > 0 ? NB : 1], sa[CPT], sb[CPT], ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < CPT; i++) {
+        int c = t + NT * i;
+        sa[i] = sb[i] = 0.0f;
+        if (c < nch) {
+            load_x(x, nw, x_off_a(c), NA, xa[i], sa[i], ss);
+#if NB > 0
+            load_x(x, nw, x_off_a(c) + X_OFF_B, NB, xb[i], sb[i], ss);
+#endif
+        }
+    }
+#if NORM
+    const float scale = 1.0f / sqrtf(block_sum(ss, scratch) / (float)K + eps);
+#else
+    const float scale = 1.0f;
+#endif
+
+    for (int buf = 0; g < groups; g += gridDim.x, buf ^= 1) {
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            acc[r] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < CPT; i++)
+                if (t + NT * i < nch) acc[r] += dot_chunk(raw[r][i], t + NT * i, xa[i], xb[i], sa[i], sb[i]);
+        }
+        if (g + gridDim.x < groups) load_group(g + gridDim.x);  // in flight while this group is reduced
+        warp_sum_rows(acc, lane);
+        if ((lane & (32 / R - 1)) == 0) red[buf][wid][lane >> (5 - LOG2R)] = acc[0];
+        __syncthreads();  // red[buf] is rewritten two groups later, after the next barrier: no second barrier
+        if (t < UPG) {
+            float a = 0.0f, b = 0.0f;
+#pragma unroll
+            for (int w = 0; w < NT / 32; w++) a += red[buf][w][t], b += PAIRS ? red[buf][w][t + UPG] : 0.0f;
+            long u = g * UPG + t;
+            int seg;
+            long row;
+            if (locate(u, 0, n0, n1, n2, hd, neox, seg, row)) {
+#if PAIRS
+                finish_pair(GEMV_ARGS, u, a * scale, b * scale);
+#else
+                finish_row(GEMV_ARGS, seg, row, a * scale);
+#endif
+            }
+        }
+    }
+}
+#endif
