@@ -10,7 +10,8 @@ called on the attention output projection and the FFN down projection):
   no hook for; a replicated head costs vocab * d weights per rank (about 2% of Llama-7B) and keeps logits local.
 
 Column slices of a quantized matrix must start on a block (32 elements, 256 for K-quants): the bytes of a row are
-whole blocks, so columns [c0, c1) are bytes [c0 / B * block_bytes, c1 / B * block_bytes) of each row. Attention
+whole blocks, so columns [c0, c1) are bytes [c0 / B * block_bytes, c1 / B * block_bytes) of each row. Row and column
+slices alike are views of the memory-mapped file; nothing is copied until a backend uploads the tensor. Attention
 boundaries are fixed by the heads, so a misaligned one raises ShardError; FFN boundaries are chosen block-aligned,
 uneven when d_ff / N is not a multiple of the alignment (ranks differ by at most one alignment unit).
 
@@ -149,7 +150,9 @@ def slice_cols(info: TensorInfo, start: int, stop: int) -> TensorInfo:
                 f"use fewer ranks or a model whose per-rank widths are multiples of {block}"
             )
     raw = info.raw if len(info.shape) == 2 else info.raw.reshape(1, -1)
-    piece = np.ascontiguousarray(raw[:, start // block * block_bytes : stop // block * block_bytes])
+    # A strided view of the memory map, not a copy: the backend copies one tensor at a time as it uploads it, so a
+    # 70B shard costs no host memory beyond the mapped file (quant.dequantize and CuPy's upload take strided input).
+    piece = raw[:, start // block * block_bytes : stop // block * block_bytes]
     if len(info.shape) == 1:
         return TensorInfo(info.name, info.qtype, (stop - start,), piece.reshape(-1))
     return TensorInfo(info.name, info.qtype, (info.shape[0], stop - start), piece)

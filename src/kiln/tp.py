@@ -14,6 +14,12 @@ GPU: the rank threads hand the GIL back and forth at every launch (2 x H100, ran
 with graphs, 19 without; one GPU 197 and 62). Prefill runs eagerly (CuPy refuses cuBLAS calls during a capture), so
 its speed-up is bounded by the same launch overhead (pp512: 10.9k tok/s on 2 GPUs, 9.1k-13.4k on one).
 
+The residual add is folded into the all-reduce (fold_residual): rank 0 adds its partial sum into the residual stream
+x (the cuda backend fuses that add into the GEMV) and the other ranks write their partial sums straight into x, so one
+all-reduce of x leaves x + sum of the partials on every rank: no separate add kernel per all-reduce (KILN_TP_FOLD=0
+restores matmul, all-reduce, add). KILN_TP_DIAG_SKIP_ALLREDUCE=1 is a diagnostic for benchmarks only: the
+all-reduces are left out, so the output is wrong, and the time saved is what they cost inside the graph.
+
 NVLink multicast (NVLS) is switched off before NCCL starts: on the shared hosts kiln is tested on, a program that
 uses it can take the host's GPUs out of service, and two to eight ranks summing one activation row gain nothing by it.
 
@@ -39,6 +45,7 @@ from .errors import BackendUnavailable, ContextOverflow, KilnError
 from .gguf import GGUFFile
 from .model import Model
 from .runtime.base import Device, Tensor
+from .runtime.fusion import READS, WRITES
 from .shard import ShardedFile, plan_for
 
 TP_BACKENDS = ("cuda",)  # what api.load offers; backend="numpy" below is the same schedule on the CPU, for tests
@@ -80,6 +87,61 @@ class _Worker:
         self._thread.join(timeout)
 
 
+# --- the residual fold -----------------------------------------------------------------------------------------------
+def _dead_after(ops: list, j: int, t: Tensor, tid: Callable[[Tensor], object]) -> bool:
+    """`t` is overwritten after ops[j] before anything reads it, or never read again in the step (the host reads only
+    the logits of a step)."""
+    p = tid(t)
+    for name, args in ops[j + 1 :]:
+        if any(tid(args[a]) == p for a in READS[name]):
+            return False
+        if any(tid(args[a]) == p for a in WRITES[name]):
+            return True
+    return True
+
+
+def fold_residual(ops: list, rank: int, tid: Callable[[Tensor], object]) -> list:
+    """Rewrite each recorded `matmul(a, W, h), all_reduce(h), add(x, h, x)` of a step (model.py's row-parallel
+    projection, its all-reduce and the residual add) so the add disappears into the all-reduce:
+
+        rank 0:      matmul(a, W, h), add(x, h, x), all_reduce(x)    (the backend fuses matmul + add into one GEMV)
+        other ranks: matmul(a, W, x), all_reduce(x)
+
+    The sum is x + sum of the partials on every rank, as before, added in another order. Only where h is dead after
+    the add (it is: the next norm overwrites it), the matmul has no bias and reads neither x nor h."""
+    out, i = [], 0
+    while i < len(ops):
+        if i + 3 <= len(ops) and (ops[i][0], ops[i + 1][0], ops[i + 2][0]) == ("matmul", "all_reduce", "add"):
+            a, w, h = ops[i][1][:3]
+            bias = ops[i][1][3] if len(ops[i][1]) > 3 else None
+            (r,) = ops[i + 1][1]
+            p, q, x = ops[i + 2][1]
+            th, tx = tid(h), tid(x)
+            if (
+                bias is None
+                and tid(r) == th
+                and tx != th
+                and {tid(p), tid(q)} == {th, tx}
+                and tid(a) not in (th, tx)
+                and x.shape == h.shape
+                and x.dtype == h.dtype
+                and _dead_after(ops, i + 2, h, tid)
+            ):
+                if rank == 0:
+                    out += [ops[i], ops[i + 2], ("all_reduce", (x,))]
+                else:
+                    out += [("matmul", (a, w, x, None)), ("all_reduce", (x,))]
+                i += 3
+                continue
+        out.append(ops[i])
+        i += 1
+    return out
+
+
+def _fold_enabled() -> bool:
+    return os.environ.get("KILN_TP_FOLD", "1") != "0"
+
+
 # --- collectives -----------------------------------------------------------------------------------------------------
 class _NcclGroup:
     """One NCCL communicator per GPU of `indices`, all made by one ncclCommInitAll (a single process)."""
@@ -103,7 +165,7 @@ class _NcclGroup:
         self.comms = nccl.NcclCommunicator.initAll(list(indices))
 
     def device(self, rank: int) -> Device:  # on the rank's thread
-        return self._device_class(self.indices[rank], self.comms[rank])
+        return self._device_class(self.indices[rank], self.comms[rank], rank)
 
     def reducer(self, rank: int, dev: Device) -> Callable[[Tensor], None]:
         return dev.all_reduce
@@ -133,21 +195,19 @@ class _HostGroup:
         self._parts: list = [None] * n
 
     def device(self, rank: int) -> Device:
-        from .runtime.numpy_backend import NumpyDevice
+        return _host_device_class()(rank, self._sum)
 
-        return NumpyDevice()
+    def _sum(self, rank: int, dev: Device, t: Tensor) -> None:
+        self._parts[rank] = dev.download(t)
+        self._barrier.wait()
+        total = self._parts[0].copy()
+        for part in self._parts[1:]:
+            total += part
+        self._barrier.wait()  # nobody overwrites its part before every rank has summed
+        dev.write(t, total)
 
     def reducer(self, rank: int, dev: Device) -> Callable[[Tensor], None]:
-        def all_reduce(t: Tensor) -> None:
-            self._parts[rank] = dev.download(t)
-            self._barrier.wait()
-            total = self._parts[0].copy()
-            for part in self._parts[1:]:
-                total += part
-            self._barrier.wait()  # nobody overwrites its part before every rank has summed
-            dev.write(t, total)
-
-        return all_reduce
+        return dev.all_reduce
 
     def release(self) -> None:
         self._barrier.abort()  # the other ranks' threads wait in the barrier: free them now
@@ -157,6 +217,61 @@ class _HostGroup:
 
     def close(self) -> None:
         pass
+
+
+_HOST_OPS = ("embed", "rms_norm", "matmul", "rope", "attention", "swiglu", "add", "copy_row")
+_HOST_DEVICE: type | None = None
+
+
+def _host_device_class() -> type:
+    """NumpyDevice that records each step and runs it through fold_residual, as the cuda backend's replay() does, so
+    the CPU tests check the same rewritten schedule the GPUs run. all_reduce is an op here too."""
+    global _HOST_DEVICE
+    if _HOST_DEVICE is not None:
+        return _HOST_DEVICE
+    from .runtime.numpy_backend import NumpyDevice
+
+    def recorded(name: str):
+        def op(self, *args) -> None:
+            if name == "matmul" and len(args) == 3:
+                args = (*args, None)  # recorded as the cuda backend records it: bias always present
+            if self._rec is not None:
+                self._rec.append((name, args))
+            else:
+                self._run_op(name, args)
+
+        op.__name__ = name
+        return op
+
+    class HostRankDevice(NumpyDevice):
+        def __init__(self, rank: int, reduce: Callable[[int, Device, Tensor], None]):
+            super().__init__()
+            self.rank, self._reduce, self._rec = rank, reduce, None
+            self.fold = _fold_enabled()
+
+        def _run_op(self, name: str, args: tuple) -> None:
+            if name == "all_reduce":
+                self._reduce(self.rank, self, args[0])
+            else:
+                getattr(NumpyDevice, name)(self, *args)
+
+        def replay(self, key: Any, step) -> None:
+            self._rec = []
+            try:
+                step()
+            finally:
+                ops, self._rec = self._rec, None
+            for name, args in fold_residual(ops, self.rank, _host_tid) if self.fold else ops:
+                self._run_op(name, args)
+
+    for name in (*_HOST_OPS, "all_reduce"):
+        setattr(HostRankDevice, name, recorded(name))
+    _HOST_DEVICE = HostRankDevice
+    return HostRankDevice
+
+
+def _host_tid(t: Tensor) -> int:
+    return t.storage.__array_interface__["data"][0]
 
 
 def _import_nccl():
@@ -199,15 +314,39 @@ def _nccl_device_class() -> type:
     nccl = _import_nccl()
     types = {"f32": nccl.NCCL_FLOAT32, "f16": nccl.NCCL_FLOAT16}
 
+    class FoldFirst:
+        """The backend's fusion pass, after fold_residual (so rank 0's matmul + add become one GEMV)."""
+
+        def __init__(self, inner, rank: int):
+            self.inner, self.rank = inner, rank
+
+        def fuse(self, ops: list) -> list:
+            return self.inner.fuse(fold_residual(ops, self.rank, cb._tid))
+
     class NcclCudaDevice(cb.CudaDevice):
-        def __init__(self, index: int, comm):
+        def __init__(self, index: int, comm, rank: int = 0):
             super().__init__(index)
-            self.comm = comm
+            self.comm, self.rank = comm, rank
+            self.fold = _fold_enabled()
+            if self.fold:
+                self._fuser = FoldFirst(self._fuser, rank)
+            self.skip_all_reduce = os.environ.get("KILN_TP_DIAG_SKIP_ALLREDUCE") == "1"
+            if self.skip_all_reduce and rank == 0:
+                print(
+                    "kiln: DIAGNOSTIC: KILN_TP_DIAG_SKIP_ALLREDUCE=1 leaves every all-reduce out: "
+                    "the outputs are wrong, only the timings mean something",
+                    file=sys.stderr,
+                )
 
         def all_reduce(self, t: Tensor) -> None:
             self._op("all_reduce", t)
 
+        def _group_matmuls(self, ops: list) -> list:  # prefill steps (and decode with KILN_CUDA_FUSE=0)
+            return super()._group_matmuls(fold_residual(ops, self.rank, cb._tid) if self.fold else ops)
+
         def _do_all_reduce(self, t: Tensor) -> None:
+            if self.skip_all_reduce:
+                return
             ptr = t.storage.data.ptr
             if self._capture_ptrs is not None:  # the graph uses this buffer: freeing it drops the graph
                 self._capture_ptrs.append(ptr)

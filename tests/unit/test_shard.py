@@ -172,6 +172,30 @@ def test_row_shards_stay_views_of_the_file():
     assert np.shares_memory(shard.raw, raw) and shard.raw.flags.c_contiguous
 
 
+def test_column_shards_are_views_too():
+    """No host copy at sharding time (a 70B model's attn_output and ffn_down shards would be gigabytes): the strided
+    view dequantizes to the same values as a contiguous copy."""
+    raw = quant.random_weight(Q.Q4_0, 64, 1024, np.random.default_rng(1))
+    p = plan(config(), 2)
+    shard = shard_tensor(TensorInfo("blk.0.ffn_down.weight", Q.Q4_0, (64, 1024), raw), 1, p)
+    assert np.shares_memory(shard.raw, raw) and not shard.raw.flags.c_contiguous
+    lo, hi = p[1].ffn
+    want = quant.dequantize(raw, Q.Q4_0, 1024)[:, lo:hi]
+    np.testing.assert_array_equal(quant.dequantize(shard.raw, Q.Q4_0, hi - lo), want)
+    assert shard.nbytes == 64 * (hi - lo) // 32 * 18
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_llama_70b_shape_splits_over_1_2_4_8(n):
+    """The benchmark's 70B shape (64 heads, 8 KV heads, d_ff 28672) in Q4_0: even heads, KV groups and FFN blocks."""
+    s = synth.SHAPES["llama-70b"]
+    cfg = config(n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, head_dim=s.d_model // s.n_heads, d_ff=s.d_ff)
+    p = plan(cfg, n, ffn_align=32)
+    assert {r.n_heads for r in p.ranks} == {64 // n} and {r.n_kv_heads for r in p.ranks} == {8 // n}
+    assert {r.d_ff for r in p.ranks} == {28672 // n} and not p.kv_replicated
+    assert all(r.heads[0] * 128 % 32 == 0 for r in p.ranks)  # attn_output splits on Q4_0 blocks
+
+
 def test_misaligned_column_split_raises_a_clear_error(models):
     info = TensorInfo(
         "blk.0.attn_output.weight", Q.Q4_K, (4, 512), quant.random_weight(Q.Q4_K, 4, 512, np.random.default_rng(2))

@@ -13,9 +13,11 @@ from gguf import GGMLQuantizationType as Q
 from helpers import greedy
 
 from kiln import api, bench, cli, gguf
+from kiln import tp as tp_mod
 from kiln.errors import ContextOverflow, KilnError
 from kiln.generate import generate
 from kiln.model import Model
+from kiln.runtime.fusion import Fuser
 from kiln.runtime.numpy_backend import NumpyDevice
 from kiln.shard import ShardError
 from kiln.tokenizer import Tokenizer
@@ -66,6 +68,57 @@ def test_rank_threads_and_interface(tp, path):
     tp.tokenizer = Tokenizer.from_gguf_fields(tp.gguf.tokenizer_fields())
     assert isinstance(generate(tp, tp.tokenizer, PROMPT, max_tokens=5), str)
     assert tp.n_ctx == 64 and len(tp.tokens) > len(PROMPT)
+
+
+@pytest.mark.parametrize("fold", ["1", "0"])
+def test_residual_fold_drops_the_adds_and_keeps_the_tokens(path, reference, monkeypatch, fold):
+    """fold_residual on the recorded steps (the same rewrite the cuda ranks run): rank 0 keeps matmul + add before
+    an all-reduce of x, which the fusion pass turns into one GEMV; rank 1 writes into x and has no add at all."""
+    monkeypatch.setenv("KILN_TP_FOLD", fold)
+    seen: dict[int, tuple[list, list, list]] = {}  # rank -> op names: recorded, folded, folded and fused
+    real = tp_mod.fold_residual
+    names = lambda ops: [n for n, _ in ops]  # noqa: E731
+
+    def spy(ops, rank, tid):
+        out = real(ops, rank, tid)
+        seen[rank] = (names(ops), names(out), names(Fuser(tid, lambda *a: True).fuse(out)))
+        return out
+
+    monkeypatch.setattr(tp_mod, "fold_residual", spy)
+    model = TensorParallelModel(path, 2, n_ctx=64, backend="numpy")
+    try:
+        tokens, logits = greedy(model, PROMPT, N_GREEDY)
+    finally:
+        model.close()
+    assert tokens == reference[0]
+    np.testing.assert_allclose(logits, reference[1], rtol=1e-4, atol=1e-4)
+    if fold == "0":
+        assert not seen
+        return
+    layers = model.cfg.n_layers
+    assert sorted(seen) == [0, 1]
+    for rank, (ops, out, fused) in seen.items():
+        assert ops.count("add") == ops.count("all_reduce") == 2 * layers
+        assert out.count("all_reduce") == 2 * layers
+        assert out.count("add") == (2 * layers if rank == 0 else 0)
+        assert "add" not in fused and fused.count("gemv_res") == (2 * layers if rank == 0 else 0)
+
+
+def test_fold_leaves_other_patterns_alone():
+    """No fold when h is read after the add, when the matmul has a bias, or when the add is not the residual."""
+    dev = NumpyDevice()
+    a, h, x, y = (dev.empty((1, 8)) for _ in range(4))
+    w = object()
+    tid = tp_mod._host_tid
+    base = [("matmul", (a, w, h, None)), ("all_reduce", (h,)), ("add", (x, h, x))]
+    assert [n for n, _ in tp_mod.fold_residual(base, 1, tid)] == ["matmul", "all_reduce"]
+    for ops in (
+        base + [("add", (y, h, y))],  # h read afterwards
+        [("matmul", (a, w, h, object())), *base[1:]],  # bias
+        [*base[:2], ("add", (x, h, y))],  # result not in the residual
+        [("matmul", (x, w, h, None)), *base[1:]],  # the matmul reads x
+    ):
+        assert tp_mod.fold_residual(ops, 1, tid) == ops
 
 
 def test_prefix_reuse_is_the_same_on_every_rank(tp, reference):
