@@ -1,55 +1,126 @@
 #!/usr/bin/env bash
-# Tensor parallelism on one host of >= 2 GPUs, in one go: the 2-GPU test (tests/models/test_cuda_tp.py), then
-# kiln bench on a random Llama-7B-shape Q8_0 with --tensor-parallel 1 and 2 (CUDA graphs on, then off).
-#   bash bench/tp_device.sh [OUT_DIR]      (OUT_DIR default $OUT or /tmp/tp_out; models go to /tmp/models)
-# Wheels missing on the machine (gguf) are read from .whl/ when it exists. Every step has its own time limit, so a
-# hang costs one step, and later steps are skipped when the total nears LIMIT seconds (default 380).
+# Tensor parallelism on one host of 2 GPUs, in two device calls made back to back (a call runs 600 s at most; the
+# machine keeps /tmp while it stays warm between them):
+#   bash bench/tp_device.sh a   starts llama.cpp's build (setsid, nice 19, in the background), writes the random
+#                               Llama-7B Q8_0 and Llama-70B Q4_0 GGUFs, sweeps NCCL settings (bench/tp_allreduce.py),
+#                               runs tests/models/test_cuda_tp.py, then kiln bench N=1 and N=2 on both models, with
+#                               the fold off, with the all-reduces left out (a diagnostic, wrong outputs) and with the
+#                               sweep's best NCCL setting
+#   bash bench/tp_device.sh b   waits for the build, runs llama-bench on the same files at N=1 (CUDA_VISIBLE_DEVICES=0)
+#                               and N=2 with -sm layer and -sm row, then kiln N=1/N=2 again on a quiet CPU
+# Phase a's kiln runs share the CPU with the build (nice 19: it yields to them); every JSON records whether the build
+# was running. Every step has its own time limit and is skipped when the phase's LIMIT (seconds) would be passed.
+# Carry .whl (gguf wheel) and .peer (llama.cpp source). Everything lands in $OUT/tp_<phase>.tar.gz + summary_<phase>.txt.
 set -uo pipefail
-OUT=${1:-${OUT:-/tmp/tp_out}}
-LIMIT=${LIMIT:-380}
-P=${P:-512} N=${N:-128} R=${R:-1}
-mkdir -p "$OUT" /tmp/models
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+PHASE=${1:-a}
+OUT=${OUT:-/tmp/tp_out}
+W=/tmp/tp
+RES=$W/$PHASE
+M=/tmp/models
+mkdir -p "$OUT" "$RES" "$M"
+LIMIT=${LIMIT:-$([ "$PHASE" = a ] && echo 270 || echo 190)}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+M7=$M/llama-7b-q8_0.gguf
+M70=$M/llama-70b-q4_0.gguf
+LB=/tmp/llama.cpp/build/bin/llama-bench
+left() { [ $((LIMIT - SECONDS)) -gt "$1" ]; }
+log() { echo "== $* (t=${SECONDS}s)" | tee -a "$RES/steps.log"; }
+building() { [ -f /tmp/llama_build.started ] && [ ! -f /tmp/llama_build.done ] && echo true || echo false; }
+finish() {
+  python3 bench/tp_summary.py "$W" >"$RES/summary.txt" 2>&1
+  cat "$RES/summary.txt"
+  tar czf "$OUT/tp_$PHASE.tar.gz" -C "$W" "$PHASE"
+  cp "$RES/summary.txt" "$OUT/summary_$PHASE.txt"
+}
+trap finish EXIT
+
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD/src
-NAME=${NAME:-llama-7b-q8_0}  # a bench/make_models.py name
-MODEL=/tmp/models/$NAME.gguf
-left() { [ $((LIMIT - SECONDS)) -gt "$1" ]; }
 
-{
-  nvidia-smi -L; nvidia-smi topo -m
-  python3 -c "import sys, cupy; print(sys.version.split()[0], 'cupy', cupy.__version__, 'gpus', cupy.cuda.runtime.getDeviceCount())"
-  if ! python3 -c "import kiln.tp as t; print('nccl', t._import_nccl().get_version())"; then
-    lib=$(python3 -c "import glob, sys; print(next((g for p in sys.path for g in glob.glob(p + '/nvidia/*/lib/libnccl.so.2')), ''))")
-    echo "NCCL not found by CuPy; LD_LIBRARY_PATH += $(dirname "$lib")"
-    export LD_LIBRARY_PATH=$(dirname "$lib"):${LD_LIBRARY_PATH:-}
-    python3 -c "import kiln.tp as t; print('nccl', t._import_nccl().get_version())"
-  fi
-} >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
-
-# The 7B file is written while the test runs (CPU work).
-timeout 240 python3 bench/make_models.py /tmp/models --only "$NAME" >"$OUT/bench.log" 2>&1 &
-writer=$!
-
-echo "== test_cuda_tp (t=${SECONDS}s)"
-timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_cuda_tp.py 2>&1 | tee "$OUT/test.log"
-wait $writer || echo "model writer failed: $?" | tee -a "$OUT/bench.log"
-
-bench() {  # name, budget seconds, env..., then kiln bench arguments after --
-  local name=$1 budget=$2; shift 2
-  local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
-  if ! left "$budget"; then echo "== $name skipped: $((LIMIT - SECONDS)) s left" | tee -a "$OUT/bench.log"; return; fi
-  echo "== $name (t=${SECONDS}s)" | tee -a "$OUT/bench.log"
-  env "${envs[@]}" timeout "$budget" python3 -m kiln bench -m "$MODEL" -b cuda -p "$P" -n "$N" -r "$R" \
-    --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$OUT/bench.log"
+# kiln bench: name, budget s, model, N, env..., [-- extra kiln bench args]. Writes $RES/name.json (+ .meta.json).
+kbench() {
+  local name=$1 budget=$2 model=$3 n=$4; shift 4
+  local envs=() extra=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  [ $# -gt 0 ] && { shift; extra=("$@"); }
+  if [ ! -f "$model" ]; then log "$name skipped: no $model"; return; fi
+  if ! left "$budget"; then log "$name skipped: $((LIMIT - SECONDS)) s left"; return; fi
+  log "$name: N=$n ${envs[*]:-} ${extra[*]:-}"
+  printf '{"name": "%s", "phase": "%s", "env": "%s", "llama_cpp_build_running": %s}\n' \
+    "$name" "$PHASE" "${envs[*]:-}" "$(building)" >"$RES/$name.meta.json"
+  env "${envs[@]}" timeout "$budget" python3 bench/peak_rss.py --json "$RES/$name.rss.json" -- \
+    python3 -m kiln bench -m "$model" -b cuda -p 512 -n 128 -r 3 --tensor-parallel "$n" --json "$RES/$name.json" \
+    "${extra[@]}" 2>&1 | tee -a "$RES/bench.log"
 }
-if [ -f "$MODEL" ]; then
-  bench tp1 90 KILN_CUDA_GRAPHS=1 -- --tensor-parallel 1
-  bench tp2 100 KILN_CUDA_GRAPHS=1 -- --tensor-parallel 2
-  bench tp2_eager 70 KILN_CUDA_GRAPHS=0 -- --tensor-parallel 2
-  bench tp1_eager 60 KILN_CUDA_GRAPHS=0 -- --tensor-parallel 1
+
+if [ "$PHASE" = a ]; then
+  if [ ! -x "$LB" ] && [ ! -f /tmp/llama_build.started ]; then
+    date +%s >/tmp/llama_build.started
+    setsid nohup nice -n 19 bash -c "bash bench/peers/build_llama_cpp.sh /tmp/llama.cpp $(($(nproc) - 4)); \
+      echo \$? >/tmp/llama_build.done" >/tmp/llama_build.out 2>&1 </dev/null &
+  fi
+  {
+    nvidia-smi -L; nvidia-smi topo -m; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+    nproc; free -g; df -h /tmp
+    python3 -c "import sys, cupy; print(sys.version.split()[0], 'cupy', cupy.__version__, 'gpus', cupy.cuda.runtime.getDeviceCount())"
+    python3 -c "import kiln.tp as t; print('nccl', t._import_nccl().get_version())"
+    git log --oneline -5 2>/dev/null || true
+  } >"$RES/env.txt" 2>&1
+  cat "$RES/env.txt"
+
+  log "writing models"
+  (timeout 200 python3 bench/make_models.py "$M" --only llama-7b-q8_0 --workers 6 >"$RES/make_7b.log" 2>&1) &
+  w7=$!
+  (timeout 280 python3 bench/make_models.py "$M" --only llama-70b-q4_0 --workers 14 >"$RES/make_70b.log" 2>&1) &
+  w70=$!
+
+  log "NCCL all-reduce sweep"
+  timeout 110 python3 bench/tp_allreduce.py --sweep --json "$RES/allreduce_sweep.json" --best-env 4096 \
+    2>&1 | tee "$RES/allreduce.log"
+  BEST=$(grep '^BEST' "$RES/allreduce.log" | cut -c6-)
+
+  if left 150; then
+    log "test_cuda_tp"
+    timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_cuda_tp.py 2>&1 | tee "$RES/test.log"
+  fi
+  wait $w7; cat "$RES/make_7b.log"
+
+  kbench tp1_7b 60 "$M7" 1
+  kbench tp2_7b 60 "$M7" 2
+  kbench diag_tp2_7b_no_allreduce 50 "$M7" 2 KILN_TP_DIAG_SKIP_ALLREDUCE=1
+  if [ -n "$BEST" ]; then
+    # shellcheck disable=SC2086
+    kbench tp2_7b_nccl_best 60 "$M7" 2 $BEST
+  fi
+  log "waiting for the 70B file"
+  wait $w70; cat "$RES/make_70b.log"
+  kbench tp1_70b 100 "$M70" 1
+  kbench tp2_70b 100 "$M70" 2
+  kbench diag_tp2_70b_no_allreduce 70 "$M70" 2 KILN_TP_DIAG_SKIP_ALLREDUCE=1 -- -p 0
+else
+  log "waiting for llama.cpp's build ($(building))"
+  while [ "$(building)" = true ] && left 110; do sleep 2; done
+  cat /tmp/llama_build.done /tmp/llama_build.out 2>/dev/null | tail -5 | tee "$RES/build.log"
+  if [ -x "$LB" ]; then
+    for spec in "7b $M7 3" "70b $M70 2"; do
+      set -- $spec
+      for mode in n1 layer row; do
+        budget=$([ "$1" = 7b ] && echo 40 || echo 60)
+        if ! left "$budget"; then log "llama.cpp $1 $mode skipped"; continue; fi
+        log "llama.cpp $1 $mode"
+        if [ $mode = n1 ]; then gp=(--gpus 0); else gp=(--gpus 0,1 --split-mode $mode); fi
+        timeout "$budget" python3 bench/peers/llama_bench.py "$LB" "$2" -p 512 -n 128 -r "$3" "${gp[@]}" \
+          --timeout $((budget - 5)) --json "$RES/llama_${1}_$mode.json" 2>&1 | tee -a "$RES/llama.log"
+      done
+    done
+  else
+    log "no llama-bench: $(tail -3 /tmp/llama_build.out 2>/dev/null)"
+  fi
+  kbench quiet_tp1_7b 30 "$M7" 1
+  kbench quiet_tp2_7b 30 "$M7" 2
+  kbench quiet_tp2_7b_nofold 30 "$M7" 2 KILN_TP_FOLD=0
 fi
-echo "== done (t=${SECONDS}s)"
+log "done"

@@ -2,6 +2,11 @@
 its figures in kiln bench's JSON fields, so bench/compare.py can put them side by side.
 
     python bench/peers/llama_bench.py BIN MODEL.gguf [...] [-p 512 -n 128 -r 3] --json OUT.json
+        [--gpus 0,1 --split-mode layer|row|none]
+
+--gpus sets CUDA_VISIBLE_DEVICES for llama-bench (default: as inherited); --split-mode is llama-bench's -sm, how a
+model is spread over the visible GPUs: layer (whole layers per GPU, the default there) or row (every matrix split by
+rows; llama.cpp's tensor parallelism). NVLink multicast stays off in llama-bench's environment (NCCL_NVLS_ENABLE=0).
 """
 
 from __future__ import annotations
@@ -12,13 +17,41 @@ import os
 import subprocess
 
 
-def run(binary: str, model: str, p: int, n: int, r: int) -> dict:
+def run(
+    binary: str,
+    model: str,
+    p: int,
+    n: int,
+    r: int,
+    gpus: str | None = None,
+    split_mode: str | None = None,
+    timeout: float = 900,
+) -> dict:
     cmd = [binary, "-m", model, "-p", str(p), "-n", str(n), "-r", str(r), "-ngl", "99", "-fa", "1", "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if split_mode:
+        cmd += ["-sm", split_mode]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    n_gpus = len(gpus.split(",")) if gpus else None
+    res = {
+        "peer": "llama.cpp",
+        "model": os.path.basename(model),
+        "command": " ".join(cmd),
+        "cuda_visible_devices": gpus,
+        "n_gpus": n_gpus,
+        "split_mode_arg": split_mode,  # as asked (None: llama-bench's default); split_mode below is as it reports
+    }
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**res, "error": f"timed out after {timeout} s"}
     if proc.returncode:
-        return {"peer": "llama.cpp", "model": os.path.basename(model), "error": proc.stderr[-2000:]}
-    rows = json.loads(proc.stdout)
-    res = {"peer": "llama.cpp", "model": os.path.basename(model), "command": " ".join(cmd)}
+        return {**res, "error": proc.stderr[-2000:]}
+    try:
+        rows = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return {**res, "error": "no JSON from llama-bench: " + proc.stdout[-1000:] + proc.stderr[-1000:]}
     for row in rows:
         if row.get("n_prompt") and not row.get("n_gen"):
             res["prefill_tok_s"], res["prefill_tok_s_sd"] = row["avg_ts"], row["stddev_ts"]
@@ -26,7 +59,8 @@ def run(binary: str, model: str, p: int, n: int, r: int) -> dict:
         elif row.get("n_gen") and not row.get("n_prompt"):
             res["decode_tok_s"], res["decode_tok_s_sd"] = row["avg_ts"], row["stddev_ts"]
             res["generated_tokens"] = row["n_gen"]
-        res.update({k: row.get(k) for k in ("build_commit", "build_number", "gpu_info", "model_type", "flash_attn")})
+        keys = ("build_commit", "build_number", "gpu_info", "model_type", "model_size", "flash_attn", "split_mode")
+        res.update({k: row.get(k) for k in keys if k in row})
     return res
 
 
@@ -37,15 +71,18 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-r", type=int, default=3)
+    ap.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES for llama-bench, e.g. 0 or 0,1")
+    ap.add_argument("--split-mode", "-sm", default=None, choices=("none", "layer", "row"), help="llama-bench -sm")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per model")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     results = []
     for m in args.models:
-        res = run(args.binary, m, args.p, args.n, args.r)
+        res = run(args.binary, m, args.p, args.n, args.r, args.gpus, args.split_mode, args.timeout)
         print(json.dumps({k: v for k, v in res.items() if k != "command"}), flush=True)
         results.append(res)
-    with open(args.json, "w") as fh:
-        json.dump(results, fh, indent=1)
+        with open(args.json, "w") as fh:  # after every model: a later hang loses nothing written
+            json.dump(results, fh, indent=1)
 
 
 if __name__ == "__main__":
