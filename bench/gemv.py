@@ -4,8 +4,8 @@ rotate through the copies, so the weights come from HBM; timing is a CUDA graph 
 
     python bench/gemv.py [--json PATH] [--formats Q8_0 Q4_K ...] [--shapes 7b tinyllama] [--configs warp block:8:1]
 
-A config is `warp` (the warp kernel) or `block:R:G:T` (the block kernel: R rows per group, 0 = by format; G groups
-per block; at most T threads per block);
+A config is `warp` (the warp kernel) or `block:R:G:T` (the block kernel: R rows per group, G groups per block,
+0 = the backend's choice; at most T threads per block);
 `auto` is the backend's own choice per shape (see CudaDevice._gemv_shape).
 """
 
@@ -31,7 +31,7 @@ def set_config(dev, config: str) -> None:
     kind, *rest = config.split(":")
     dev.gemv_kernel = kind
     dev.gemv_rows = int(rest[0]) if rest else 0
-    dev.gemv_groups_per_block = int(rest[1]) if len(rest) > 1 else 1
+    dev.gemv_groups_per_block = int(rest[1]) if len(rest) > 1 else 0
     dev.gemv_max_threads = int(rest[2]) if len(rest) > 2 else 512
 
 
@@ -70,6 +70,33 @@ def copy_bandwidth(dev, nbytes: int = 1 << 30) -> float:
         b = cupy.empty_like(a)
     t = _graph_time(dev, lambda i: b.data.copy_from_device_async(a.data, nbytes, dev.stream), 10)
     return 2 * nbytes / t / 1e9
+
+
+_READ_SRC = r"""
+extern "C" __global__ void read_all(const uint4* __restrict__ a, unsigned int* out, unsigned long long n) {
+    unsigned int acc = 0;
+#pragma unroll 8
+    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        uint4 v = __ldg(a + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9E3779B9u) out[0] = acc;  // never true for the data used; keeps the loads
+}
+"""
+
+
+def read_bandwidth(dev, nbytes: int = 1 << 30) -> float:
+    """A read-only stream (what a GEMV does): 16-byte loads over 1 GiB, GB/s read."""
+    import cupy
+
+    with dev.stream:
+        a = cupy.ones(nbytes // 4, np.float32)
+        out = cupy.zeros(1, np.uint32)
+    k = cupy.RawKernel(_READ_SRC, "read_all")
+    grid = dev.sm_count * 8
+    t = _graph_time(dev, lambda i: k((grid,), (512,), (a, out, np.uint64(nbytes // 16))), 10)
+    return nbytes / t / 1e9
 
 
 def gemv_bandwidth(dev, fmt: str, N: int, K: int, l2_bytes: int, pdl: bool = False) -> dict:
@@ -115,12 +142,14 @@ def main() -> None:
     dev = get_device("cuda")
     l2 = cupy.cuda.runtime.getDeviceProperties(dev.index)["l2CacheSize"]
     ceiling = copy_bandwidth(dev)
+    read = read_bandwidth(dev)
     print(
-        f"{dev.name}: device-to-device copy {ceiling:.0f} GB/s (read + write), L2 {l2 >> 20} MiB, "
-        f"PDL {'on' if args.pdl and dev.pdl_enabled else 'off'}"
+        f"{dev.name}: device-to-device copy {ceiling:.0f} GB/s (read + write), read-only stream {read:.0f} GB/s, "
+        f"L2 {l2 >> 20} MiB, PDL {'on' if args.pdl and dev.pdl_enabled else 'off'}"
     )
     rows = []
-    print(f"{'config':<12} {'format':<6} {'N':>6} {'K':>6} {'MiB':>7} {'us':>8} {'GB/s':>7} {'% copy':>7} {'err':>8}")
+    head = f"{'config':<14} {'format':<6} {'N':>6} {'K':>6} {'MiB':>7} {'us':>8} {'GB/s':>7}"
+    print(head + f" {'% copy':>7} {'% read':>7} {'err':>8}")
     for config in args.configs:
         set_config(dev, config)
         for fmt in args.formats:
@@ -128,15 +157,17 @@ def main() -> None:
                 r = gemv_bandwidth(dev, fmt, N, K, l2, args.pdl and dev.pdl_enabled)
                 r["config"] = config
                 r["pct_of_copy"] = 100 * r["gb_s"] / ceiling
+                r["pct_of_read"] = 100 * r["gb_s"] / read
                 rows.append(r)
                 print(
-                    f"{config:<12} {fmt:<6} {N:>6} {K:>6} {r['bytes'] / 2**20:>7.1f} {r['us']:>8.1f} "
-                    f"{r['gb_s']:>7.0f} {r['pct_of_copy']:>6.0f}% {r['max_rel_err']:>8.1e}",
+                    f"{config:<14} {fmt:<6} {N:>6} {K:>6} {r['bytes'] / 2**20:>7.1f} {r['us']:>8.1f} "
+                    f"{r['gb_s']:>7.0f} {r['pct_of_copy']:>6.0f}% {r['pct_of_read']:>6.0f}% {r['max_rel_err']:>8.1e}",
                     flush=True,
                 )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": dev.name, "copy_gb_s": ceiling, "l2_bytes": l2, "gemv": rows}, fh, indent=1)
+            result = {"device": dev.name, "copy_gb_s": ceiling, "read_gb_s": read, "l2_bytes": l2, "gemv": rows}
+            json.dump(result, fh, indent=1)
     dev.close()
 
 

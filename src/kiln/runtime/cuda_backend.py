@@ -202,11 +202,11 @@ class CudaDevice(Device):
         self.graphs_enabled = os.environ.get("KILN_CUDA_GRAPHS", "1") != "0"
         self.fuse_enabled = os.environ.get("KILN_CUDA_FUSE", "1") != "0"
         self._fuser = Fuser(_tid, self._gemv_ok)
-        # GEMV kernel shape (gemv.cu), for benchmarks: auto | warp | block; rows per group (0: by format);
-        # groups per block; most threads per block.
+        # GEMV kernel shape (gemv.cu), for benchmarks: auto | warp | block; rows per group and groups per block
+        # (0: the backend's choice); most threads per block.
         self.gemv_kernel = os.environ.get("KILN_GEMV", "auto")
         self.gemv_rows = int(os.environ.get("KILN_GEMV_ROWS", "0"))
-        self.gemv_groups_per_block = int(os.environ.get("KILN_GEMV_GPB", "1"))
+        self.gemv_groups_per_block = int(os.environ.get("KILN_GEMV_GPB", "0"))
         self.gemv_max_threads = int(os.environ.get("KILN_GEMV_THREADS", "512"))
         # Programmatic dependent launch inside captured graphs: each kernel's launch and weight loads overlap the
         # tail of the kernel before it (kernels call pdl_wait() before reading what it wrote).
@@ -530,17 +530,27 @@ class CudaDevice(Device):
         else:
             self._gemm(x, weight, out, bias)
 
-    def _gemv_shape(self, fmt: str, K: int) -> tuple[int, int, int] | None:
-        """(threads, chunks per thread, rows per group) of the block GEMV kernel for rows of K, or None for the warp
-        kernel. The block kernel wins once a row has enough 16-byte chunks to keep a block busy (gemv.cu)."""
+    def _gemv_shape(self, fmt: str, K: int, units: int, pairs: bool) -> tuple[int, int, int, int] | None:
+        """(threads, chunks per thread, rows per group, groups per block) of the block GEMV kernel, or None for the
+        warp kernel. Chosen from measurements on an H200 (bench/gemv.py, bench/NOTES.md): the block kernel wins
+        once a row has enough 16-byte chunks to keep a block busy, except for Q4_K/Q5_K, whose scale decoding
+        dominates; 8 rows per group unless that leaves fewer than 4 blocks per SM, where 4 rows fill the GPU in
+        fewer partial waves; rows of two chunks per thread prefetch a second group in each block."""
         nch = K // _CHUNK.get(fmt, 32)
-        if self.gemv_kernel == "warp" or (self.gemv_kernel == "auto" and nch < _GEMV_BLOCK_MIN_CHUNKS):
+        if self.gemv_kernel == "warp":
+            return None
+        if self.gemv_kernel == "auto" and (nch < _GEMV_BLOCK_MIN_CHUNKS or fmt in ("Q4_K", "Q5_K")):
             return None
         cpt = -(-nch // self.gemv_max_threads)
         threads = (-(-nch // cpt) + 31) // 32 * 32
         # Rows per group times chunks per thread is what each thread keeps in flight, in registers.
-        rows = self.gemv_rows or max(2, (4 if fmt in ("Q4_K", "Q5_K", "Q6_K") else 8) // cpt)
-        return threads, cpt, rows
+        if self.gemv_rows:
+            rows = self.gemv_rows
+        elif fmt in ("Q4_K", "Q5_K", "Q6_K") or _CHUNK.get(fmt, 32) * cpt > 32:
+            rows = 4
+        else:
+            rows = 8 if cpt > 1 or -(-units // (4 if pairs else 8)) >= 4 * self.sm_count else 4
+        return threads, cpt, rows, self.gemv_groups_per_block or (2 if cpt > 1 else 1)
 
     def _gemv(self, x_ptr, K: int, segs: list, mode: int = 0, norm=None, resid=None, rope=None) -> None:
         """One GEMV launch over up to three weight segments [(weight, bias, out_ptr)] (gemv.cu)."""
@@ -550,16 +560,16 @@ class CudaDevice(Device):
         pairs = mode in (2, 3)
         units = rows[0] if mode == 2 else sum(rows) // 2 if mode == 3 else sum(rows)  # rows, or pairs of rows
         consts = dict(FMT=FORMATS[fmt], MODE=mode, NORM=int(norm is not None))
-        shape = self._gemv_shape(fmt, K)
+        shape = self._gemv_shape(fmt, K, units, pairs)
         if shape is None:
             u = 4 if fmt in ("F32", "F16", "BF16", "Q8_0") else 2
             k = self._kernel("gemv.cu", "gemv", BK=0, R=2, U=u, **consts)
             grid, block = self._blocks(units if pairs else -(-units // 2), _WARPS), 32 * _WARPS
         else:
-            threads, cpt, r = shape
+            threads, cpt, r, per_block = shape
             k = self._kernel("gemv.cu", "gemv", BK=1, NT=threads, CPT=cpt, R=r, **consts)
             groups = -(-units // (r // 2 if pairs else r))
-            grid, block = -(-groups // self.gemv_groups_per_block), threads
+            grid, block = -(-groups // per_block), threads
         args = [
             x_ptr,
             _ptr(norm[0].storage["v"]) if norm else np.uint64(0),
