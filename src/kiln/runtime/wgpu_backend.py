@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 import tempfile
 import weakref
@@ -34,6 +35,7 @@ import numpy as np
 from .. import quant
 from ..errors import BackendUnavailable, UnsupportedOp
 from .base import DTYPES, BufferPool, Device, Tensor, Weight
+from .fusion import Fuser
 
 try:
     import wgpu
@@ -147,6 +149,58 @@ def _rope_turns(theta: float, head_dim: int) -> np.ndarray:
     return np.stack(pieces, axis=1).astype(np.float32)
 
 
+_WEIGHT_GLOBALS = ("wq", "wd", "wh")
+_GEMV_MODES = {0: "plain", 1: "res", 2: "glu", 3: "qkv"}
+
+
+def _top_level(text: str) -> list[str]:
+    """A WGSL snippet's top-level items: each function (from `fn` to its closing `}` line) or a single line."""
+    items, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        j = i
+        if lines[i].startswith("fn "):
+            while lines[j] != "}":
+                j += 1
+        items.append("\n".join(lines[i : j + 1]))
+        i = j + 1
+    return items
+
+
+def _weight_copies(text: str, n: int) -> str:
+    """n copies of a weight format snippet for the fused GEMVs' n weights: copy s binds its arrays at 8 + 3s.. and
+    renames them and every function that reads them (unit_dot -> unit_dot_<s>); pure helpers appear once."""
+    items = _top_level(text)
+    names = set(_WEIGHT_GLOBALS)
+    fns = {m.group(1): it for it in items if (m := re.match(r"fn (\w+)", it))}
+    changed = True
+    while changed:  # a function that calls a renamed one is renamed too
+        changed = False
+        for name, body in fns.items():
+            if name not in names and any(re.search(rf"\b{g}\b", body) for g in names):
+                names.add(name)
+                changed = True
+    pattern = re.compile(r"\b(" + "|".join(sorted(names)) + r")\b")
+
+    def per_copy(it: str) -> bool:
+        return bool(pattern.search(it)) and not it.startswith("//")
+
+    out = [it for it in items if not per_copy(it)]
+    for s in range(n):
+        for it in filter(per_copy, items):
+            it = re.sub(r"@binding\((\d+)\)", lambda m, s=s: f"@binding({int(m.group(1)) + 3 * s})", it)
+            out.append(pattern.sub(lambda m, s=s: f"{m.group(1)}_{s}", it))
+    return "\n".join(out)
+
+
+def _seg_dot(n: int) -> str:
+    """seg_dot(s, ...) = unit_dot_<s>(...): which weight a GEMV row reads (segments are uniform per row)."""
+    lines = ["fn seg_dot(s: u32, row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {"]
+    for i in range(n - 1):
+        lines.append(f"    if (s == {i}u) {{\n        return unit_dot_{i}(row, u, K, xv);\n    }}")
+    lines += [f"    return unit_dot_{n - 1}(row, u, K, xv);", "}"]
+    return "\n".join(lines)
+
+
 @dataclass
 class _Part:
     """Rows [row0, row0 + rows) of a weight matrix: its buffers in binding order (8, 9) with their sizes."""
@@ -238,6 +292,11 @@ class WgpuDevice(Device):
         # each token without going through the ops again; dropped whenever a buffer they bind may change.
         self._steps: dict[Any, list[tuple]] = {}
         self._recording: list[tuple] | None = None
+        self._ops: list[tuple] | None = None  # the step's ops while replay() records them for the fusion pass
+        self.plans: dict[Any, list[str]] = {}  # the op names of each recorded step's (fused) plan, for tests
+        self.fuse_enabled = os.environ.get("KILN_WGPU_FUSE", "1") != "0"
+        self._fuser = Fuser(self._tid, self._gemv_ok, kv_dtype=self.kv_dtype)
+        self.max_storage_buffers = self.device.limits["max-storage-buffers-per-shader-stage"]
         # Bound where an optional input (a bias) is absent.
         self._dummy = self._make_weight_buffer(np.zeros(4, np.float32), const=True)
 
@@ -426,20 +485,25 @@ class WgpuDevice(Device):
         self._read_bytes(self._dummy, 0, 4)  # a mapped read completes only after all submitted work
 
     def _source(self, kernel: str, fmt: str | None, defs: dict) -> str:
-        """Header (enable f16, aliases, constants) + common helpers + weight snippet (+ GEMV reduction) + kernel."""
+        """Header (enable f16, aliases, constants) + common helpers + weight snippet (+ GEMV parts) + kernel."""
         head = ["enable f16;"] if self.has_f16 else []
         for key, value in sorted(defs.items()):
             head.append(f"alias {key} = {value};" if isinstance(value, str) else f"const {key}: u32 = {value}u;")
         parts = ["\n".join(head), (_KERNELS / "common.wgsl").read_text()]
         if fmt is not None:
-            parts.append((_KERNELS / f"w_{fmt}.wgsl").read_text())
+            snippet = (_KERNELS / f"w_{fmt}.wgsl").read_text()
             if fmt in ("f32", "f16", "bf16"):
-                parts.append((_KERNELS / "w_float.wgsl").read_text())
+                snippet += "\n" + (_KERNELS / "w_float.wgsl").read_text()
             if fmt in ("q4_k", "q5_k"):
-                parts.append((_KERNELS / "k_scales.wgsl").read_text())
+                snippet += "\n" + (_KERNELS / "k_scales.wgsl").read_text()
+            parts.append(_weight_copies(snippet, defs["NW"]) if kernel == "gemv" else snippet)
         if kernel == "gemv":
+            parts.append(_seg_dot(defs["NW"]))
+            norm = "on" if defs["NR"] > defs["RPW"] else "off"
+            parts.append((_KERNELS / f"gemv_norm_{norm}.wgsl").read_text())
             parts.append((_KERNELS / ("reduce_sg.wgsl" if self.use_subgroups else "reduce_wg.wgsl")).read_text())
             parts.append((_KERNELS / "reduce_tree.wgsl").read_text())
+            parts.append((_KERNELS / f"gemv_out_{_GEMV_MODES[defs['MODE']]}.wgsl").read_text())
         if kernel.startswith("attn_"):
             parts.append((_KERNELS / "attn_params.wgsl").read_text())
         parts.append((_KERNELS / f"{kernel}.wgsl").read_text())
@@ -481,15 +545,27 @@ class WgpuDevice(Device):
 
     def replay(self, key: Any, step) -> None:
         """Decode steps (T == 1) are recorded once, then re-encoded from the list: no per-op Python work per token.
-        Valid because every per-token input (ids, positions, KV length) is read from device buffers."""
+        Valid because every per-token input (ids, positions, KV length) is read from device buffers.
+
+        Recording runs the step's ops as (name, args) first, rewrites them with the fusion pass (fusion.py: norm +
+        QKV + RoPE + KV write, norm + gate/up + SwiGLU, matmul + residual add, norm + matmul) unless
+        KILN_WGPU_FUSE=0, then runs the plan and keeps its dispatches."""
         if key[-1] != 1:
             return step()
         recorded = self._steps.get(key)
         if recorded is None:
-            self._recording = []
+            self._ops = []
             try:
                 step()
+            finally:
+                ops, self._ops = self._ops, None
+            plan = self._fuser.fuse(ops) if self.fuse_enabled else ops
+            self._recording = []
+            try:
+                for name, args in plan:
+                    getattr(self, "_do_" + name)(*args)
                 self._steps[key] = self._recording
+                self.plans[key] = [name for name, _ in plan]
             finally:
                 self._recording = None
             return
@@ -575,7 +651,116 @@ class WgpuDevice(Device):
         self._dispatch(kernel.pipeline, bindings, (*grid, 1, 1)[:3])
 
     # --- ops ----------------------------------------------------------------------------------------------------
+    # --- op dispatch: run now, or record for replay()'s fusion pass ---------------------------------------------
+    def _op(self, name: str, *args) -> None:
+        if self._ops is not None:
+            self._ops.append((name, args))
+        else:
+            getattr(self, "_do_" + name)(*args)
+
     def embed(self, weight, ids, out) -> None:
+        self._op("embed", weight, ids, out)
+
+    def rms_norm(self, x, weight, eps, out) -> None:
+        self._op("rms_norm", x, weight, eps, out)
+
+    def matmul(self, x, weight, out, bias=None) -> None:
+        self._op("matmul", x, weight, out, bias)
+
+    def rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
+        self._op("rope", x, pos, n_heads, head_dim, theta, neox)
+
+    def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
+        self._op("attention", q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv)
+
+    def swiglu(self, gate, up, out) -> None:
+        self._op("swiglu", gate, up, out)
+
+    def add(self, a, b, out) -> None:
+        self._op("add", a, b, out)
+
+    def copy_row(self, x, row, out) -> None:
+        self._op("copy_row", x, row, out)
+
+    @staticmethod
+    def _tid(t: Tensor) -> tuple:
+        """What identifies a tensor for the fusion pass: the start of its memory."""
+        return (id(t.storage[0]), t.storage[1])
+
+    def _gemv_ok(self, x: Tensor, *weights: Weight) -> bool:
+        """One gemv.wgsl dispatch can take x with these weights: f32 x, one part each (no row split), the same
+        format and K, and few enough storage bindings for this adapter (12 besides the weights' arrays)."""
+        w0 = weights[0]
+        if x.dtype != "f32" or self.gemv_rpw % 2 or len(x.shape) != 2:
+            return False
+        arrays = 0
+        for w in weights:
+            if not (
+                isinstance(w.storage, list)
+                and len(w.storage) == 1
+                and w.extra.get("fmt") == w0.extra.get("fmt")
+                and len(w.shape) == 2
+                and w.shape[1] == x.shape[1]
+            ):
+                return False
+            arrays += len(w.storage[0].buffers)
+        return 12 + arrays <= self.max_storage_buffers
+
+    # --- fused decode ops (from the fusion pass, T == 1) --------------------------------------------------------
+    def _bias_binding(self, index: int, bias) -> tuple:
+        return self._bind_buffer(index, bias.storage if bias is not None else self._dummy)
+
+    def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, theta, hd, neox, kc, vc) -> None:
+        ws = (wq, wk, wv)
+        bindings = [
+            self._bind(2, q),
+            self._bias_binding(3, bq),
+            self._bind(5, k),
+            self._bind(6, v),
+            self._bias_binding(7, bk),
+            self._bias_binding(17, bv),
+            self._bind(18, pos),
+            self._bind(19, kc),
+            self._bind(20, vc),
+            self._bind_buffer(21, self._rope_table(theta, hd)),
+        ]
+        bits = sum(1 << i for i, b in enumerate((bq, bk, bv)) if b is not None)
+        self._gemv(
+            3,
+            x,
+            [w.storage[0] for w in ws],
+            wq.extra["fmt"],
+            [w.shape[0] for w in ws],
+            bindings,
+            bias=bits,
+            norm=norm,
+            rope=(hd, int(bool(neox)), kc.shape[1]),
+            kv=kc.dtype,
+        )
+
+    def _do_gemv_glu(self, x, norm, wg, wu, out, up) -> None:
+        bindings = [self._bind(2, out), self._bind(5, up)]
+        parts = [wg.storage[0], wu.storage[0]]
+        self._gemv(2, x, parts, wg.extra["fmt"], [2 * wg.shape[0]], bindings, norm=norm)
+
+    def _do_gemv_res(self, x, w, bias, out, resid) -> None:
+        bindings = [self._bind(2, out), self._bias_binding(3, bias), self._bind(5, resid)]
+        self._gemv(1, x, w.storage, w.extra["fmt"], [w.shape[0]], bindings, bias=bias is not None)
+
+    def _do_gemv_norm(self, x, norm, w, bias, out) -> None:
+        bindings = [self._bind(2, out), self._bias_binding(3, bias)]
+        self._gemv(
+            0, x, w.storage, w.extra["fmt"], [w.shape[0]], bindings, N=w.shape[0], bias=bias is not None, norm=norm
+        )
+
+    def _rope_table(self, theta: float, head_dim: int):
+        key = (float(theta), head_dim)
+        table = self._rope_tables.get(key)
+        if table is None:
+            table = self._rope_tables[key] = self._make_weight_buffer(_rope_turns(theta, head_dim), const=True)
+        return table
+
+    def _do_embed(self, weight, ids, out) -> None:
         fmt = weight.extra["fmt"]
         T, d = out.shape
         pipeline = self._pipeline("embed", fmt=fmt)
@@ -596,7 +781,7 @@ class WgpuDevice(Device):
     def _weight_bindings(part: _Part) -> list:
         return [(8 + i, b, 0, b.size) for i, b in enumerate(part.buffers)]
 
-    def rms_norm(self, x, weight, eps, out) -> None:
+    def _do_rms_norm(self, x, weight, eps, out) -> None:
         self.require_op("rms_norm", x.dtype)
         d = x.shape[-1]
         rows = x.size // d
@@ -612,41 +797,75 @@ class WgpuDevice(Device):
             _groups(rows),
         )
 
-    def matmul(self, x, weight, out, bias=None) -> None:
+    def _do_matmul(self, x, weight, out, bias=None) -> None:
         self.require_op("matmul", x.dtype)
         fmt = weight.extra["fmt"]
         T, K = x.shape
         N = weight.shape[0]
-        bias_binding = self._bind_buffer(3, bias.storage if bias is not None else self._dummy)
+        bias_buf = bias.storage if bias is not None else self._dummy
         if T == 1 or self.cpu_adapter and not self.force_gemm:
-            tpr, rpw = self.gemv_tpr, self.gemv_rpw
-            pipeline = self._pipeline("gemv", fmt=fmt, TPR=tpr, RPW=rpw)
             for part in weight.storage:
-                params = self._bind_params(K, part.rows, part.row0, int(bias is not None), N)
-                groups = -(-part.rows // rpw)
-                grid = (min(groups, _MAX_GROUPS), T, -(-groups // _MAX_GROUPS))
-                self._dispatch(
-                    pipeline,
-                    [params, self._bind(1, x), self._bind(2, out), bias_binding, *self._weight_bindings(part)],
-                    grid,
-                )
+                bindings = [self._bind(2, out), self._bind_buffer(3, bias_buf)]
+                self._gemv(0, x, [part], fmt, [part.rows], bindings, T=T, N=N, row0=part.row0, bias=bias is not None)
             return
         pipeline = self._pipeline("gemm", fmt=fmt)
         for part in weight.storage:
             params = self._bind_params(K, part.rows, part.row0, int(bias is not None), T, N)
             self._dispatch(
                 pipeline,
-                [params, self._bind(1, x), self._bind(2, out), bias_binding, *self._weight_bindings(part)],
+                [
+                    params,
+                    self._bind(1, x),
+                    self._bind(2, out),
+                    self._bind_buffer(3, bias_buf),
+                    *self._weight_bindings(part),
+                ],
                 (-(-part.rows // 64), -(-T // 32), 1),
             )
 
-    def rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
+    def _gemv(
+        self,
+        mode: int,
+        x: Tensor,
+        parts: list,
+        fmt: str,
+        rows: list[int],
+        bindings: list,
+        T: int = 1,
+        N: int = 0,
+        row0: int = 0,
+        bias: int = 0,
+        norm=None,
+        rope=(0, 0, 0),  # QKV: head dim, NeoX, cache rows
+        kv: str | None = None,
+    ) -> None:
+        """One dispatch of gemv.wgsl: mode 0 plain, 1 residual, 2 SwiGLU, 3 QKV (gemv_out_<mode>.wgsl) over the
+        weight parts `parts` (one per segment) with `rows` logical rows each; `bindings` are the epilogue's."""
+        tpr, rpw = self.gemv_tpr, self.gemv_rpw
+        defs = {"TPR": tpr, "RPW": rpw, "NR": rpw + int(norm is not None), "NW": len(parts), "MODE": mode}
+        if kv is not None:
+            defs["kv"] = kv
+        pipeline = self._pipeline("gemv", fmt=fmt, **defs)
+        groups = [-(-n // rpw) for n in rows]
+        n = [*rows, 0, 0][:3]
+        starts = [sum(groups[:1]), sum(groups[:2])] if len(groups) > 1 else [0xFFFFFFFF, 0xFFFFFFFF]
+        if len(groups) == 2:
+            starts[1] = 0xFFFFFFFF
+        K = x.shape[1]
+        eps = float(norm[1]) if norm is not None else 0.0
+        params = self._bind_params(K, N, row0, int(bias), *n, *starts, eps, *rope)  # gemv.wgsl Params
+        all_bindings = [params, self._bind(1, x), *bindings]
+        if norm is not None:
+            all_bindings.append(self._bind_buffer(4, norm[0].storage))
+        for s, part in enumerate(parts):
+            all_bindings += [(8 + 3 * s + i, b, 0, b.size) for i, b in enumerate(part.buffers)]
+        total = sum(groups)
+        self._dispatch(pipeline, all_bindings, (min(total, _MAX_GROUPS), T, -(-total // _MAX_GROUPS)))
+
+    def _do_rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
         self.require_op("rope", x.dtype)
         T = x.shape[0]
-        key = (float(theta), head_dim)
-        table = self._rope_tables.get(key)
-        if table is None:
-            table = self._rope_tables[key] = self._make_weight_buffer(_rope_turns(theta, head_dim), const=True)
+        table = self._rope_table(theta, head_dim)
         pipeline = self._pipeline("rope", act=x.dtype)
         n = T * n_heads * (head_dim // 2)
         self._dispatch(
@@ -660,18 +879,14 @@ class WgpuDevice(Device):
             _groups(-(-n // 64)),
         )
 
-    def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
+    def _do_attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
         self.require_op("attention", q.dtype)
-        if head_dim % 4 or head_dim > 256:
-            raise UnsupportedOp(
-                f"backend 'wgpu' attention needs head_dim a multiple of 4, at most 256 (got {head_dim})"
-            )
+        self._check_head_dim(head_dim)
         T = q.shape[0]
         n_ctx = k_cache.shape[1]
-        types = {"act": q.dtype, "kv": k_cache.dtype}
         width = n_kv_heads * head_dim
         self._dispatch(
-            self._pipeline("kv_write", **types),
+            self._pipeline("kv_write", act=q.dtype, kv=k_cache.dtype),
             [
                 self._bind_params(T, n_kv_heads, head_dim, n_ctx),
                 self._bind(1, k),
@@ -682,6 +897,21 @@ class WgpuDevice(Device):
             ],
             _groups(-(-T * width // 64)),
         )
+        self._do_attend(q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim)
+
+    @staticmethod
+    def _check_head_dim(head_dim: int) -> None:
+        if head_dim % 4 or head_dim > 256:
+            raise UnsupportedOp(
+                f"backend 'wgpu' attention needs head_dim a multiple of 4, at most 256 (got {head_dim})"
+            )
+
+    def _do_attend(self, q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim) -> None:
+        """Attention over cache rows <= pos[t] (the caches already hold this step's keys and values)."""
+        self._check_head_dim(head_dim)
+        T = q.shape[0]
+        n_ctx = k_cache.shape[1]
+        types = {"act": q.dtype, "kv": k_cache.dtype}
         scale = float(np.float32(1.0 / np.sqrt(head_dim)))
         if T > 1:
             params = self._bind_params(T, n_heads, n_kv_heads, n_ctx, 1, scale)
@@ -700,14 +930,17 @@ class WgpuDevice(Device):
             return
         chunk = self.attn_chunk
         splits = max(1, min(self.attn_splits, -(-n_ctx // chunk)))
-        partial = self._internal(
-            ("attn_partial", T, n_heads, splits, head_dim), (T * n_heads * splits * (head_dim + 2),)
-        )
+        direct = int(splits == 1 and out.dtype == "f32")  # one dispatch: the kernel writes the output itself
+        partial = out
+        if not direct:
+            partial = self._internal(
+                ("attn_partial", T, n_heads, splits, head_dim), (T * n_heads * splits * (head_dim + 2),)
+            )
         params = self._bind_params(T, n_heads, n_kv_heads, n_ctx, splits, scale)
         nv = head_dim // 4
         gq = n_heads // n_kv_heads
         self._dispatch(
-            self._pipeline("attn_decode", HD=head_dim, NV=nv, G=64 // nv, GQ=gq, CHUNK=chunk, **types),
+            self._pipeline("attn_decode", HD=head_dim, NV=nv, G=64 // nv, GQ=gq, CHUNK=chunk, DIRECT=direct, **types),
             [
                 params,
                 self._bind(1, q),
@@ -718,11 +951,12 @@ class WgpuDevice(Device):
             ],
             (splits, n_kv_heads, T),
         )
-        self._dispatch(
-            self._pipeline("attn_combine", HD=head_dim, act=q.dtype),
-            [params, self._bind(1, partial), self._bind(2, out)],
-            (n_heads, T, 1),
-        )
+        if not direct:
+            self._dispatch(
+                self._pipeline("attn_combine", HD=head_dim, act=q.dtype),
+                [params, self._bind(1, partial), self._bind(2, out)],
+                (n_heads, T, 1),
+            )
 
     def _elementwise(self, entry: str, dtype: str, n: int, a: Tensor, b: Tensor | None, out: Tensor, row=0) -> None:
         pipeline = self._pipeline("elementwise", entry=entry, act=dtype)
@@ -731,15 +965,15 @@ class WgpuDevice(Device):
             bindings.insert(2, self._bind(2, b))
         self._dispatch(pipeline, bindings, _groups(-(-n // 256)))
 
-    def swiglu(self, gate, up, out) -> None:
+    def _do_swiglu(self, gate, up, out) -> None:
         self.require_op("swiglu", gate.dtype)
         self._elementwise("swiglu", gate.dtype, gate.size, gate, up, out)
 
-    def add(self, a, b, out) -> None:
+    def _do_add(self, a, b, out) -> None:
         self.require_op("add", a.dtype)
         self._elementwise("add", a.dtype, a.size, a, b, out)
 
-    def copy_row(self, x, row, out) -> None:
+    def _do_copy_row(self, x, row, out) -> None:
         self.require_op("copy_row", x.dtype)
         self._elementwise("copy_row", x.dtype, x.size // x.shape[0], x, None, out, row)
 

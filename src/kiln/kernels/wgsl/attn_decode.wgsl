@@ -6,7 +6,7 @@
 // Each K/V row is loaded once for all GQ heads, as vec4s: a thread scores a whole key row; for the values the
 // threads form G groups of NV (one vec4 column each) that take every G-th key, summed at the end.
 // Header: HD (head dim, a multiple of 4, at most 4 * WG), NV = HD / 4, G = WG / NV, GQ (query heads per KV
-// head), CHUNK (keys per chunk).
+// head), CHUNK (keys per chunk), DIRECT (1: a single split writes the normalised output itself, no attn_combine).
 
 const WG: u32 = 64u;
 const NEG: f32 = -1.0e30;  // finite "minus infinity": exp(NEG - m) is 0 without inf - inf = NaN
@@ -136,11 +136,19 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             for (var k = 1u; k < G; k++) {
                 total += acc_groups[k * NV + col];
             }
-            for (var i = 0u; i < 4u; i++) {
-                partial[out + 4u * col + i] = total[i];
+            if (DIRECT == 1u) {  // one split: the result itself (partial is the f32 output [T, n_heads * HD])
+                total /= l[g];
+                let o = (t * p.n_heads + kvh * GQ + g) * HD + 4u * col;
+                for (var i = 0u; i < 4u; i++) {
+                    partial[o + i] = total[i];
+                }
+            } else {
+                for (var i = 0u; i < 4u; i++) {
+                    partial[out + 4u * col + i] = total[i];
+                }
             }
         }
-        if (lid == 0u) {
+        if (DIRECT == 0u && lid == 0u) {
             partial[out + HD] = m[g];
             partial[out + HD + 1u] = l[g];
         }

@@ -1,22 +1,34 @@
-// Quantized GEMV: y[t, row0 + r] = dot(W[r, :], x[t, :]) (+ bias), token t = grid y (decode: one token; CPU
-// adapters also use it for prompts, see WgpuDevice.matmul). A workgroup of TPR threads owns RPW rows. Each thread takes units of 32 weights (unit_dot, from the weight format snippet: whole blocks read as
-// vec4 loads) and loads its x unit once for all RPW rows; then the threads reduce the RPW partial sums (with
-// subgroup operations where the device has them). Header: TPR (a power of two), RPW.
+// GEMV family: y = W x for one token (decode) or T tokens (token t = grid y; CPU adapters use it for prompts),
+// and the fused decode ops built on it. A workgroup of TPR threads owns RPW logical rows of one segment (one of
+// up to NW weights of the same format and K: Q, K, V or gate, up). Each thread takes units of 32 weights
+// (unit_dot_<s>, the weight format snippet copied per segment) and loads its x unit once for all RPW rows; the
+// threads then reduce the row sums (with subgroup operations where the device has them) and the epilogue snippet
+// (gemv_out_<mode>.wgsl) maps logical rows to weight rows (wrow) and writes the results (store).
+// NORM (gemv_norm_on.wgsl): x is the un-normalised residual; each thread also sums x^2 over the units it loads
+// (the threads together see every column once), x is multiplied by the norm weight as it is loaded, and the row
+// sums are scaled by 1/sqrt(mean(x^2) + eps) at the end: RMSNorm + GEMV in one pass. That sum is reduced as an
+// extra row (NR = RPW + 1). Header: TPR (a power of two), RPW (even), NR, NW; seg_dot is generated per NW.
 
 struct Params {
-    K: u32,         // row length
-    rows: u32,      // rows in this weight part
-    row0: u32,      // first output column of this part
-    has_bias: u32,
-    N: u32,         // output row stride (all parts' rows)
+    K: u32,      // row length
+    N: u32,      // output row stride between tokens (plain)
+    row0: u32,   // first output row of this weight part (plain)
+    bias: u32,   // bit s: segment s has a bias
+    n0: u32,     // logical rows of segment 0, 1, 2
+    n1: u32,
+    n2: u32,
+    g1: u32,     // first workgroup of segment 1, 2
+    g2: u32,
+    eps: f32,    // NORM
+    hd: u32,     // QKV: head dim, NeoX pairs, cache rows
+    neox: u32,
+    n_ctx: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
 
-var<workgroup> partial: array<f32, TPR * RPW>;
+var<workgroup> partial: array<f32, TPR * NR>;
 
 // x[t, k .. k + 32), zero past K. The common case is written out with constant indices: a private array indexed
 // by a loop counter is spilled to local memory wherever the driver does not unroll the loop.
@@ -39,24 +51,39 @@ fn x_unit(t: u32, k: u32, K: u32) -> array<vec4<f32>, 8> {
 @compute @workgroup_size(TPR)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>) {
-    let first = (wid.x + wid.z * nwg.x) * RPW;
+    let g = wid.x + wid.z * nwg.x;
     let t = wid.y;
-    let out = t * p.N + p.row0 + first;
-    let n = min(RPW, p.rows - min(first, p.rows));  // rows of this workgroup that exist
+    var seg = 0u;
+    var g0 = 0u;
+    var n = p.n0;
+    if (g >= p.g2) {
+        seg = 2u;
+        g0 = p.g2;
+        n = p.n2;
+    } else if (g >= p.g1) {
+        seg = 1u;
+        g0 = p.g1;
+        n = p.n1;
+    }
+    let first = (g - g0) * RPW;  // first logical row of this workgroup in its segment
+    var rows: array<vec2<u32>, RPW>;  // (segment, weight row) of each logical row; rows past the end: a real row
+    for (var r = 0u; r < RPW; r++) {
+        rows[r] = wrow(seg, first + r, n);
+    }
     let units = (p.K + UNIT - 1u) / UNIT;
-    var acc: array<f32, RPW>;  // constant trip counts below keep it in registers (no indexed private memory)
+    var acc: array<f32, NR>;  // constant trip counts below keep it in registers (no indexed private memory)
     for (var u = lid; u < units; u += TPR) {
-        let xv = x_unit(t, u * UNIT, p.K);
+        var xv = x_unit(t, u * UNIT, p.K);
+        acc[NR - 1u] += sumsq(xv);  // 0 without NORM (then NR - 1 is a real row: adding 0 changes nothing)
+        xv = normed(xv, u * UNIT, p.K);
         for (var r = 0u; r < RPW; r++) {
-            acc[r] += unit_dot(min(first + r, p.rows - 1u), u, p.K, xv);  // rows past the end: computed, unused
+            acc[r] += seg_dot(rows[r].x, rows[r].y, u, p.K, xv);
         }
     }
     reduce_rows(lid, acc);  // reduce_sg.wgsl or reduce_wg.wgsl
-    for (var r = lid; r < n; r += TPR) {
-        var v = partial[r * TPR];
-        if (p.has_bias != 0u) {
-            v += bias[p.row0 + first + r];
-        }
-        y[out + r] = v;
+    var scale = 1.0;
+    if (NR > RPW) {
+        scale = 1.0 / sqrt(partial[(NR - 1u) * TPR] / f32(p.K) + p.eps);
     }
+    store(lid, t, seg, first, n, scale);
 }

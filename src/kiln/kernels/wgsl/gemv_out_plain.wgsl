@@ -1,0 +1,19 @@
+// GEMV epilogue, plain (matmul, and RMSNorm + matmul): logical rows are the weight part's rows;
+// y[t, row0 + r] = sum (+ bias).
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> b0: array<f32>;
+
+fn wrow(seg: u32, l: u32, n: u32) -> vec2<u32> {
+    return vec2<u32>(0u, min(l, n - 1u));
+}
+
+fn store(lid: u32, t: u32, seg: u32, first: u32, n: u32, scale: f32) {
+    let cnt = min(RPW, n - min(first, n));
+    for (var r = lid; r < cnt; r += TPR) {
+        var v = partial[r * TPR] * scale;
+        if ((p.bias & 1u) != 0u) {
+            v += b0[p.row0 + first + r];
+        }
+        y[t * p.N + p.row0 + first + r] = v;
+    }
+}
