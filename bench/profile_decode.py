@@ -56,7 +56,7 @@ def main() -> None:
     logits = m.prefill(ids)
     for _ in range(3):
         logits = m.step([dev.argmax(logits)])
-    ((gkey, graph),) = [(k, g) for k, g in dev._graphs.items() if k[0] == ("forward", 1)]
+    ((gkey, graph),) = [(k, g) for k, g in dev._graphs.items() if k[0] == (m.uid, "forward", 1)]
     plan = dev._plans[gkey]
     # whole step: GPU time of the graph, and wall time of step + argmax from Python
     with dev.stream:

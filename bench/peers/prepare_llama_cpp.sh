@@ -27,4 +27,26 @@ echo "$version" > KILN_PEER_VERSION
 cd ..
 tar cJf "$out/llama.cpp.tar.xz" llama.cpp
 rm -rf "$work"
-ls -l "$out/llama.cpp.tar.xz"
+# The embedded SmolLM2's tokenizer keys alone (no tensors, ~2 MB): bench/make_models.py gives the random models this
+# tokenizer on GPU machines where the 98 MB model package cannot travel, so that llama.cpp loads them.
+python3 - "$out/smollm2-tokenizer.gguf" <<'PY'
+import sys
+
+from gguf import GGUFReader, GGUFWriter
+
+from kiln.api import default_model_path
+
+reader = GGUFReader(default_model_path())
+writer = GGUFWriter(sys.argv[1], "llama")
+for key, field in reader.fields.items():
+    if key.startswith("tokenizer."):
+        value = field.contents()
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, field.types[0])
+writer.write_header_to_file()
+writer.write_kv_data_to_file()
+writer.close()
+PY
+ls -l "$out/llama.cpp.tar.xz" "$out/smollm2-tokenizer.gguf"

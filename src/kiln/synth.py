@@ -85,8 +85,12 @@ def _byte_tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValue
 
 
 def _embedded_path() -> str | None:
+    """Where SmolLM2's tokenizer keys are read from: $KILN_TOKENIZER_GGUF (any GGUF holding them, e.g. the
+    tokenizer-only file bench/peers/prepare_llama_cpp.sh writes for GPU machines), else the embedded model."""
     from .api import default_model_path
 
+    if os.environ.get("KILN_TOKENIZER_GGUF"):
+        return os.environ["KILN_TOKENIZER_GGUF"]
     try:
         path = default_model_path()
     except KilnError:
@@ -106,7 +110,8 @@ def _consistent_merges(merges: list[str], vocab: set[str]) -> list[str]:
 
 def _tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType | None]]:
     """SmolLM2's tokenizer keys, the vocab cut or padded to vocab_size (padding tokens are never produced);
-    below 1024 tokens, or where the embedded model is not installed, a byte-level vocabulary instead."""
+    below 1024 tokens, or where neither the embedded model nor $KILN_TOKENIZER_GGUF is there, a byte-level
+    vocabulary instead (kiln reads it; llama.cpp does not load it)."""
     embedded = _embedded_path() if vocab_size >= 1024 else None
     if embedded is None:
         return _byte_tokenizer_fields(vocab_size)

@@ -530,12 +530,12 @@ class CudaDevice(Device):
         else:
             self._gemm(x, weight, out, bias)
 
-    def _gemv_shape(self, fmt: str, K: int, units: int, pairs: bool) -> tuple[int, int, int, int] | None:
+    def _gemv_shape(self, fmt: str, K: int) -> tuple[int, int, int, int] | None:
         """(threads, chunks per thread, rows per group, groups per block) of the block GEMV kernel, or None for the
         warp kernel. Chosen from measurements on an H200 (bench/gemv.py, bench/NOTES.md): the block kernel wins
         once a row has enough 16-byte chunks to keep a block busy, except for Q4_K/Q5_K, whose scale decoding
-        dominates; 8 rows per group unless that leaves fewer than 4 blocks per SM, where 4 rows fill the GPU in
-        fewer partial waves; rows of two chunks per thread prefetch a second group in each block."""
+        dominates; 8 rows per group (4 for the K-quants' larger blocks and for 64 activations per thread); rows of
+        two or more chunks per thread prefetch a second group in each block."""
         nch = K // _CHUNK.get(fmt, 32)
         if self.gemv_kernel == "warp":
             return None
@@ -544,12 +544,8 @@ class CudaDevice(Device):
         cpt = -(-nch // self.gemv_max_threads)
         threads = (-(-nch // cpt) + 31) // 32 * 32
         # Rows per group times chunks per thread is what each thread keeps in flight, in registers.
-        if self.gemv_rows:
-            rows = self.gemv_rows
-        elif fmt in ("Q4_K", "Q5_K", "Q6_K") or _CHUNK.get(fmt, 32) * cpt > 32:
-            rows = 4
-        else:
-            rows = 8 if cpt > 1 or -(-units // (4 if pairs else 8)) >= 4 * self.sm_count else 4
+        big = fmt in ("Q4_K", "Q5_K", "Q6_K") or _CHUNK.get(fmt, 32) * cpt > 32
+        rows = self.gemv_rows or (4 if big else 8)
         return threads, cpt, rows, self.gemv_groups_per_block or (2 if cpt > 1 else 1)
 
     def _gemv(self, x_ptr, K: int, segs: list, mode: int = 0, norm=None, resid=None, rope=None) -> None:
@@ -560,7 +556,7 @@ class CudaDevice(Device):
         pairs = mode in (2, 3)
         units = rows[0] if mode == 2 else sum(rows) // 2 if mode == 3 else sum(rows)  # rows, or pairs of rows
         consts = dict(FMT=FORMATS[fmt], MODE=mode, NORM=int(norm is not None))
-        shape = self._gemv_shape(fmt, K, units, pairs)
+        shape = self._gemv_shape(fmt, K)
         if shape is None:
             u = 4 if fmt in ("F32", "F16", "BF16", "Q8_0") else 2
             k = self._kernel("gemv.cu", "gemv", BK=0, R=2, U=u, **consts)
