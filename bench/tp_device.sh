@@ -21,8 +21,10 @@ mkdir -p "$OUT" "$RES" "$M"
 LIMIT=${LIMIT:-$([ "$PHASE" = a ] && echo 270 || echo 190)}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-M7=$M/llama-7b-q8_0.gguf
-M70=$M/llama-70b-q4_0.gguf
+N7=${N7:-llama-7b-q8_0} N70=${N70:-llama-70b-q4_0}  # bench/make_models.py names (smaller ones for a dry run)
+M7=$M/$N7.gguf
+M70=$M/$N70.gguf
+BACKEND=${BACKEND:-cuda}
 LB=/tmp/llama.cpp/build/bin/llama-bench
 left() { [ $((LIMIT - SECONDS)) -gt "$1" ]; }
 log() { echo "== $* (t=${SECONDS}s)" | tee -a "$RES/steps.log"; }
@@ -52,12 +54,12 @@ kbench() {
   printf '{"name": "%s", "phase": "%s", "env": "%s", "llama_cpp_build_running": %s}\n' \
     "$name" "$PHASE" "${envs[*]:-}" "$(building)" >"$RES/$name.meta.json"
   env "${envs[@]}" timeout "$budget" python3 bench/peak_rss.py --json "$RES/$name.rss.json" -- \
-    python3 -m kiln bench -m "$model" -b cuda -p 512 -n 128 -r 3 --tensor-parallel "$n" --json "$RES/$name.json" \
+    python3 -m kiln bench -m "$model" -b "$BACKEND" -p 512 -n 128 -r 3 --tensor-parallel "$n" --json "$RES/$name.json" \
     "${extra[@]}" 2>&1 | tee -a "$RES/bench.log"
 }
 
 if [ "$PHASE" = a ]; then
-  if [ ! -x "$LB" ] && [ ! -f /tmp/llama_build.started ]; then
+  if [ ! -x "$LB" ] && [ ! -f /tmp/llama_build.started ] && [ -z "${NO_BUILD:-}" ]; then
     date +%s >/tmp/llama_build.started
     setsid nohup nice -n 19 bash -c "bash bench/peers/build_llama_cpp.sh /tmp/llama.cpp $(($(nproc) - 4)); \
       echo \$? >/tmp/llama_build.done" >/tmp/llama_build.out 2>&1 </dev/null &
@@ -66,15 +68,19 @@ if [ "$PHASE" = a ]; then
     nvidia-smi -L; nvidia-smi topo -m; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
     nproc; free -g; df -h /tmp
     python3 -c "import sys, cupy; print(sys.version.split()[0], 'cupy', cupy.__version__, 'gpus', cupy.cuda.runtime.getDeviceCount())"
-    python3 -c "import kiln.tp as t; print('nccl', t._import_nccl().get_version())"
     git log --oneline -5 2>/dev/null || true
   } >"$RES/env.txt" 2>&1
+  if ! python3 -c "import kiln.tp as t; print('nccl', t._import_nccl().get_version())" >>"$RES/env.txt" 2>&1; then
+    lib=$(python3 -c "import glob, sys; print(next((g for p in sys.path for g in glob.glob(p + '/nvidia/*/lib/libnccl.so.2')), ''))")
+    export LD_LIBRARY_PATH=$(dirname "${lib:-/x/x}"):${LD_LIBRARY_PATH:-}
+    echo "NCCL not found by CuPy; LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >>"$RES/env.txt"
+  fi
   cat "$RES/env.txt"
 
   log "writing models"
-  (timeout 200 python3 bench/make_models.py "$M" --only llama-7b-q8_0 --workers 6 >"$RES/make_7b.log" 2>&1) &
+  (timeout 200 python3 bench/make_models.py "$M" --only "$N7" --workers 6 >"$RES/make_7b.log" 2>&1) &
   w7=$!
-  (timeout 280 python3 bench/make_models.py "$M" --only llama-70b-q4_0 --workers 14 >"$RES/make_70b.log" 2>&1) &
+  (timeout 280 python3 bench/make_models.py "$M" --only "$N70" --workers 14 >"$RES/make_70b.log" 2>&1) &
   w70=$!
 
   log "NCCL all-reduce sweep"
