@@ -4,10 +4,10 @@
 #   bash bench/tp_device.sh a   starts llama.cpp's build (setsid, nice 19, in the background), writes the random
 #                               Llama-7B Q8_0 and Llama-70B Q4_0 GGUFs, sweeps NCCL settings (bench/tp_allreduce.py),
 #                               runs tests/models/test_cuda_tp.py, then kiln bench N=1 and N=2 on both models, with
-#                               the fold off, with the all-reduces left out (a diagnostic, wrong outputs) and with the
-#                               sweep's best NCCL setting
+#                               the all-reduces left out (a diagnostic, wrong outputs), prefill without the replayed
+#                               plan, and with the sweep's best NCCL setting
 #   bash bench/tp_device.sh b   waits for the build, runs llama-bench on the same files at N=1 (CUDA_VISIBLE_DEVICES=0)
-#                               and N=2 with -sm layer and -sm row, then kiln N=1/N=2 again on a quiet CPU
+#                               and N=2 with -sm layer and -sm row, then kiln N=1/N=2 (and the fold off) on a quiet CPU
 # Phase a's kiln runs share the CPU with the build (nice 19: it yields to them); every JSON records whether the build
 # was running. Every step has its own time limit and is skipped when the phase's LIMIT (seconds) would be passed.
 # Carry .whl (gguf wheel) and .peer (llama.cpp source). Everything lands in $OUT/tp_<phase>.tar.gz + summary_<phase>.txt.
@@ -97,6 +97,7 @@ if [ "$PHASE" = a ]; then
   kbench tp1_7b 60 "$M7" 1
   kbench tp2_7b 60 "$M7" 2
   kbench diag_tp2_7b_no_allreduce 50 "$M7" 2 KILN_TP_DIAG_SKIP_ALLREDUCE=1
+  kbench tp2_7b_noplan 40 "$M7" 2 KILN_TP_PREFILL_PLAN=0 -- -n 0
   if [ -n "$BEST" ]; then
     # shellcheck disable=SC2086
     kbench tp2_7b_nccl_best 60 "$M7" 2 $BEST

@@ -338,11 +338,47 @@ def _nccl_device_class() -> type:
                     file=sys.stderr,
                 )
 
+            # Prefill steps whose graph capture failed (CuPy refuses cuBLAS calls while capturing) replay their
+            # recorded plan instead of running model.py op by op: the same kernels as the first run (Q/K/V and
+            # gate/up share one f16 copy of x) with less Python per launch, which matters here because the rank
+            # threads take turns holding the GIL for every launch. KILN_TP_PREFILL_PLAN=0: eager, as on one GPU.
+            self.prefill_plans = os.environ.get("KILN_TP_PREFILL_PLAN", "1") != "0"
+            self._prefill_plans: dict = {}  # gkey -> (plan, tensor pointers it uses)
+            self._last_plan: list | None = None
+
         def all_reduce(self, t: Tensor) -> None:
             self._op("all_reduce", t)
 
         def _group_matmuls(self, ops: list) -> list:  # prefill steps (and decode with KILN_CUDA_FUSE=0)
-            return super()._group_matmuls(fold_residual(ops, self.rank, cb._tid) if self.fold else ops)
+            plan = super()._group_matmuls(fold_residual(ops, self.rank, cb._tid) if self.fold else ops)
+            self._last_plan = plan
+            return plan
+
+        def replay(self, key: Any, step) -> None:
+            if not (self.graphs_enabled and self.prefill_plans):
+                return super().replay(key, step)
+            gkey = (key, cb._closure_ids(step))
+            cached = self._prefill_plans.get(gkey)
+            if cached is not None:
+                return self._run(cached[0])
+            self._last_plan = None
+            try:
+                super().replay(key, step)
+                if gkey in self._eager_keys and gkey not in self._graphs and self._last_plan is not None:
+                    self._prefill_plans[gkey] = (self._last_plan, _plan_ptrs(self._last_plan))
+            finally:
+                self._last_plan = None
+
+        def _forget(self, base: int, size: int) -> None:
+            super()._forget(base, size)
+            for gkey in [
+                k for k, (_, ptrs) in self._prefill_plans.items() if any(base <= p < base + size for p in ptrs)
+            ]:
+                del self._prefill_plans[gkey]
+
+        def close(self) -> None:
+            self._prefill_plans.clear()
+            super().close()
 
         def _do_all_reduce(self, t: Tensor) -> None:
             if self.skip_all_reduce:
@@ -368,6 +404,21 @@ def _nccl_device_class() -> type:
                         f"failed ({e}); decoding without graphs",
                         file=sys.stderr,
                     )
+
+    def _plan_ptrs(plan: list) -> list[int]:
+        """The device pointers of every tensor a plan's ops take (matmul_group nests them in a list of tuples)."""
+        out: list[int] = []
+
+        def visit(v) -> None:
+            if isinstance(v, Tensor):
+                out.append(cb._tid(v))
+            elif isinstance(v, (list, tuple)):
+                for item in v:
+                    visit(item)
+
+        for _, args in plan:
+            visit(args)
+        return out
 
     _NCCL_DEVICE = NcclCudaDevice
     return _NCCL_DEVICE

@@ -187,3 +187,70 @@ def test_cli_reports_a_non_cuda_backend_in_one_line(path, capsys):
     assert cli.main(["run", "hi", "-m", path, "-b", "numpy", "--tensor-parallel", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cuda backend" in err[0]
+
+
+def test_nccl_device_schedule_without_a_gpu(monkeypatch):
+    """The NCCL rank device's own logic, on a CudaDevice whose launches are recorded instead of run (no GPU, no
+    NCCL): the fold reaches the prefill plan, a prefill whose capture fails is replayed from its recorded plan from
+    then on, freeing a tensor it uses drops that plan, and the skip-all-reduce diagnostic sends nothing."""
+    pytest.importorskip("kiln.runtime.cuda_backend")
+    from types import SimpleNamespace
+
+    from kiln.runtime.base import Tensor
+
+    fake = SimpleNamespace(NCCL_FLOAT32=7, NCCL_FLOAT16=6, NCCL_SUM=0)
+    monkeypatch.setattr(tp_mod, "_import_nccl", lambda: fake)
+    monkeypatch.setattr(tp_mod, "_NCCL_DEVICE", None)
+    base = tp_mod._nccl_device_class()
+
+    class Recorded(base):
+        def __init__(self, rank: int):  # CudaDevice.__init__ needs a GPU: only what replay() reads
+            self.rank, self.fold, self.graphs_enabled, self.fuse_enabled = rank, True, True, True
+            self._graphs, self._plans, self._eager_keys, self._seen, self._rec = {}, {}, set(), {}, None
+            self._fuser = tp_mod._nccl_device_class  # not reached: these steps are prefill steps
+            self.prefill_plans, self._prefill_plans, self._last_plan = True, {}, None
+            self.skip_all_reduce, self.ran, self.sent, self._capture_ptrs = False, [], [], None
+            self.comm = SimpleNamespace(allReduce=lambda *a: self.sent.append(a[2]))
+            self.stream = SimpleNamespace(ptr=0)
+
+        def _run(self, plan) -> None:
+            for name, args in plan:
+                if name == "all_reduce":
+                    self._do_all_reduce(*args)
+                self.ran.append(name)
+
+        def _capture_once(self, gkey, plan) -> None:
+            raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
+
+    ptrs = iter(range(4096, 1 << 20, 4096))
+
+    def tensor(rows: int) -> Tensor:
+        return Tensor(None, (rows, 8), "f32", SimpleNamespace(data=SimpleNamespace(ptr=next(ptrs)), size=rows * 8))
+
+    w = SimpleNamespace(extra={"fmt": "Q8_0"})
+
+    def make_step(dev, calls):
+        a, h, x = tensor(16), tensor(16), tensor(16)
+
+        def step() -> None:
+            calls.append(1)
+            dev._op("matmul", a, w, h, None)
+            dev._op("all_reduce", h)
+            dev._op("add", x, h, x)
+
+        return step, x
+
+    for rank, want in ((0, ["matmul_group", "add", "all_reduce"]), (1, ["matmul_group", "all_reduce"])):
+        dev, calls = Recorded(rank), []
+        step, x = make_step(dev, calls)
+        for _ in range(4):
+            dev.replay("prefill", step)
+        assert len(calls) == 2  # recorded twice (the 2nd capture fails); replayed from the plan twice
+        assert dev.ran == want * 4 and len(dev.sent) == 4 and len(dev._prefill_plans) == 1
+        dev._forget(x.storage.data.ptr, 4)  # the plan's residual is freed: the plan goes
+        assert not dev._prefill_plans
+        dev.skip_all_reduce = True
+        step, _ = make_step(dev, calls)
+        for _ in range(3):
+            dev.replay("prefill", step)
+        assert len(dev.sent) == 4 and len(calls) == 4 and len(dev.ran) == len(want) * 7
