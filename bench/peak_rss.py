@@ -8,7 +8,9 @@ cache, given back under pressure); RssAnon is what the process itself allocated 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +29,14 @@ def _status(pid: int) -> dict:
     return out
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when this script dies, however it dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True)
@@ -35,7 +45,14 @@ def main() -> int:
     args = ap.parse_args()
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+
+    def stop(signum, frame) -> None:  # `timeout` around this script: the command goes too, not left on the GPUs
+        proc.kill()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     peak: dict = {}
     last: dict = {}
     rc = None

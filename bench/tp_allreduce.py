@@ -31,6 +31,7 @@ SETTINGS = {  # name -> NCCL environment on top of the default
     "channels_2": {"NCCL_MAX_NCHANNELS": "2"},
     "channels_1_LL": {"NCCL_MAX_NCHANNELS": "1", "NCCL_PROTO": "LL"},
     "min_channels_8": {"NCCL_MIN_NCHANNELS": "8"},
+    "graph_mixing_0": {"NCCL_GRAPH_MIXING_SUPPORT": "0"},  # measured only: kiln mixes graph and eager calls
 }
 
 
@@ -133,9 +134,16 @@ def sweep(args) -> list[dict]:
     return results
 
 
+SAFE = {name for name in SETTINGS if name != "graph_mixing_0"}  # what --best-env may pick for kiln to run with
+
+
 def best(results: list[dict], size: int) -> dict:
-    """The setting with the lowest in-graph time at `size` floats (ties: the default's order)."""
-    ok = [r for r in results if str(size) in r.get("sizes", {}) and r["sizes"][str(size)]["sum_ok"]]
+    """The safe setting with the lowest in-graph time at `size` floats (ties: the default's order)."""
+    ok = [
+        r
+        for r in results
+        if r.get("setting") in SAFE and str(size) in r.get("sizes", {}) and r["sizes"][str(size)]["sum_ok"]
+    ]
     return min(ok, key=lambda r: r["sizes"][str(size)]["graph_us_per_allreduce"]) if ok else {}
 
 

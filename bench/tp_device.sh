@@ -53,7 +53,7 @@ kbench() {
   log "$name: N=$n ${envs[*]:-} ${extra[*]:-}"
   printf '{"name": "%s", "phase": "%s", "env": "%s", "llama_cpp_build_running": %s}\n' \
     "$name" "$PHASE" "${envs[*]:-}" "$(building)" >"$RES/$name.meta.json"
-  env "${envs[@]}" timeout "$budget" python3 bench/peak_rss.py --json "$RES/$name.rss.json" -- \
+  env "${envs[@]}" timeout $((budget + 15)) python3 bench/peak_rss.py --timeout "$budget" --json "$RES/$name.rss.json" -- \
     python3 -m kiln bench -m "$model" -b "$BACKEND" -p 512 -n 128 -r 3 --tensor-parallel "$n" --json "$RES/$name.json" \
     "${extra[@]}" 2>&1 | tee -a "$RES/bench.log"
 }
