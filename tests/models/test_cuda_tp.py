@@ -1,6 +1,7 @@
 """Tensor parallelism over 2 GPUs through NCCL against one GPU: greedy tokens for 32 tokens and the last logits, with
 the decode step (NCCL all-reduces included) captured in CUDA graphs and with graphs off; every rank ends with the same
-logits; api.load(tensor_parallel=2) drives generate. The model is a random TinyLlama shape cut to 4 layers (32 heads,
+logits; the residual adds are folded into the all-reduces and prefill replays its plan; api.load(tensor_parallel=2)
+drives generate. The model is a random TinyLlama shape cut to 4 layers (32 heads,
 4 KV heads: 16 and 2 per rank); the embedded SmolLM2's 9 heads do not split in two.
 Skipped cleanly without CuPy, NCCL or a second GPU."""
 
@@ -103,6 +104,13 @@ def test_tp2_greedy_matches_one_gpu(path, one_gpu):
             assert tokens == one_gpu[0]
             assert nmse(logits, one_gpu[1]) < 1e-5
         assert all(_all_reduce_in_graphs(d) for d in tp.devices)  # NCCL went into the decode graphs
+        layers = tp.cfg.n_layers
+        for r, d in enumerate(tp.devices):  # the residual fold: rank 0 adds x into its GEMV, the others no add
+            for plan in d._plans.values():
+                names = [name for name, _ in plan]
+                assert names.count("all_reduce") == 2 * layers
+                assert names.count("add") + names.count("gemv_res") == (2 * layers if r == 0 else 0)
+            assert d._prefill_plans  # the 3rd prefill replayed its recorded plan (the capture fails in CuPy)
         ranks = tp._all(lambda r: tp.devices[r].download(tp.models[r]._acts[1].logits))
         assert np.array_equal(ranks[0], ranks[1])  # every rank sums to the same bits
         print(f"\n[2 GPUs, graphs: decode {runs[-1][2]:.0f} tok/s]")
