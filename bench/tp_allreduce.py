@@ -5,8 +5,9 @@ per GPU, communicators from ncclCommInitAll, in-place f32 sums captured into a g
     python bench/tp_allreduce.py --one                       # this process's environment only (one JSON line)
 
 Sizes: d_model of Llama-7B (4096 floats, 16 KB) and Llama-70B (8192, 32 KB): the decode all-reduces; 512 x 4096
-(8 MB): a pp512 prefill all-reduce of 7B. Per size, a graph of K back-to-back all-reduces is replayed R times; the
-figure is the median graph time / K (microseconds per all-reduce). NCCL reads its environment once per process,
+(8 MB): a pp512 prefill all-reduce of 7B. Per size, a graph of K back-to-back all-reduces is replayed R times, each
+timed replay right behind an untimed one so both GPUs start it in step (host threads do not); the figure is the
+median graph time / K (microseconds per all-reduce). NCCL reads its environment once per process,
 hence one process per setting. NCCL_NVLS_ENABLE=0 (no NVLink multicast) is forced in every one of them.
 """
 
@@ -74,6 +75,7 @@ def measure(n_gpus: int, sizes: tuple[int, ...], k: int, reps: int) -> dict:
                 for _ in range(reps + 2):
                     barrier.wait()
                     e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+                    graph.launch(s)  # absorbs the ranks' start skew: the timed graph starts in step on both
                     e0.record(s)
                     graph.launch(s)
                     e1.record(s)
@@ -82,6 +84,7 @@ def measure(n_gpus: int, sizes: tuple[int, ...], k: int, reps: int) -> dict:
                 # eager: the host enqueue time of one all-reduce, then the device time of k in a row
                 barrier.wait()
                 e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+                graph.launch(s)
                 e0.record(s)
                 for _ in range(k):
                     ar()
