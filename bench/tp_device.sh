@@ -18,7 +18,7 @@ W=/tmp/tp
 RES=$W/$PHASE
 M=/tmp/models
 mkdir -p "$OUT" "$RES" "$M"
-LIMIT=${LIMIT:-$([ "$PHASE" = a ] && echo 270 || echo 190)}
+LIMIT=${LIMIT:-$([ "$PHASE" = a ] && echo 260 || echo 180)}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 N7=${N7:-llama-7b-q8_0} N70=${N70:-llama-70b-q4_0}  # bench/make_models.py names (smaller ones for a dry run)
