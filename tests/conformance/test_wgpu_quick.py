@@ -432,3 +432,42 @@ def test_attention_decode_direct_and_split(dev, ref, splits):
             assert _attention_case(dev, ref, dev.kv_dtype, 1, start, seed=start) < EXACT
     finally:
         dev.attn_splits, dev.attn_chunk = saved
+
+
+def test_decode_step_encoded_ahead_matches(dev):
+    """A replayed step is encoded ahead while the previous one runs (after a download); the result is the same as
+    encoding it at replay time, and freeing a tensor it binds drops the encoded step."""
+    rng = np.random.default_rng(12)
+    w = dev.load_weight("w", Q.Q8_0, quant.random_weight(Q.Q8_0, 40, 64, rng), (40, 64))
+    x, out = dev.upload(rng.standard_normal((1, 64), dtype=np.float32)), dev.empty((1, 40))
+    acc = dev.zeros((1, 40))
+
+    def step():
+        dev.matmul(x, w, out)
+        dev.add(acc, out, acc)  # accumulates: a step submitted twice or skipped shows in the sum
+
+    got = {}
+    saved = dev.preencode_enabled
+    try:
+        for ahead in (True, False):
+            dev.preencode_enabled = ahead
+            dev.write(acc, np.zeros((1, 40), np.float32))
+            before = dev.preencoded
+            for _ in range(4):
+                dev.replay(("ahead", ahead, 1), step)
+                got[ahead] = acc.numpy()
+            assert (dev.preencoded - before == 3) if ahead else (dev.preencoded == before)
+    finally:
+        dev.preencode_enabled = saved
+    assert np.array_equal(got[True], got[False])
+    assert np.allclose(got[True], 4 * out.numpy(), rtol=1e-5, atol=1e-5)
+    dev.preencode_enabled = True
+    try:
+        dev.replay(("ahead", True, 1), step)
+        dev.download(acc)
+        assert dev._ready is not None
+        dev.free(x)
+        assert dev._ready is None and not dev._steps
+    finally:
+        dev.preencode_enabled = saved
+    dev.free_weight(w)

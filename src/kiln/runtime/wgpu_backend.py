@@ -246,7 +246,11 @@ class WgpuDevice(Device):
         # GEMV shape: threads per workgroup (a power of two) and rows per workgroup sharing each x load. A CPU
         # adapter runs a workgroup as SIMD loops where every load is a gather: few threads, many rows (x reuse).
         self.cpu_adapter = adapter.info["adapter_type"] == "CPU"
-        self.gemv_tpr, self.gemv_rpw = (8, 32) if self.cpu_adapter else (32, 8)
+        # H200 (Vulkan) decode, bench/NOTES.md: 64 x 4 ran 1.15-1.3x faster than 32 x 8.
+        self.gemv_tpr, self.gemv_rpw = (8, 32) if self.cpu_adapter else (64, 4)
+        shape = os.environ.get("KILN_WGPU_GEMV")  # THREADSxROWS, for experiments
+        if shape:
+            self.gemv_tpr, self.gemv_rpw = (int(v) for v in shape.lower().split("x"))
         self.use_subgroups = self.has_subgroups  # GEMV reductions; tests turn it off to cover the other path
         # Prompts (T > 1) take the tiled GEMM on GPUs; on a CPU adapter T GEMVs in one dispatch are ~10x faster
         # (workgroup memory and barriers are expensive there). Tests set force_gemm to cover the GEMM anyway.
@@ -254,6 +258,9 @@ class WgpuDevice(Device):
         # Flash-decoding: splits per head (fixed, whatever the KV length) and keys per chunk. GPUs want many
         # workgroups; a CPU adapter wants few workgroups and few barriers.
         self.attn_splits, self.attn_chunk = (1, 256) if self.cpu_adapter else (16, 64)
+        attn = os.environ.get("KILN_WGPU_ATTN")  # SPLITSxCHUNK, for experiments
+        if attn:
+            self.attn_splits, self.attn_chunk = (int(v) for v in attn.lower().split("x"))
         self.max_binding = (
             min(self.device.limits["max-storage-buffer-binding-size"], self.device.limits["max-buffer-size"]) & ~255
         )
@@ -297,6 +304,16 @@ class WgpuDevice(Device):
         self.fuse_enabled = os.environ.get("KILN_WGPU_FUSE", "1") != "0"
         self._fuser = Fuser(self._tid, self._gemv_ok, kv_dtype=self.kv_dtype)
         self.max_storage_buffers = self.device.limits["max-storage-buffers-per-shader-stage"]
+        lim = self.device.limits
+        wg = min(1024, lim["max-compute-invocations-per-workgroup"], lim["max-compute-workgroup-size-x"])
+        self.argmax_wg = 1 << (wg.bit_length() - 1)  # a power of two (the reduction tree halves it)
+        # Command buffers finished ahead of the open encoder (submitted first), and the decode step encoded ahead
+        # of its replay (key, command buffer): see _preencode. KILN_WGPU_PREENCODE=0 turns that off.
+        self._pending: list = []
+        self._ready: tuple | None = None
+        self._last_step = None
+        self.preencoded = 0  # replays that submitted a step encoded ahead (tests, benchmarks)
+        self.preencode_enabled = os.environ.get("KILN_WGPU_PREENCODE", "1") != "0"
         # Bound where an optional input (a bias) is absent.
         self._dummy = self._make_weight_buffer(np.zeros(4, np.float32), const=True)
 
@@ -378,7 +395,9 @@ class WgpuDevice(Device):
             )
         encoder = self._end_pass() or self.device.create_command_encoder()
         encoder.copy_buffer_to_buffer(buf, offset, self._staging, 0, size)
-        self.queue.submit([encoder.finish()])
+        self.queue.submit([*self._pending, encoder.finish()])
+        self._pending = []
+        self._preencode()  # while the device runs this step, encode the next one
         self._staging.map_sync(wgpu.MapMode.READ, 0, size)
         try:
             data = np.frombuffer(self._staging.read_mapped(0, size), np.uint8)
@@ -395,14 +414,14 @@ class WgpuDevice(Device):
         entry = self._live.get(key)
         if entry is not None and entry[0] is ref:
             del self._live[key]
-            self._steps.clear()
+            self._forget_steps()
             if self.device is not None:
                 self.pool.give(entry[1], entry[2])
 
     def free(self, tensor: Tensor) -> None:
         if not self._owns(tensor):
             raise ValueError("free() of a tensor this device does not own (a view, or freed twice)")
-        self._steps.clear()  # a recorded step may bind this buffer, which the pool can now hand out again
+        self._forget_steps()  # a recorded step may bind this buffer, which the pool can now hand out again
         _, buf, size = self._live.pop(id(tensor))
         self.pool.give(buf, size)
         tensor.storage = None
@@ -457,7 +476,7 @@ class WgpuDevice(Device):
             for buf in part.buffers:
                 self._destroy_weight_buffer(buf)
         self._bind_groups.clear()  # they may reference the destroyed buffers
-        self._steps.clear()
+        self._forget_steps()
         weight.storage = None
         weight.extra.clear()
 
@@ -478,8 +497,10 @@ class WgpuDevice(Device):
 
     def flush(self) -> None:
         encoder = self._end_pass()
-        if encoder is not None:
-            self.queue.submit([encoder.finish()])
+        buffers = [*self._pending, encoder.finish()] if encoder is not None else self._pending
+        self._pending = []
+        if buffers:
+            self.queue.submit(buffers)
 
     def sync(self) -> None:
         self._read_bytes(self._dummy, 0, 4)  # a mapped read completes only after all submitted work
@@ -541,7 +562,7 @@ class WgpuDevice(Device):
             buf.destroy()
         self._uniforms.clear()
         self._bind_groups.clear()
-        self._steps.clear()
+        self._forget_steps()
 
     def replay(self, key: Any, step) -> None:
         """Decode steps (T == 1) are recorded once, then re-encoded from the list: no per-op Python work per token.
@@ -566,15 +587,46 @@ class WgpuDevice(Device):
                     getattr(self, "_do_" + name)(*args)
                 self._steps[key] = self._recording
                 self.plans[key] = [name for name, _ in plan]
+                self._last_step = key
             finally:
                 self._recording = None
             return
-        cp = self._compute_pass()
+        self.dispatches += len(recorded)
+        ready, self._ready = self._ready, None
+        self._last_step = key
+        if ready is not None and ready[0] == key:  # encoded while the previous token ran (_preencode)
+            self.preencoded += 1
+            encoder = self._end_pass()
+            self._pending += [encoder.finish(), ready[1]] if encoder is not None else [ready[1]]
+            return
+        self._encode(self._compute_pass(), recorded)
+
+    @staticmethod
+    def _encode(cp, recorded: list) -> None:
         for pipeline, group, groups in recorded:
             cp.set_pipeline(pipeline)
             cp.set_bind_group(0, group)
             cp.dispatch_workgroups(*groups)
-        self.dispatches += len(recorded)
+
+    def _preencode(self) -> None:
+        """Encode the last replayed decode step into a command buffer of its own, to be submitted by the next
+        replay() of the same step: recording ~100-500 dispatches costs the CPU about a millisecond, which this
+        overlaps with the device's work instead of adding it to every token. Nothing is captured but the
+        dispatches: the step reads its inputs (ids, positions) from device buffers when it runs."""
+        key = self._last_step
+        if not self.preencode_enabled or key is None or self._ready is not None or key not in self._steps:
+            return
+        encoder = self.device.create_command_encoder()
+        cp = encoder.begin_compute_pass()
+        self._encode(cp, self._steps[key])
+        cp.end()
+        self._ready = (key, encoder.finish())
+
+    def _forget_steps(self) -> None:
+        """Drop the recorded steps (a buffer they bind may be freed or reused) and any step encoded ahead."""
+        self._steps.clear()
+        self._ready = None
+        self._last_step = None
 
     def _dispatch(self, pipeline, bindings: list, groups: tuple[int, int, int]) -> None:
         """Record one dispatch. bindings: (binding index, buffer, offset, size) for each resource."""
@@ -953,7 +1005,7 @@ class WgpuDevice(Device):
         )
         if not direct:
             self._dispatch(
-                self._pipeline("attn_combine", HD=head_dim, act=q.dtype),
+                self._pipeline("attn_combine", HD=head_dim, NS=splits, act=q.dtype),
                 [params, self._bind(1, partial), self._bind(2, out)],
                 (n_heads, T, 1),
             )
@@ -981,7 +1033,7 @@ class WgpuDevice(Device):
         self.require_op("argmax", x.dtype)
         result = self._internal(("argmax",), (1,), "u32")
         self._dispatch(
-            self._pipeline("argmax", act=x.dtype),
+            self._pipeline("argmax", act=x.dtype, WG=self.argmax_wg),
             [self._bind_params(x.size), self._bind(1, x), self._bind(2, result)],
             (1, 1, 1),
         )
@@ -993,6 +1045,7 @@ class WgpuDevice(Device):
         if getattr(self, "device", None) is None:
             return
         self._end_pass()  # recorded but never submitted: discard
+        self._pending = []
         for _, buf, _ in self._live.values():
             buf.destroy()
         self._live.clear()
@@ -1010,7 +1063,7 @@ class WgpuDevice(Device):
             self._staging = None
         self._rope_tables.clear()
         self._bind_groups.clear()
-        self._steps.clear()
+        self._forget_steps()
         self._pipelines.clear()
         self.device.destroy()
         self.device = self.queue = None

@@ -1,10 +1,9 @@
-// Index of the largest of n values (the first one on ties, as numpy), in one workgroup.
+// Index of the largest of n values (the first one on ties, as numpy), in one workgroup of WG threads (header: up
+// to 1024). Each thread scans its values four at a time (four loads in flight, compared in index order).
 
 struct Params {
     n: u32,
 }
-
-const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> x: array<act>;
@@ -17,7 +16,17 @@ var<workgroup> best_i: array<u32, WG>;
 fn main(@builtin(local_invocation_index) lid: u32) {
     var bv = -3.4028235e38;
     var bi = 0xffffffffu;
-    for (var i = lid; i < p.n; i += WG) {
+    var i = lid;
+    for (; i + 3u * WG < p.n; i += 4u * WG) {
+        let v = array<f32, 4>(f32(x[i]), f32(x[i + WG]), f32(x[i + 2u * WG]), f32(x[i + 3u * WG]));
+        for (var j = 0u; j < 4u; j++) {
+            if (v[j] > bv || bi == 0xffffffffu) {
+                bv = v[j];
+                bi = i + j * WG;
+            }
+        }
+    }
+    for (; i < p.n; i += WG) {
         let v = f32(x[i]);
         if (v > bv || bi == 0xffffffffu) {
             bv = v;

@@ -118,10 +118,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             acc[g] *= corr;
         }
         if (grp < G) {
-            for (var j = start + grp; j < end; j += G) {
-                let v4 = vec4<f32>(v_cache[cache_base + j * NV + col]);
+            // A constant trip count (rows past the end clamped and weighted 0) lets the compiler unroll the loop
+            // and issue every row's load at once instead of one memory round trip per row.
+            for (var jj = 0u; jj < (CHUNK + G - 1u) / G; jj++) {
+                let j = start + grp + jj * G;
+                let jc = min(j, end - 1u);
+                let v4 = vec4<f32>(v_cache[cache_base + jc * NV + col]);
                 for (var g = 0u; g < GQ; g++) {
-                    acc[g] += sc[g * CHUNK + j - start] * v4;
+                    acc[g] += select(0.0, sc[g * CHUNK + jc - start], j < end) * v4;
                 }
             }
         }
