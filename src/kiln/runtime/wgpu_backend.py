@@ -4,7 +4,9 @@ Execution model: every op records one or more dispatches into a single open comp
 and submits the whole step at once. `queue.write_buffer` runs on the queue timeline as soon as it is called, so
 `write()` flushes recorded work first, and `download()` flushes and reads back through one persistent staging
 buffer. Pipelines are cached by (kernel, header); parameters live in small uniform buffers cached by content and
-bind groups are cached by their resources, so a decode step creates nothing new after the first token.
+bind groups are cached by their resources, so a decode step creates nothing new after the first token. Decode steps
+are recorded once through the fusion pass (runtime/fusion.py: 6 dispatches per layer instead of 17) and re-encoded
+per token, each one encoded while the device still runs the one before (see replay, _preencode).
 
 Weights stay in their GGUF block formats, reorganised at upload only where a block's quants are not whole 16-byte
 vectors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K): those split into a quant array plus arrays of their scales (and
@@ -246,8 +248,9 @@ class WgpuDevice(Device):
         # GEMV shape: threads per workgroup (a power of two) and rows per workgroup sharing each x load. A CPU
         # adapter runs a workgroup as SIMD loops where every load is a gather: few threads, many rows (x reuse).
         self.cpu_adapter = adapter.info["adapter_type"] == "CPU"
-        # H200 (Vulkan) decode, bench/NOTES.md: 64 x 4 ran 1.15-1.3x faster than 32 x 8.
-        self.gemv_tpr, self.gemv_rpw = (8, 32) if self.cpu_adapter else (64, 4)
+        # GPUs: one subgroup (32 threads) x 4 rows. H200 (Vulkan) decode: 1.17-1.3x faster than 32 x 8, as fast as
+        # 64 x 4, and 1.2x faster than 128 x 2 on TinyLlama (bench/NOTES.md, WebGPU on the H200).
+        self.gemv_tpr, self.gemv_rpw = (8, 32) if self.cpu_adapter else (32, 4)
         shape = os.environ.get("KILN_WGPU_GEMV")  # THREADSxROWS, for experiments
         if shape:
             self.gemv_tpr, self.gemv_rpw = (int(v) for v in shape.lower().split("x"))
