@@ -84,29 +84,28 @@ if [ "$PHASE" = a ]; then
   w70=$!
 
   log "NCCL all-reduce sweep"
-  timeout 110 python3 bench/tp_allreduce.py --sweep --json "$RES/allreduce_sweep.json" --best-env 4096 \
-    2>&1 | tee "$RES/allreduce.log"
+  # shellcheck disable=SC2086
+  timeout 60 python3 bench/tp_allreduce.py --sweep ${SWEEP:+--only $SWEEP} -r 10 --json "$RES/allreduce_sweep.json" \
+    --best-env 4096 2>&1 | tee "$RES/allreduce.log"
   BEST=$(grep '^BEST' "$RES/allreduce.log" | cut -c6-)
-
-  if left 150; then
-    log "test_cuda_tp"
-    timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_cuda_tp.py 2>&1 | tee "$RES/test.log"
-  fi
   wait $w7; cat "$RES/make_7b.log"
-
-  kbench tp1_7b 60 "$M7" 1
-  kbench tp2_7b 60 "$M7" 2
-  kbench diag_tp2_7b_no_allreduce 50 "$M7" 2 KILN_TP_DIAG_SKIP_ALLREDUCE=1
-  kbench tp2_7b_noplan 40 "$M7" 2 KILN_TP_PREFILL_PLAN=0 -- -n 0
-  if [ -n "$BEST" ]; then
-    # shellcheck disable=SC2086
-    kbench tp2_7b_nccl_best 60 "$M7" 2 $BEST
+  kbench tp1_7b 45 "$M7" 1
+  kbench tp2_7b 45 "$M7" 2
+  kbench diag_tp2_7b_no_allreduce 40 "$M7" 2 KILN_TP_DIAG_SKIP_ALLREDUCE=1
+  if left 100; then
+    log "test_cuda_tp"
+    timeout 80 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_cuda_tp.py 2>&1 | tee "$RES/test.log"
   fi
   log "waiting for the 70B file"
   wait $w70; cat "$RES/make_70b.log"
-  kbench tp1_70b 100 "$M70" 1
-  kbench tp2_70b 100 "$M70" 2
-  kbench diag_tp2_70b_no_allreduce 70 "$M70" 2 KILN_TP_DIAG_SKIP_ALLREDUCE=1 -- -p 0
+  kbench tp1_70b 70 "$M70" 1
+  kbench tp2_70b 70 "$M70" 2
+  kbench tp2_7b_noplan 30 "$M7" 2 KILN_TP_PREFILL_PLAN=0 -- -n 0
+  if [ -n "$BEST" ]; then
+    # shellcheck disable=SC2086
+    kbench tp2_7b_nccl_best 40 "$M7" 2 $BEST
+  fi
+  kbench diag_tp2_70b_no_allreduce 50 "$M70" 2 KILN_TP_DIAG_SKIP_ALLREDUCE=1 -- -p 0
 else
   log "waiting for llama.cpp's build ($(building))"
   while [ "$(building)" = true ] && left 110; do sleep 2; done
