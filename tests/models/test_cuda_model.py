@@ -77,17 +77,22 @@ def test_tiny_model_logits_match_numpy(cuda, tiny_models, qtype, arch):
     """Teacher-forced: the same 20-token prompt and 12 decode tokens on both; logits after every step."""
     f = gguf.load(tiny_models(qtype, arch))
     ids = np.random.default_rng(int(qtype)).integers(0, f.config.vocab_size, 32).tolist()
-    mc, mn = Model(f, cuda, n_ctx=64), Model(f, NumpyDevice(), n_ctx=64)
+    mc = Model(f, cuda, n_ctx=64)
     try:
-        worst = 0.0
-        lc, ln = mc.prefill(ids[:20]), mn.prefill(ids[:20])
-        for t in ids[20:]:
-            worst = max(worst, nmse(cuda.download(lc), mn.dev.download(ln)))
-            lc, ln = mc.step([t]), mn.step([t])
-        assert worst <= 1e-3
+        assert _worst_teacher_forced_nmse(mc, Model(f, NumpyDevice(), n_ctx=64), ids, 20) <= 1e-3
         assert len(cuda._graphs) >= 1  # decode went through a captured graph
     finally:
         mc.close()
+
+
+def _worst_teacher_forced_nmse(mc: Model, mn: Model, ids: list[int], n_prompt: int) -> float:
+    """Prefill ids[:n_prompt] on both models, then step through the rest; the worst logits NMSE of any step."""
+    worst = 0.0
+    lc, ln = mc.prefill(ids[:n_prompt]), mn.prefill(ids[:n_prompt])
+    for t in ids[n_prompt:]:
+        worst = max(worst, nmse(mc.dev.download(lc), mn.dev.download(ln)))
+        lc, ln = mc.step([t]), mn.step([t])
+    return worst
 
 
 # Rows wide enough for the block GEMV kernel (gemv.cu BK 1): d 1024 (64 Q8_0 chunks) and d_ff 11008 (two chunks per
@@ -101,14 +106,10 @@ def test_wide_model_logits_match_numpy(cuda, tmp_path, qtype, arch):
     path = synth.write_model(str(tmp_path / "wide.gguf"), WIDE, qtype, arch=arch, seed=3)
     f = gguf.load(path)
     ids = np.random.default_rng(1).integers(0, f.config.vocab_size, 24).tolist()
-    mc, mn = Model(f, cuda, n_ctx=64), Model(f, NumpyDevice(), n_ctx=64)
+    mc = Model(f, cuda, n_ctx=64)
     try:
-        worst = 0.0
-        lc, ln = mc.prefill(ids[:16]), mn.prefill(ids[:16])
-        for t in ids[16:]:
-            worst = max(worst, nmse(cuda.download(lc), mn.dev.download(ln)))
-            lc, ln = mc.step([t]), mn.step([t])
-        assert worst <= 1e-3  # as for the tiny models: f16 KV cache and f16 prefill GEMMs on CUDA
+        # As for the tiny models: f16 KV cache and f16 prefill GEMMs on CUDA.
+        assert _worst_teacher_forced_nmse(mc, Model(f, NumpyDevice(), n_ctx=64), ids, 16) <= 1e-3
     finally:
         mc.close()
 
