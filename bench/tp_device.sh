@@ -113,7 +113,7 @@ else
   if [ -x "$LB" ]; then
     for spec in "7b $M7 3" "70b $M70 2"; do
       set -- $spec
-      for mode in n1 layer row; do
+      for mode in n1 layer row ${LLAMA_EXTRA_MODES:-tensor}; do
         budget=$([ "$1" = 7b ] && echo 40 || echo 60)
         if ! left "$budget"; then log "llama.cpp $1 $mode skipped"; continue; fi
         log "llama.cpp $1 $mode"

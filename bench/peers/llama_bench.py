@@ -5,8 +5,10 @@ its figures in kiln bench's JSON fields, so bench/compare.py can put them side b
         [--gpus 0,1 --split-mode layer|row|none]
 
 --gpus sets CUDA_VISIBLE_DEVICES for llama-bench (default: as inherited); --split-mode is llama-bench's -sm, how a
-model is spread over the visible GPUs: layer (whole layers per GPU, the default there) or row (every matrix split by
-rows; llama.cpp's tensor parallelism). NVLink multicast stays off in llama-bench's environment (NCCL_NVLS_ENABLE=0).
+model is spread over the visible GPUs: layer (whole layers per GPU, the default there), row (every matrix split by
+rows, results gathered on the main GPU) or, in llama.cpp builds that have it, tensor (a tensor-parallel meta device).
+A run that fails is repeated once with -v and the tail of that log kept in the JSON (verbose_log_tail). NVLink
+multicast stays off in llama-bench's environment (NCCL_NVLS_ENABLE=0).
 """
 
 from __future__ import annotations
@@ -47,7 +49,13 @@ def run(
     except subprocess.TimeoutExpired:
         return {**res, "error": f"timed out after {timeout} s"}
     if proc.returncode:
-        return {**res, "error": proc.stderr[-2000:]}
+        # llama-bench says only "failed to load model": once more with -v, for the loader's reason
+        try:
+            verbose = subprocess.run(cmd + ["-v"], capture_output=True, text=True, timeout=timeout, env=env)
+            why = (verbose.stdout + verbose.stderr)[-6000:]
+        except subprocess.TimeoutExpired:
+            why = "(the -v rerun timed out)"
+        return {**res, "error": proc.stderr[-2000:], "verbose_log_tail": why}
     try:
         rows = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -72,7 +80,9 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-r", type=int, default=3)
     ap.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES for llama-bench, e.g. 0 or 0,1")
-    ap.add_argument("--split-mode", "-sm", default=None, choices=("none", "layer", "row"), help="llama-bench -sm")
+    ap.add_argument(
+        "--split-mode", "-sm", default=None, choices=("none", "layer", "row", "tensor"), help="llama-bench -sm"
+    )
     ap.add_argument("--timeout", type=float, default=900, help="seconds per model")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
