@@ -11,8 +11,11 @@ like the model's other ops, so a decode step, NCCL calls included, is captured i
 supports stream capture). The fusion pass meets the all-reduce between each row-parallel GEMV and its residual add,
 so that pair stays unfused. KILN_CUDA_GRAPHS=0 runs every step eagerly instead, which costs far more here than on one
 GPU: the rank threads hand the GIL back and forth at every launch (2 x H100, random Llama-7B Q8_0: 256 tok/s decode
-with graphs, 19 without; one GPU 197 and 62). Prefill runs eagerly (CuPy refuses cuBLAS calls during a capture), so
-its speed-up is bounded by the same launch overhead (pp512: 10.9k tok/s on 2 GPUs, 9.1k-13.4k on one).
+with graphs, 19 without; one GPU 197 and 62). Prefill cannot be captured (CuPy refuses cuBLAS calls during a capture),
+so it replays its recorded plan launch by launch and stays bound by the same Python launch cost, doubled by the GIL
+(2 x H200, 7B Q8_0 pp512: 11.2k tok/s on 2 GPUs, 6.1k without the plan replay, 13.6k on one GPU).
+Decode on 2 x H200 (bench/results/h200x2-tp.json): 7B Q8_0 335 tok/s vs 263 on one GPU (1.28x), 70B Q4_0 50.2 vs
+31.1 (1.61x); the all-reduces take 21% and 10% of those steps.
 
 The residual add is folded into the all-reduce (fold_residual): rank 0 adds its partial sum into the residual stream
 x (the cuda backend fuses that add into the GEMV) and the other ranks write their partial sums straight into x, so one
