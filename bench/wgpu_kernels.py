@@ -1,7 +1,8 @@
 """Per-kernel throughput of the wgpu GEMVs: GB/s of weights read, for each GGUF format and matrix size.
 
-Many dispatches are recorded into one command encoder and submitted once, so the figure is the kernel's own speed,
-not Python's or the submit's. Prints a table and writes JSON (--out).
+A step of 16 GEMVs is recorded once and re-encoded many times into one pass; the clock starts after the encoding, so
+the figure is the device's time per GEMV (each after a barrier, as in decode), not Python's. (The first H100 tables
+in bench/results/h100-wgpu-gemv.txt timed the host's recording too.) Prints a table and writes JSON (--out).
 
     python bench/wgpu_kernels.py                       # 7B-sized matrices on a GPU, small ones on a CPU adapter
     python bench/wgpu_kernels.py --sizes 4096x4096,11008x4096 --formats Q4_K,Q8_0 --out gemv.json
