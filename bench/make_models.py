@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGUFWriter
 
 from kiln import quant, synth
 
@@ -37,33 +37,6 @@ MODELS = {
     "llama-7b-q4_0": ("llama-7b", Q.Q4_0, False),
     "llama-70b-q4_0": ("llama-70b", Q.Q4_0, False),  # 38.5 GB: fits one 141 GB H200, splits over 2/4/8
 }
-
-
-def tensor_plan(shape: synth.Shape, qtype: Q, embed_type: Q, tied: bool, arch: str = "llama") -> list[tuple]:
-    """synth.write_model's tensors in its order: ("m", name, rows, cols, type) or ("v", name, n, centre)."""
-    hd = shape.d_model // shape.n_heads
-    d, kv = shape.d_model, shape.n_kv_heads * hd
-    out: list[tuple] = [("m", "token_embd.weight", shape.vocab_size, d, embed_type)]
-    if not tied:
-        out.append(("m", "output.weight", shape.vocab_size, d, qtype))
-    out.append(("v", "output_norm.weight", d, 1.0))
-    for i in range(shape.n_layers):
-        p = f"blk.{i}."
-        out += [
-            ("v", p + "attn_norm.weight", d, 1.0),
-            ("v", p + "ffn_norm.weight", d, 1.0),
-            ("m", p + "attn_q.weight", shape.n_heads * hd, d, qtype),
-            ("m", p + "attn_k.weight", kv, d, qtype),
-            ("m", p + "attn_v.weight", kv, d, qtype),
-            ("m", p + "attn_output.weight", d, shape.n_heads * hd, qtype),
-            ("m", p + "ffn_gate.weight", shape.d_ff, d, qtype),
-            ("m", p + "ffn_up.weight", shape.d_ff, d, qtype),
-            ("m", p + "ffn_down.weight", d, shape.d_ff, qtype),
-        ]
-        if arch == "qwen2":
-            out += [("v", p + "attn_q.bias", shape.n_heads * hd, 0.0)]
-            out += [("v", p + "attn_k.bias", kv, 0.0), ("v", p + "attn_v.bias", kv, 0.0)]
-    return out
 
 
 def _nbytes(t: tuple) -> int:
@@ -104,31 +77,9 @@ def write_streaming(
     progress: bool = False,
 ) -> str:
     """A random-weight model like synth.write_model (same metadata and tensor list), written in parallel."""
-    tensors = tensor_plan(shape, qtype, embed_type or qtype, tied, arch)
-    hd = shape.d_model // shape.n_heads
+    tensors = synth.tensor_plan(shape, qtype, embed_type or qtype, tied, arch)
     w = GGUFWriter(path, arch)
-    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
-    meta = {
-        "general.name": (f"random {arch} {shape.n_layers}x{shape.d_model} {qtype.name}", GGUFValueType.STRING),
-        "general.file_type": (int(synth._file_type(qtype)), u32),
-        f"{arch}.block_count": (shape.n_layers, u32),
-        f"{arch}.context_length": (shape.context_length, u32),
-        f"{arch}.embedding_length": (shape.d_model, u32),
-        f"{arch}.feed_forward_length": (shape.d_ff, u32),
-        f"{arch}.attention.head_count": (shape.n_heads, u32),
-        f"{arch}.attention.head_count_kv": (shape.n_kv_heads, u32),
-        f"{arch}.rope.freq_base": (shape.rope_theta, f32),
-        f"{arch}.attention.layer_norm_rms_epsilon": (1e-5, f32),
-        f"{arch}.vocab_size": (shape.vocab_size, u32),
-        f"{arch}.rope.dimension_count": (hd, u32),
-    }
-    for key, (value, vtype) in meta.items():
-        w.add_key_value(key, value, vtype)
-    for key, value, vtype in synth._tokenizer_fields(shape.vocab_size):
-        if isinstance(value, list):
-            w.add_array(key, value)
-        else:
-            w.add_key_value(key, value, vtype)
+    synth.add_metadata(w, shape, qtype, arch)
     for t in tensors:
         if t[0] == "v":
             w.add_tensor_info(t[1], (t[2],), np.dtype(np.float32), _nbytes(t))

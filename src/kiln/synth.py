@@ -130,22 +130,41 @@ def _tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType 
     return [(key, value, vtype) for key, (value, vtype) in fields.items()]
 
 
-def write_model(
-    path: str,
-    shape: Shape,
-    qtype: GGMLQuantizationType,
-    arch: str = "llama",
-    seed: int = 0,
-    embed_type: GGMLQuantizationType | None = GGMLQuantizationType.Q8_0,
-    tied: bool = True,
-    progress: bool = False,
-    scale: float = 0.02,
-    meta_overrides: dict | None = None,
-) -> str:
-    """Write a random-weight model. Matrices use `qtype`; norms are F32 near 1; qwen2 gets QKV biases."""
-    rng = np.random.default_rng(seed)
+def tensor_plan(
+    shape: Shape, qtype: GGMLQuantizationType, embed_type: GGMLQuantizationType, tied: bool, arch: str = "llama"
+) -> list[tuple]:
+    """A model's tensors in file order: ("m", name, rows, cols, type) for matrices, ("v", name, n, centre) for
+    vectors (F32 near `centre`). qwen2 gets QKV biases."""
     hd = shape.d_model // shape.n_heads
-    w = GGUFWriter(path, arch)
+    d, kv = shape.d_model, shape.n_kv_heads * hd
+    out: list[tuple] = [("m", "token_embd.weight", shape.vocab_size, d, embed_type)]
+    if not tied:
+        out.append(("m", "output.weight", shape.vocab_size, d, qtype))
+    out.append(("v", "output_norm.weight", d, 1.0))
+    for i in range(shape.n_layers):
+        p = f"blk.{i}."
+        out += [
+            ("v", p + "attn_norm.weight", d, 1.0),
+            ("v", p + "ffn_norm.weight", d, 1.0),
+            ("m", p + "attn_q.weight", shape.n_heads * hd, d, qtype),
+            ("m", p + "attn_k.weight", kv, d, qtype),
+            ("m", p + "attn_v.weight", kv, d, qtype),
+            ("m", p + "attn_output.weight", d, shape.n_heads * hd, qtype),
+            ("m", p + "ffn_gate.weight", shape.d_ff, d, qtype),
+            ("m", p + "ffn_up.weight", shape.d_ff, d, qtype),
+            ("m", p + "ffn_down.weight", d, shape.d_ff, qtype),
+        ]
+        if arch == "qwen2":
+            out += [("v", p + "attn_q.bias", shape.n_heads * hd, 0.0)]
+            out += [("v", p + "attn_k.bias", kv, 0.0), ("v", p + "attn_v.bias", kv, 0.0)]
+    return out
+
+
+def add_metadata(
+    w: GGUFWriter, shape: Shape, qtype: GGMLQuantizationType, arch: str, meta_overrides: dict | None = None
+) -> None:
+    """The model's GGUF keys (llama.cpp's names) and the tokenizer's, into writer `w`."""
+    hd = shape.d_model // shape.n_heads
     u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
     meta = {
         "general.name": (f"random {arch} {shape.n_layers}x{shape.d_model} {qtype.name}", GGUFValueType.STRING),
@@ -171,33 +190,30 @@ def write_model(
         else:
             w.add_key_value(key, value, vtype)
 
-    def matrix(name: str, rows: int, cols: int, t: GGMLQuantizationType) -> None:
-        raw = quant.random_weight(t, rows, cols, rng, scale)
-        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=t)
 
-    def vector(name: str, n: int, center: float) -> None:
-        w.add_tensor(name, (center + 0.1 * rng.standard_normal(n)).astype(np.float32))
-
-    d, kv = shape.d_model, shape.n_kv_heads * hd
-    matrix("token_embd.weight", shape.vocab_size, d, embed_type or qtype)
-    if not tied:
-        matrix("output.weight", shape.vocab_size, d, qtype)
-    vector("output_norm.weight", d, 1.0)
-    for i in tqdm(range(shape.n_layers), desc=f"writing {os.path.basename(path)}", disable=not progress):
-        p = f"blk.{i}."
-        vector(p + "attn_norm.weight", d, 1.0)
-        vector(p + "ffn_norm.weight", d, 1.0)
-        matrix(p + "attn_q.weight", shape.n_heads * hd, d, qtype)
-        matrix(p + "attn_k.weight", kv, d, qtype)
-        matrix(p + "attn_v.weight", kv, d, qtype)
-        matrix(p + "attn_output.weight", d, shape.n_heads * hd, qtype)
-        matrix(p + "ffn_gate.weight", shape.d_ff, d, qtype)
-        matrix(p + "ffn_up.weight", shape.d_ff, d, qtype)
-        matrix(p + "ffn_down.weight", d, shape.d_ff, qtype)
-        if arch == "qwen2":
-            vector(p + "attn_q.bias", shape.n_heads * hd, 0.0)
-            vector(p + "attn_k.bias", kv, 0.0)
-            vector(p + "attn_v.bias", kv, 0.0)
+def write_model(
+    path: str,
+    shape: Shape,
+    qtype: GGMLQuantizationType,
+    arch: str = "llama",
+    seed: int = 0,
+    embed_type: GGMLQuantizationType | None = GGMLQuantizationType.Q8_0,
+    tied: bool = True,
+    progress: bool = False,
+    scale: float = 0.02,
+    meta_overrides: dict | None = None,
+) -> str:
+    """Write a random-weight model. Matrices use `qtype`; norms are F32 near 1; qwen2 gets QKV biases."""
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(path, arch)
+    add_metadata(w, shape, qtype, arch, meta_overrides)
+    plan = tensor_plan(shape, qtype, embed_type or qtype, tied, arch)
+    for t in tqdm(plan, desc=f"writing {os.path.basename(path)}", disable=not progress):
+        if t[0] == "m":
+            raw = quant.random_weight(t[4], t[2], t[3], rng, scale)
+            w.add_tensor(t[1], raw, raw_shape=raw.shape, raw_dtype=t[4])
+        else:
+            w.add_tensor(t[1], (t[3] + 0.1 * rng.standard_normal(t[2])).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

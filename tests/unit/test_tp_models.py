@@ -52,5 +52,5 @@ def test_70b_entry_is_llama_2_70b_in_q4_0():
     s = synth.SHAPES[shape_name]
     assert (s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.d_ff, s.vocab_size) == (80, 8192, 64, 8, 28672, 32000)
     assert qtype == Q.Q4_0 and not tied
-    nbytes = sum(make_models._nbytes(t) for t in make_models.tensor_plan(s, qtype, qtype, tied))
+    nbytes = sum(make_models._nbytes(t) for t in synth.tensor_plan(s, qtype, qtype, tied))
     assert 38.0e9 < nbytes < 39.0e9

@@ -27,7 +27,7 @@ import numpy as np
 from .. import quant
 from ..errors import BackendUnavailable, UnsupportedOp
 from .base import DTYPES, BufferPool, Device, Tensor, Weight
-from .fusion import Fuser
+from .fusion import Fuser, OpRecorder
 
 try:
     import cupy
@@ -143,7 +143,7 @@ def _tid(t: Tensor) -> int:
     return t.storage.data.ptr
 
 
-class CudaDevice(Device):
+class CudaDevice(OpRecorder, Device):
     backend = "cuda"
     kv_dtype = "f16"
     kernel_language = "cuda"
@@ -448,37 +448,10 @@ class CudaDevice(Device):
         with self.stream:
             self._launch(kernel, grid, block or 256, tuple(args))
 
-    # --- op dispatch: run now, or record for replay() -----------------------------------------------------------
-    def _op(self, name: str, *args) -> None:
-        if self._rec is not None:
-            self._rec.append((name, args))
-        else:
-            with self.stream:
-                getattr(self, "_do_" + name)(*args)
-
-    def embed(self, weight, ids, out) -> None:
-        self._op("embed", weight, ids, out)
-
-    def rms_norm(self, x, weight, eps, out) -> None:
-        self._op("rms_norm", x, weight, eps, out)
-
-    def matmul(self, x, weight, out, bias=None) -> None:
-        self._op("matmul", x, weight, out, bias)
-
-    def rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
-        self._op("rope", x, pos, n_heads, head_dim, theta, neox)
-
-    def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
-        self._op("attention", q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv)
-
-    def swiglu(self, gate, up, out) -> None:
-        self._op("swiglu", gate, up, out)
-
-    def add(self, a, b, out) -> None:
-        self._op("add", a, b, out)
-
-    def copy_row(self, x, row, out) -> None:
-        self._op("copy_row", x, row, out)
+    # --- op dispatch (fusion.OpRecorder): run now, on this device's stream, or record for replay() ---------------
+    def _run_op(self, name: str, args: tuple) -> None:
+        with self.stream:
+            getattr(self, "_do_" + name)(*args)
 
     # --- ops ----------------------------------------------------------------------------------------------------
     @staticmethod

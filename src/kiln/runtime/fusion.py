@@ -169,3 +169,43 @@ class Fuser:
         if not prefix or not self.gemv_ok(prefix[0], w) or self.tid(out) == self.tid(prefix[0]):
             return None
         return [("gemv_norm", (prefix[0], prefix[1], w, bias, out))], i + 2
+
+
+class OpRecorder:
+    """The model-facing ops of a backend whose decode steps the fusion pass rewrites: while `_rec` is a list
+    (replay() recording a step) each op is appended to it as (name, args); otherwise it runs now, as `_do_<name>`."""
+
+    _rec: list | None = None
+
+    def _op(self, name: str, *args) -> None:
+        if self._rec is not None:
+            self._rec.append((name, args))
+        else:
+            self._run_op(name, args)
+
+    def _run_op(self, name: str, args: tuple) -> None:
+        getattr(self, "_do_" + name)(*args)
+
+    def embed(self, weight, ids, out) -> None:
+        self._op("embed", weight, ids, out)
+
+    def rms_norm(self, x, weight, eps, out) -> None:
+        self._op("rms_norm", x, weight, eps, out)
+
+    def matmul(self, x, weight, out, bias=None) -> None:
+        self._op("matmul", x, weight, out, bias)
+
+    def rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
+        self._op("rope", x, pos, n_heads, head_dim, theta, neox)
+
+    def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
+        self._op("attention", q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv)
+
+    def swiglu(self, gate, up, out) -> None:
+        self._op("swiglu", gate, up, out)
+
+    def add(self, a, b, out) -> None:
+        self._op("add", a, b, out)
+
+    def copy_row(self, x, row, out) -> None:
+        self._op("copy_row", x, row, out)

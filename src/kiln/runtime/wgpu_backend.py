@@ -37,7 +37,7 @@ import numpy as np
 from .. import quant
 from ..errors import BackendUnavailable, UnsupportedOp
 from .base import DTYPES, BufferPool, Device, Tensor, Weight
-from .fusion import Fuser
+from .fusion import Fuser, OpRecorder
 
 try:
     import wgpu
@@ -220,7 +220,7 @@ class WgpuKernel:
     pipeline: Any
 
 
-class WgpuDevice(Device):
+class WgpuDevice(OpRecorder, Device):
     backend = "wgpu"
 
     def __init__(self, index: int | None = None):
@@ -303,7 +303,7 @@ class WgpuDevice(Device):
         # each token without going through the ops again; dropped whenever a buffer they bind may change.
         self._steps: dict[Any, list[tuple]] = {}
         self._recording: list[tuple] | None = None
-        self._ops: list[tuple] | None = None  # the step's ops while replay() records them for the fusion pass
+        self._rec: list[tuple] | None = None  # the step's ops while replay() records them for the fusion pass
         self.plans: dict[Any, list[str]] = {}  # the op names of each recorded step's (fused) plan, for tests
         self.fuse_enabled = os.environ.get("KILN_WGPU_FUSE", "1") != "0"
         self._fuser = Fuser(self._tid, self._gemv_ok, kv_dtype=self.kv_dtype)
@@ -579,11 +579,11 @@ class WgpuDevice(Device):
             return step()
         recorded = self._steps.get(key)
         if recorded is None:
-            self._ops = []
+            self._rec = []
             try:
                 step()
             finally:
-                ops, self._ops = self._ops, None
+                ops, self._rec = self._rec, None
             plan = self._fuser.fuse(ops) if self.fuse_enabled else ops
             self._recording = []
             try:
@@ -706,38 +706,7 @@ class WgpuDevice(Device):
             bindings.append((len(buffers), buf, 0, buf.size))
         self._dispatch(kernel.pipeline, bindings, (*grid, 1, 1)[:3])
 
-    # --- ops ----------------------------------------------------------------------------------------------------
-    # --- op dispatch: run now, or record for replay()'s fusion pass ---------------------------------------------
-    def _op(self, name: str, *args) -> None:
-        if self._ops is not None:
-            self._ops.append((name, args))
-        else:
-            getattr(self, "_do_" + name)(*args)
-
-    def embed(self, weight, ids, out) -> None:
-        self._op("embed", weight, ids, out)
-
-    def rms_norm(self, x, weight, eps, out) -> None:
-        self._op("rms_norm", x, weight, eps, out)
-
-    def matmul(self, x, weight, out, bias=None) -> None:
-        self._op("matmul", x, weight, out, bias)
-
-    def rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
-        self._op("rope", x, pos, n_heads, head_dim, theta, neox)
-
-    def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
-        self._op("attention", q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv)
-
-    def swiglu(self, gate, up, out) -> None:
-        self._op("swiglu", gate, up, out)
-
-    def add(self, a, b, out) -> None:
-        self._op("add", a, b, out)
-
-    def copy_row(self, x, row, out) -> None:
-        self._op("copy_row", x, row, out)
-
+    # --- ops: fusion.OpRecorder runs each op now (_do_<name>) or records it for replay()'s fusion pass ----------
     @staticmethod
     def _tid(t: Tensor) -> tuple:
         """What identifies a tensor for the fusion pass: the start of its memory."""
