@@ -27,14 +27,13 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 { nvidia-smi -L; git log -1 --format='kiln %h %s' 2>/dev/null; date -u; } | tee "$LOG"
 timeout 200 python3 bench/make_models.py $M --only $MODELS >>"$LOG" 2>&1 &
 writer=$!
-python3 - <<'PY' >>"$LOG" 2>&1
+step() { echo "== $1 (t=${SECONDS}s)" | tee -a "$LOG"; }
+if [ -z "${QUICK:-}" ]; then
+python3 - <<'PY' >>"$LOG" 2>&1  # the memcheck model, below
 from gguf import GGMLQuantizationType as Q
 from kiln import synth
 synth.write_model("/tmp/models/wide-q8_0.gguf", synth.Shape(2, 1024, 8, 2, 11008, vocab_size=512), Q.Q8_0, seed=3)
 PY
-
-step() { echo "== $1 (t=${SECONDS}s)" | tee -a "$LOG"; }
-if [ -z "${QUICK:-}" ]; then
 step "gemv sweep"
 timeout 150 python3 bench/gemv.py --pdl --formats Q8_0 --shapes 7b tinyllama --configs warp auto block:4 block:8 \
   --json "$OUT/gemv_q8.json" 2>&1 | tee -a "$LOG"

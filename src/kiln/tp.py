@@ -222,7 +222,6 @@ class _HostGroup:
         pass
 
 
-_HOST_OPS = ("embed", "rms_norm", "matmul", "rope", "attention", "swiglu", "add", "copy_row")
 _HOST_DEVICE: type | None = None
 
 
@@ -232,25 +231,17 @@ def _host_device_class() -> type:
     global _HOST_DEVICE
     if _HOST_DEVICE is not None:
         return _HOST_DEVICE
+    from .runtime.fusion import OpRecorder
     from .runtime.numpy_backend import NumpyDevice
 
-    def recorded(name: str):
-        def op(self, *args) -> None:
-            if name == "matmul" and len(args) == 3:
-                args = (*args, None)  # recorded as the cuda backend records it: bias always present
-            if self._rec is not None:
-                self._rec.append((name, args))
-            else:
-                self._run_op(name, args)
-
-        op.__name__ = name
-        return op
-
-    class HostRankDevice(NumpyDevice):
+    class HostRankDevice(OpRecorder, NumpyDevice):  # ops are recorded as the cuda backend records them
         def __init__(self, rank: int, reduce: Callable[[int, Device, Tensor], None]):
             super().__init__()
             self.rank, self._reduce, self._rec = rank, reduce, None
             self.fold = _fold_enabled()
+
+        def all_reduce(self, t: Tensor) -> None:
+            self._op("all_reduce", t)
 
         def _run_op(self, name: str, args: tuple) -> None:
             if name == "all_reduce":
@@ -267,8 +258,6 @@ def _host_device_class() -> type:
             for name, args in fold_residual(ops, self.rank, _host_tid) if self.fold else ops:
                 self._run_op(name, args)
 
-    for name in (*_HOST_OPS, "all_reduce"):
-        setattr(HostRankDevice, name, recorded(name))
     _HOST_DEVICE = HostRankDevice
     return HostRankDevice
 
