@@ -160,6 +160,56 @@ def test_fused_decode_matches_unfused(dev, fmt, neox, bias):
     assert nmse(r["fused"][1], r["plain"][1]) < 1e-6
 
 
+@pytest.mark.parametrize("tile,splits", [(32, 64), (32, 2), (64, 3), (128, 64)])
+@pytest.mark.parametrize("heads", [(8, 1, 64), (9, 3, 64), (8, 8, 128), (16, 2, 64)])
+@pytest.mark.parametrize("graph", [False, True])
+def test_decode_attention_tiles_and_splits(dev, ref, tile, splits, heads, graph):
+    """attn_decode.cu at positions on both sides of tile boundaries, with one block per tile, several tiles per block
+    (few splits) and the merge, eagerly and replayed from a captured graph, where the cache rows below pos are
+    fetched before the wait for the kernel that wrote row pos (PDL): against the reference."""
+    hq, hkv, hd = heads
+    rng = np.random.default_rng(hq * hd + tile)
+    n_ctx = 300
+    cache = rng.standard_normal((hkv, n_ctx, hd)).astype(np.float16)
+    saved = dev.attn_tile, dev.attn_max_splits
+    dev.attn_tile, dev.attn_max_splits = tile, splits
+    tensors = {}
+    try:
+        for d in (dev, ref):
+            tensors[d] = dict(
+                q=d.empty((1, hq * hd)),
+                k=d.empty((1, hkv * hd)),
+                v=d.empty((1, hkv * hd)),
+                out=d.empty((1, hq * hd)),
+                pos=d.empty((1,), "i32"),
+                kc=d.upload(cache),
+                vc=d.upload(cache[:, ::-1].copy()),
+            )
+        for p in (0, 1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 299):
+            outs = []
+            for d in (dev, ref):
+                t = tensors[d]
+                for name, shape in (("q", (1, hq * hd)), ("k", (1, hkv * hd)), ("v", (1, hkv * hd))):
+                    d.write(t[name], np.random.default_rng(p).standard_normal(shape, dtype=np.float32))
+                d.write(t["pos"], np.array([p], np.int32))
+
+                def step(d=d, t=t, n_kv=p + 1):
+                    d.attention(t["q"], t["k"], t["v"], t["kc"], t["vc"], t["pos"], t["out"], hq, hkv, hd, n_kv)
+
+                if d is dev and graph:
+                    dev.replay(("attn-test", tile, splits, heads), step)
+                else:
+                    step()
+                outs.append(d.download(t["out"]))
+            assert np.isfinite(outs[0]).all()
+            assert nmse(*outs) < 1e-6, f"position {p}"
+    finally:
+        dev.attn_tile, dev.attn_max_splits = saved
+        for d, t in tensors.items():
+            for x in t.values():
+                d.free(x)
+
+
 @pytest.mark.parametrize("op", ["rms_norm", "swiglu", "add", "rope"])
 def test_f16_activations(dev, ref, op):
     rng = np.random.default_rng(3)

@@ -64,8 +64,9 @@ _GEMM_DEFAULT = -1
 _GEMV_MAX_T = 4  # up to this many tokens, one GEMV launch per token beats dequantize + GEMM
 _WARPS = 4  # warps per GEMV block of the warp kernel (gemv.cu NWARPS)
 _GEMV_BLOCK_MIN_CHUNKS = 64  # rows of at least this many 16-byte chunks take the block GEMV kernel
-_ATT_TILE = 32
-_ATT_SMEM = 46 * 1024
+_CUBLAS_WORKSPACE = 32 << 20  # cuBLAS's recommended workspace on Hopper
+_ATT_TILE = 32  # keys per tile of attn_prefill.cu
+_ATT_SMEM = 46 * 1024  # static shared memory a kernel may take (48 KB, less a margin)
 
 
 class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, pad, 64-byte value union
@@ -95,6 +96,33 @@ _CTYPE = {
     np.float32: ctypes.c_float,
     np.int64: ctypes.c_int64,
 }
+
+
+def _prefill_smem(rows: int, hd: int) -> int:
+    """Static shared memory of attn_prefill.cu for `rows` query rows per block (its __shared__ arrays)."""
+    return 4 * (rows * hd + _ATT_TILE * (hd + 1) + _ATT_TILE * hd + rows * _ATT_TILE + 3 * rows) + 64
+
+
+def _decode_smem(g: int, hd: int, tile: int) -> int:
+    """Static shared memory of attn_decode.cu (THREADS = 128); more than any limit where the K/V tiles cannot also
+    hold the partial values (KSPLIT * g * hd floats), which reuse them."""
+    units = g * hd // 8
+    ksplit = 128 // units if units <= 128 else 1
+    if ksplit * g * hd > tile * (hd + 8):
+        return 1 << 30
+    return 4 * tile * (hd + 8) + 4 * (g * hd + g * tile + 3 * g) + 16
+
+
+def _load_lib(name: str):
+    """A shared library this process already loaded (CuPy finds its CUDA libraries itself): the file whose name starts
+    with `name`, from /proc/self/maps; None where it is not found."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return None
+    path = next((p for p in sorted(paths) if os.path.basename(p).startswith(name)), None)
+    return ctypes.CDLL(path) if path else None
 
 
 def _load_libcuda():
@@ -195,6 +223,7 @@ class CudaDevice(OpRecorder, Device):
         self._eager_keys: set = set()
         self._rec: list | None = None  # ops being recorded by replay()
         self._capture_ptrs: list | None = None
+        self._cublas: int | None = None  # created on first use (_cublas_handle)
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         self._host_i32 = cupy.cuda.alloc_pinned_memory(4)
@@ -208,6 +237,9 @@ class CudaDevice(OpRecorder, Device):
         self.gemv_rows = int(os.environ.get("KILN_GEMV_ROWS", "0"))
         self.gemv_groups_per_block = int(os.environ.get("KILN_GEMV_GPB", "0"))
         self.gemv_max_threads = int(os.environ.get("KILN_GEMV_THREADS", "512"))
+        # Decode attention (attn_decode.cu): keys per tile (0: the largest that fits), blocks per KV head at most.
+        self.attn_tile = int(os.environ.get("KILN_CUDA_ATTN_TILE", "0"))
+        self.attn_max_splits = int(os.environ.get("KILN_CUDA_ATTN_SPLITS", "64"))
         # Programmatic dependent launch inside captured graphs: each kernel's launch and weight loads overlap the
         # tail of the kernel before it (kernels call pdl_wait() before reading what it wrote).
         self._libcuda = _load_libcuda() if props["major"] >= 9 else None
@@ -315,6 +347,11 @@ class CudaDevice(OpRecorder, Device):
         self.sync()
         self._graphs.clear()
         self._plans.clear()
+        if self._cublas is not None:
+            from cupy_backends.cuda.libs import cublas
+
+            cublas.destroy(self._cublas)
+            self._cublas = None
         self._scratch.clear()
         self.scratch_bytes = 0
         for raw, size in self._live.values():
@@ -574,6 +611,22 @@ class CudaDevice(OpRecorder, Device):
         self._launch(k, self._blocks(T * K), 256, (_ptr(x), _ptr(xh), np.int32(T * K)))
         return _ptr(xh)
 
+    def _cublas_handle(self) -> int:
+        """kiln's own cuBLAS handle, bound to self.stream with a workspace of its own once, outside any capture: CuPy's
+        shared handle sets its stream on every fetch, which it refuses while a graph is captured, so prefill steps
+        could not become graphs."""
+        if self._cublas is None:
+            from cupy_backends.cuda.libs import cublas
+
+            handle = cublas.create()
+            cublas.setStream(handle, self.stream.ptr)
+            ws = self._scratch_array("cublas_workspace", _CUBLAS_WORKSPACE)
+            set_ws = getattr(_load_lib("libcublas.so"), "cublasSetWorkspace_v2", None)
+            if set_ws is not None:  # else cuBLAS keeps its own, allocated by the eager run before any capture
+                set_ws(ctypes.c_void_p(handle), ctypes.c_void_p(ws.data.ptr), ctypes.c_size_t(ws.nbytes))
+            self._cublas = handle
+        return self._cublas
+
     def _do_matmul_group(self, x, items) -> None:
         """Prefill matmuls that share their input (Q, K, V; gate, up): x goes to f16 once."""
         xh = self._x_f16(x)
@@ -608,9 +661,9 @@ class CudaDevice(OpRecorder, Device):
                 )
                 w_ptr = _ptr(w16)
             a_type = _R_16F
-        # On the current stream, which the caller made self.stream; cuBLAS kernels run without PDL (full dependency).
+        # cuBLAS kernels run without PDL (a full dependency on the kernel before).
         cublas.gemmEx(
-            cupy.cuda.device.get_cublas_handle(),
+            self._cublas_handle(),
             _OP_T,
             _OP_N,
             N,
@@ -682,39 +735,30 @@ class CudaDevice(OpRecorder, Device):
             raise UnsupportedOp(f"cuda attention needs head_dim % 8 == 0 and whole GQA groups (hd={head_dim})")
         T, G, n_ctx = q.shape[0], n_heads // n_kv_heads, k_cache.shape[1]
         if T == 1:
-            qt = 1
-            ns = max(1, min(-(-2 * self.sm_count // n_kv_heads), -(-n_ctx // _ATT_TILE), 64))
-        else:
-            qt = next(
-                c for c in (8, 4, 2, 1) if (G * c <= 32 and self._att_smem((G, G * c), head_dim) <= _ATT_SMEM) or c == 1
-            )
-            ns = 1
-        if self._att_smem((G, G * qt), head_dim) > _ATT_SMEM:
+            return self._attend_decode(q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim)
+        qt = next(c for c in (8, 4, 2, 1) if (G * c <= 32 and _prefill_smem(G * c, head_dim) <= _ATT_SMEM) or c == 1)
+        if _prefill_smem(G * qt, head_dim) > _ATT_SMEM:
             raise UnsupportedOp(f"cuda attention: {G} query heads per KV head of dim {head_dim} exceed shared memory")
-        part = self._scratch_array("attn_part", ns * n_heads * head_dim * 4) if ns > 1 else None
-        ml = self._scratch_array("attn_ml", ns * n_heads * 8) if ns > 1 else None
-        ticket = self._scratch_array("attn_ticket", n_kv_heads * 4, zero=True)
-        k = self._kernel("attention.cu", "attention", HD=head_dim, G=G, QT=qt, TILE=_ATT_TILE, DT=_DT[q.dtype])
-        args = (
-            _ptr(q),
-            _ptr(k_cache),
-            _ptr(v_cache),
-            _ptr(pos),
-            _ptr(out),
-            _ptr(part),
-            _ptr(ml),
-            _ptr(ticket),
-            np.int32(T),
-            np.int32(n_heads),
-            np.int32(n_ctx),
-            np.float32(1.0 / math.sqrt(head_dim)),
-        )
-        self._launch(k, (ns, n_kv_heads, -(-T // qt)), 128, args)
+        k = self._kernel("attn_prefill.cu", "attention", HD=head_dim, G=G, QT=qt, TILE=_ATT_TILE, DT=_DT[q.dtype])
+        args = (_ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pos), _ptr(out), np.int32(T), np.int32(n_heads))
+        self._launch(k, (n_kv_heads, -(-T // qt)), 128, (*args, np.int32(n_ctx), np.float32(1.0 / math.sqrt(head_dim))))
 
-    @staticmethod
-    def _att_smem(rows: tuple, hd: int) -> int:
-        g, rows = rows  # (query heads per KV head, query rows per block)
-        return 4 * (rows * hd + _ATT_TILE * (hd + 1) + _ATT_TILE * hd + rows * _ATT_TILE + 3 * rows) + 64 + 512 * g
+    def _attend_decode(self, q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim) -> None:
+        """One token: attn_decode.cu with the largest key tile that fits shared memory, one block per tile of the
+        context (at most attn_max_splits blocks per KV head; past that each block takes several tiles)."""
+        G, n_ctx = n_heads // n_kv_heads, k_cache.shape[1]
+        tiles = [c for c in (self.attn_tile or 128, 64, 32) if _decode_smem(G, head_dim, c) <= _ATT_SMEM]
+        if not tiles:
+            raise UnsupportedOp(f"cuda attention: {G} query heads per KV head of dim {head_dim} exceed shared memory")
+        ch = tiles[0]
+        ns = max(1, min(-(-n_ctx // ch), self.attn_max_splits, ch * (head_dim + 8) // (2 * G)))  # merge fits tiles
+        part = self._scratch_array("attn_part", ns * n_heads * head_dim * 4)
+        ml = self._scratch_array("attn_ml", ns * n_heads * 8)
+        ticket = self._scratch_array("attn_ticket", n_kv_heads * 4, zero=True)
+        k = self._kernel("attn_decode.cu", "attn_decode", HD=head_dim, G=G, CH=ch, DT=_DT[q.dtype])
+        args = (_ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pos), _ptr(out), _ptr(part), _ptr(ml), _ptr(ticket))
+        scale = np.float32(1.0 / math.sqrt(head_dim))
+        self._launch(k, (ns, n_kv_heads), 128, (*args, np.int32(n_heads), np.int32(n_ctx), scale))
 
     def _elementwise(self, name: str, a, b, out) -> None:
         n = out.size

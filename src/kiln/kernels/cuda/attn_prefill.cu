@@ -1,33 +1,27 @@
-// Causal GQA attention over the f16 KV cache, flash style (online softmax over key tiles, f32 accumulation).
+// Causal GQA attention over the f16 KV cache for prefill (T > 1; decode is attn_decode.cu), flash style: online
+// softmax over key tiles, f32 accumulation.
 // Constants: HD (head dim), G (query heads per KV head), QT (query tokens per block), TILE (keys per tile), DT.
 //
-// grid = (NS, Hkv, ceil(T / QT)), 128 threads. A block serves KV head h for QT consecutive tokens and all G query
-// heads that share h, so each K/V tile is read once for G * QT query rows. The key range is read from `pos` on the
-// device (n_kv = pos[last token] + 1), so a captured CUDA graph stays valid at every position.
-// NS == 1 (prefill): each block covers all keys and writes normalised rows.
-// NS > 1 (decode, split-K "flash decoding"): block s covers a slice of the keys and writes its partial (max, sum,
-// unnormalised output); the last block of each KV head to finish (atomic ticket) merges the slices.
+// grid = (Hkv, ceil(T / QT)), 128 threads. A block serves KV head h for QT consecutive tokens and all G query heads
+// that share h, so each K/V tile is read once for G * QT query rows. The key range is read from `pos` on the device
+// (n_kv = pos[last token] + 1), so a captured CUDA graph stays valid at every position.
 
 #define ROWS (G * QT)
 #define THREADS 128
 #define NPER ((ROWS * (HD / 2) + THREADS - 1) / THREADS)
-#define MAX_SPLITS 64
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
-          const int* __restrict__ pos, act_t* __restrict__ out, float* part, float* ml, int* ticket,
-          int T, int Hq, int n_ctx, float scale) {
+          const int* __restrict__ pos, act_t* __restrict__ out, int T, int Hq, int n_ctx, float scale) {
     __shared__ float qs[ROWS][HD];
     __shared__ float ks[TILE][HD + 1];  // +1: lanes reading one column of consecutive keys hit distinct banks
     __shared__ float vs[TILE][HD];
     __shared__ float ps[ROWS][TILE];
     __shared__ float m_s[ROWS], l_s[ROWS], c_s[ROWS];
     __shared__ int pos_s[QT];
-    __shared__ float wm_s[MAX_SPLITS][G], wl_s[MAX_SPLITS][G];  // split-K merge: per slice (max, sum)
-    __shared__ bool last;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int h = blockIdx.y, s = blockIdx.x, NS = gridDim.x, t0 = blockIdx.z * QT;
+    const int h = blockIdx.x, t0 = blockIdx.y * QT;
     const int q_stride = Hq * HD;
     pdl_wait();
     pdl_trigger();
@@ -41,9 +35,6 @@ attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __
     __syncthreads();
 
     const int n_kv = pos_s[min(QT, T - t0) - 1] + 1;
-    int chunk = (n_kv + NS - 1) / NS;
-    chunk = (chunk + TILE - 1) / TILE * TILE;
-    const int lo = s * chunk, hi = min(lo + chunk, n_kv);
     const u16* kbase = kc + (long)h * n_ctx * HD;
     const u16* vbase = vc + (long)h * n_ctx * HD;
 
@@ -51,8 +42,8 @@ attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __
 #pragma unroll
     for (int k = 0; k < NPER; k++) acc[k][0] = acc[k][1] = 0.0f;
 
-    for (int j0 = lo; j0 < hi; j0 += TILE) {
-        const int n = min(TILE, hi - j0);
+    for (int j0 = 0; j0 < n_kv; j0 += TILE) {
+        const int n = min(TILE, n_kv - j0);
         // K and V tile to shared memory as f32: 16-byte loads, 8 halves each.
         for (int i = tid; i < n * (HD / 8); i += THREADS) {
             int j = i / (HD / 8), c = 8 * (i % (HD / 8));
@@ -120,69 +111,15 @@ attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __
         __syncthreads();
     }
 
-    if (NS == 1) {
-#pragma unroll
-        for (int k = 0; k < NPER; k++) {
-            int e = tid + k * THREADS;
-            if (e >= ROWS * (HD / 2)) continue;
-            int r = e / (HD / 2), d = 2 * (e % (HD / 2)), t = t0 + r / G;
-            if (t >= T) continue;
-            float inv = 1.0f / l_s[r];
-            long o = (long)t * q_stride + (h * G + r % G) * HD + d;
-            st_act(out, o, acc[k][0] * inv);
-            st_act(out, o + 1, acc[k][1] * inv);
-        }
-        return;
-    }
-
-    // Split-K (decode, QT == 1, row r = query head h * G + r): publish this slice, then merge in the last block.
 #pragma unroll
     for (int k = 0; k < NPER; k++) {
         int e = tid + k * THREADS;
         if (e >= ROWS * (HD / 2)) continue;
-        int r = e / (HD / 2), d = 2 * (e % (HD / 2));
-        float* pp = part + ((long)s * Hq + h * G + r) * HD + d;
-        pp[0] = acc[k][0], pp[1] = acc[k][1];
+        int r = e / (HD / 2), d = 2 * (e % (HD / 2)), t = t0 + r / G;
+        if (t >= T) continue;
+        float inv = 1.0f / l_s[r];
+        long o = (long)t * q_stride + (h * G + r % G) * HD + d;
+        st_act(out, o, acc[k][0] * inv);
+        st_act(out, o + 1, acc[k][1] * inv);
     }
-    for (int r = tid; r < ROWS; r += THREADS) {
-        ml[((long)s * Hq + h * G + r) * 2] = m_s[r];
-        ml[((long)s * Hq + h * G + r) * 2 + 1] = l_s[r];
-    }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(ticket + h, 1) == NS - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    // Merge the slices that hold keys (the first `active`), their weights exp(m_s - M) / L staged in shared memory.
-    const int active = min(NS, (n_kv + chunk - 1) / chunk);
-    for (int i = tid; i < active * G; i += THREADS) {  // reuse ps (ROWS * TILE >= G * 32 floats) for (m, l) pairs
-        int s2 = i / G, g = i % G;
-        const float* p = ml + ((long)s2 * Hq + h * G + g) * 2;
-        wm_s[s2][g] = __ldcg(p);
-        wl_s[s2][g] = __ldcg(p + 1);
-    }
-    __syncthreads();
-    for (int g = warp; g < G; g += THREADS / 32) {
-        float M = NEG_INF;
-        for (int s2 = lane; s2 < active; s2 += 32) M = fmaxf(M, wm_s[s2][g]);
-        M = warp_max(M);
-        float L = 0.0f;
-        for (int s2 = lane; s2 < active; s2 += 32) {
-            float m = wm_s[s2][g], w = m == NEG_INF ? 0.0f : expf(m - M);
-            wm_s[s2][g] = w;  // now the slice's weight
-            L += wl_s[s2][g] * w;
-        }
-        L = warp_sum(L);
-        if (lane == 0) l_s[g] = 1.0f / L;
-    }
-    __syncthreads();
-    for (int i = tid; i < G * HD; i += THREADS) {
-        int g = i / HD, d = i % HD, head = h * G + g;
-        float O = 0.0f;
-#pragma unroll 8
-        for (int s2 = 0; s2 < active; s2++) O += wm_s[s2][g] * __ldcg(part + ((long)s2 * Hq + head) * HD + d);
-        st_act(out, (long)head * HD + d, O * l_s[g]);
-    }
-    if (tid == 0) ticket[h] = 0;
 }
