@@ -157,23 +157,30 @@ def test_rope_far_positions(dev, ref, neox):
     assert nmse(xt.numpy(), xr.numpy()) < EXACT
 
 
-def _attention_case(dev, ref, kv_dtype, T, start, n_heads=4, n_kv_heads=2, hd=64, n_ctx=300, seed=0):
+def _attention_case(dev, ref, kv_dtype, T, start, n_heads=4, n_kv_heads=2, hd=64, n_ctx=300, seed=0, act="f32"):
+    """NMSE of wgpu's attention output against the reference. Cache rows past the new keys hold NaN (a kernel must
+    not let them in) and the output sits between sentinels (no write outside it)."""
     rng = np.random.default_rng(seed)
-    q = rng.standard_normal((T, n_heads * hd), dtype=np.float32)
-    k = rng.standard_normal((T, n_kv_heads * hd), dtype=np.float32)
-    v = rng.standard_normal((T, n_kv_heads * hd), dtype=np.float32)
+    q = rng.standard_normal((T, n_heads * hd), dtype=np.float32).astype(DTYPES[act])
+    k = rng.standard_normal((T, n_kv_heads * hd), dtype=np.float32).astype(DTYPES[act])
+    v = rng.standard_normal((T, n_kv_heads * hd), dtype=np.float32).astype(DTYPES[act])
     cache0 = rng.standard_normal((2, n_kv_heads, n_ctx, hd)).astype(DTYPES[kv_dtype])  # earlier tokens' K/V
+    cache0[:, :, start + T :] = np.nan
     pos = np.arange(start, start + T, dtype=np.int32)
+    pad = 256 // np.dtype(DTYPES[act]).itemsize  # views start at multiples of 256 bytes
+    parent = dev.upload(np.full(2 * pad + T * n_heads * hd, 7, DTYPES[act]))
     outs = []
-    for d in (dev, ref):
+    for d, out in ((dev, dev.view(parent, pad, (T, n_heads * hd))), (ref, ref.empty((T, n_heads * hd), act))):
         kc, vc = d.upload(cache0[0]), d.upload(cache0[1])
-        out = d.empty((T, n_heads * hd))
         d.attention(
             d.upload(q), d.upload(k), d.upload(v), kc, vc, d.upload(pos), out, n_heads, n_kv_heads, hd, start + T
         )
-        outs.append((out.numpy(), kc.numpy()))
+        outs.append((out.numpy().astype(np.float32), kc.numpy()))
     (got, kc_got), (want, kc_want) = outs
-    assert np.array_equal(kc_got, kc_want), "K cache rows written differently"
+    assert np.array_equal(kc_got, kc_want, equal_nan=True), "K cache rows written differently"
+    fence = parent.numpy()
+    assert (fence[:pad] == 7).all() and (fence[pad + got.size :] == 7).all(), "attention wrote outside its output"
+    dev.free(parent)
     return nmse(got, want)
 
 
@@ -423,16 +430,62 @@ def test_fused_gemv_norm_and_unfused_switch(dev, ref):
     assert nmse(results[1], results[2]) < EXACT
 
 
+@pytest.fixture
+def attn_kernel(dev):
+    """Set the decode attention kernel and its SPLITSxCHUNK for one test; restore after."""
+    saved = dev.attn_kernel, dev.attn_splits, dev.attn_chunk
+
+    def use(kernel: str, shape: tuple[int, int]) -> None:
+        dev.set_attention(kernel, shape)
+
+    yield use
+    dev.set_attention(saved[0], saved[1:3])
+
+
 @pytest.mark.parametrize("splits", [1, 3])
-def test_attention_decode_direct_and_split(dev, ref, splits):
-    """Decode attention in one dispatch (one split writes the output) and split + combine, on any adapter."""
-    saved = dev.attn_splits, dev.attn_chunk
-    dev.attn_splits, dev.attn_chunk = splits, 32
-    try:
-        for start in (0, 40, 299):
-            assert _attention_case(dev, ref, dev.kv_dtype, 1, start, seed=start) < EXACT
-    finally:
-        dev.attn_splits, dev.attn_chunk = saved
+def test_attention_decode_direct_and_split(dev, ref, attn_kernel, splits):
+    """v1 decode attention in one dispatch (one split writes the output) and split + combine, on any adapter."""
+    attn_kernel("v1", (splits, 32))
+    for start in (0, 40, 299):
+        assert _attention_case(dev, ref, dev.kv_dtype, 1, start, seed=start) < EXACT
+
+
+# v2 (attn_decode2): SPLITSxTILE as on GPUs, on CPU adapters, one split over many tiles, odd splits of tiny tiles.
+V2_SHAPES = [(32, 32), (4, 64), (1, 16), (3, 8)]
+
+
+@pytest.mark.parametrize("shape", V2_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kv_dtype", ["f16", "f32"])
+def test_attention_v2_key_counts(dev, ref, attn_kernel, shape, kv_dtype):
+    """One dispatch: a single key, tile and chunk boundaries, several tiles per split, the whole cache."""
+    if kv_dtype == "f16" and not dev.has_f16:
+        pytest.skip("no shader-f16")
+    attn_kernel("v2", shape)
+    for n_kv in (1, 8, 9, 16, 17, 32, 33, 64, 65, 130, 257, 300):
+        assert _attention_case(dev, ref, kv_dtype, 1, n_kv - 1, seed=n_kv) < EXACT, f"n_kv={n_kv}"
+
+
+@pytest.mark.parametrize(
+    "n_heads,n_kv_heads,hd", [(4, 4, 64), (6, 2, 80), (16, 2, 64), (8, 1, 128), (2, 2, 128), (3, 1, 256)]
+)
+def test_attention_v2_heads(dev, ref, attn_kernel, n_heads, n_kv_heads, hd):
+    """GQA 1, 3, 8 and head dims 64, 80, 128, 256 (smaller tiles where workgroup memory runs out), f16 output.
+    (v2 uses no subgroup operations: one path on every adapter.)"""
+    attn_kernel("v2", (5, 32))
+    for n_kv, act in ((1, "f32"), (40, "f32"), (150, "f32"), (150, "f16")):
+        if act == "f16" and not dev.has_f16:
+            continue
+        err = _attention_case(dev, ref, dev.kv_dtype, 1, n_kv - 1, n_heads, n_kv_heads, hd, 160, n_kv, act)
+        assert err < (EXACT if act == "f32" else 1e-6), f"n_kv={n_kv} act={act}"
+
+
+def test_attention_v2_tickets_return_to_zero(dev, ref, attn_kernel):
+    """The last split of each merge leaves its ticket at 0, so back-to-back merges (layers, tokens) stay correct."""
+    attn_kernel("v2", (4, 16))
+    for seed in range(3):
+        assert _attention_case(dev, ref, dev.kv_dtype, 1, 99, n_heads=8, n_kv_heads=2, seed=seed) < EXACT
+    tickets = dev._attn_tickets[2]
+    assert not dev._read_bytes(tickets, 0, tickets.size).any()
 
 
 def test_decode_step_encoded_ahead_matches(dev):

@@ -81,6 +81,10 @@ _LIMITS = (
     "max-compute-invocations-per-workgroup",
     "max-compute-workgroup-size-x",
 )
+# Decode attention SPLITS x CHUNK per kernel (set_attention), for (GPUs, CPU adapters). GPUs want many workgroups;
+# a CPU adapter wants few workgroups and few barriers.
+_ATTN_SHAPES = {"v1": ((16, 64), (1, 256)), "v2": ((32, 32), (4, 64))}
+_ATTN2_WG = 128  # attn_decode2 threads per workgroup
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "Unknown": 3, "CPU": 4}
 
 
@@ -259,12 +263,10 @@ class WgpuDevice(OpRecorder, Device):
         # Prompts (T > 1) take the tiled GEMM on GPUs; on a CPU adapter T GEMVs in one dispatch are ~10x faster
         # (workgroup memory and barriers are expensive there). Tests set force_gemm to cover the GEMM anyway.
         self.force_gemm = False
-        # Flash-decoding: splits per head (fixed, whatever the KV length) and keys per chunk. GPUs want many
-        # workgroups; a CPU adapter wants few workgroups and few barriers.
-        self.attn_splits, self.attn_chunk = (1, 256) if self.cpu_adapter else (16, 64)
-        attn = os.environ.get("KILN_WGPU_ATTN")  # SPLITSxCHUNK, for experiments
-        if attn:
-            self.attn_splits, self.attn_chunk = (int(v) for v in attn.lower().split("x"))
+        # Decode attention kernel and shape: see set_attention; KILN_WGPU_ATTN=SPLITSxCHUNK for experiments.
+        self._attn_tickets: dict[int, Any] = {}
+        shape = os.environ.get("KILN_WGPU_ATTN")
+        self.set_attention(None, tuple(int(v) for v in shape.lower().split("x")) if shape else None)
         self.max_binding = (
             min(self.device.limits["max-storage-buffer-binding-size"], self.device.limits["max-buffer-size"]) & ~255
         )
@@ -931,28 +933,46 @@ class WgpuDevice(OpRecorder, Device):
                 f"backend 'wgpu' attention needs head_dim a multiple of 4, at most 256 (got {head_dim})"
             )
 
+    def set_attention(self, kernel: str | None = None, shape: tuple[int, int] | None = None) -> None:
+        """Decode attention kernel: v1 (attn_decode + attn_combine; SPLITS x CHUNK = splits per KV head x keys per
+        chunk) or v2 (attn_decode2, one dispatch; SPLITS x CHUNK = most splits per KV head x keys per tile), and
+        its shape. Defaults: KILN_WGPU_ATTN_KERNEL, else v2 on GPUs and v1 on CPU adapters (lavapipe: v1 1x256 is
+        1.2-4x faster than v2 there, bench/wgpu_kernels.py --attn); the kernel's own shape for this adapter.
+        Steps recorded before keep their kernel (callers switching mid-run drop them: _forget_steps)."""
+        kernel = kernel or os.environ.get("KILN_WGPU_ATTN_KERNEL") or ("v1" if self.cpu_adapter else "v2")
+        if kernel not in _ATTN_SHAPES:
+            raise ValueError(f"wgpu attention kernel must be one of {sorted(_ATTN_SHAPES)} (got {kernel!r})")
+        self.attn_kernel = kernel
+        self.attn_splits, self.attn_chunk = shape or _ATTN_SHAPES[kernel][self.cpu_adapter]
+
     def _do_attend(self, q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim) -> None:
         """Attention over cache rows <= pos[t] (the caches already hold this step's keys and values)."""
         self._check_head_dim(head_dim)
         T = q.shape[0]
         n_ctx = k_cache.shape[1]
         types = {"act": q.dtype, "kv": k_cache.dtype}
-        scale = float(np.float32(1.0 / np.sqrt(head_dim)))
+        inputs = [self._bind(1, q), self._bind(2, k_cache), self._bind(3, v_cache), self._bind(4, pos)]
+        shape = (T, n_heads, n_kv_heads, n_ctx, head_dim)
         if T > 1:
-            params = self._bind_params(T, n_heads, n_kv_heads, n_ctx, 1, scale)
+            params = self._attn_params(shape, 1)
             self._dispatch(
                 self._pipeline("attn_prefill", HD=head_dim, **types),
-                [
-                    params,
-                    self._bind(1, q),
-                    self._bind(2, k_cache),
-                    self._bind(3, v_cache),
-                    self._bind(4, pos),
-                    self._bind(5, out),
-                ],
+                [params, *inputs, self._bind(5, out)],
                 (-(-T // 64), n_heads, 1),
             )
-            return
+        elif self.attn_kernel == "v1":
+            self._attend_split_combine(shape, types, inputs, out)
+        else:
+            self._attend_one_dispatch(shape, types, inputs, out)
+
+    def _attn_params(self, shape: tuple, splits: int) -> tuple:
+        T, n_heads, n_kv_heads, n_ctx, head_dim = shape
+        scale = float(np.float32(1.0 / np.sqrt(head_dim)))
+        return self._bind_params(T, n_heads, n_kv_heads, n_ctx, splits, scale)  # attn_params.wgsl
+
+    def _attend_split_combine(self, shape: tuple, types: dict, inputs: list, out) -> None:
+        """v1: attn_decode (fixed splits, chunks strided over them) then attn_combine; one split: no combine."""
+        T, n_heads, n_kv_heads, n_ctx, head_dim = shape
         chunk = self.attn_chunk
         splits = max(1, min(self.attn_splits, -(-n_ctx // chunk)))
         direct = int(splits == 1 and out.dtype == "f32")  # one dispatch: the kernel writes the output itself
@@ -961,27 +981,71 @@ class WgpuDevice(OpRecorder, Device):
             partial = self._internal(
                 ("attn_partial", T, n_heads, splits, head_dim), (T * n_heads * splits * (head_dim + 2),)
             )
-        params = self._bind_params(T, n_heads, n_kv_heads, n_ctx, splits, scale)
+        params = self._attn_params(shape, splits)
         nv = head_dim // 4
         gq = n_heads // n_kv_heads
         self._dispatch(
             self._pipeline("attn_decode", HD=head_dim, NV=nv, G=64 // nv, GQ=gq, CHUNK=chunk, DIRECT=direct, **types),
-            [
-                params,
-                self._bind(1, q),
-                self._bind(2, k_cache),
-                self._bind(3, v_cache),
-                self._bind(4, pos),
-                self._bind(5, partial),
-            ],
+            [params, *inputs, self._bind(5, partial)],
             (splits, n_kv_heads, T),
         )
         if not direct:
             self._dispatch(
-                self._pipeline("attn_combine", HD=head_dim, NS=splits, act=q.dtype),
+                self._pipeline("attn_combine", HD=head_dim, NS=splits, act=types["act"]),
                 [params, self._bind(1, partial), self._bind(2, out)],
                 (n_heads, T, 1),
             )
+
+    def _attend_one_dispatch(self, shape: tuple, types: dict, inputs: list, out) -> None:
+        """v2: attn_decode2, splits merged by the last one to finish (atomic tickets, zero between dispatches)."""
+        T, n_heads, n_kv_heads, n_ctx, head_dim = shape
+        defs = self._attn2_defs(head_dim, n_heads // n_kv_heads, n_ctx, types["kv"])
+        ns = defs["NS"]
+        n_part = T * n_kv_heads * ns * (defs["E"] * 4 + defs["GQ"] * 2)
+        part = self._internal(("attn_part2", n_part), (n_part,))
+        tickets = self._attn_tickets.get(T * n_kv_heads)
+        if tickets is None:  # a new buffer, zeroed before any recorded work can use it
+            tickets = self._make_weight_buffer(np.zeros(T * n_kv_heads, np.uint32), const=True)
+            self._attn_tickets[T * n_kv_heads] = tickets
+        self._dispatch(
+            self._pipeline("attn_decode2", **defs, **types),
+            [
+                self._attn_params(shape, ns),
+                *inputs,
+                self._bind(5, out),
+                self._bind(6, part),
+                self._bind_buffer(7, tickets),
+            ],
+            (ns, n_kv_heads, T),
+        )
+
+    def _attn2_defs(self, head_dim: int, gq: int, n_ctx: int, kv_dtype: str) -> dict:
+        """attn_decode2's header: the largest power-of-two tile up to attn_chunk whose workgroup memory fits."""
+        wg, nv = _ATTN2_WG, head_dim // 4
+        e = gq * nv
+        kv_bytes = 8 if kv_dtype == "f16" else 16  # one vec4
+        tile = 1 << (min(self.attn_chunk, wg).bit_length() - 1)
+        while True:
+            ns = max(1, min(self.attn_splits, -(-n_ctx // tile)))
+            shared = 16 * e + kv_bytes * tile * (2 * nv + 1) + 4 * gq * (tile + 4) + 16 * wg + 8 * ns * gq + 8
+            if shared + 256 <= self.device.limits["max-compute-workgroup-storage-size"] or tile == 1:
+                break
+            tile //= 2
+        hs = wg // tile
+        return {
+            "HD": head_dim,
+            "NV": nv,
+            "GQ": gq,
+            "TILE": tile,
+            "WG": wg,
+            "NS": ns,
+            "HS": hs,
+            "SPT": -(-gq // hs),
+            "E": e,
+            "PE": -(-e // wg),
+            "KG": max(1, wg // e),
+            "LT": -(-tile * nv // wg),
+        }
 
     def _elementwise(self, entry: str, dtype: str, n: int, a: Tensor, b: Tensor | None, out: Tensor, row=0) -> None:
         pipeline = self._pipeline("elementwise", entry=entry, act=dtype)
