@@ -4,8 +4,8 @@
 #   .gl/    the loader debs: apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2 (amd64)
 #   .wwhl/  wheels for the device's Python: wgpu==0.32.0 cffi pycparser rendercanvas
 #   .whl/   gguf-0.19.0 wheel
-# Run from the repo root; results go to $OUT (or ./out), at most 8 files. PHASE=bench skips the checks and the
-# kernel sweeps (a second, shorter run after tuning).
+# Run from the repo root; results go to $OUT (or ./out), at most 8 files (log, selftest, attn, decode, two bench
+# runs, gemv, gemv_shapes). PHASE=bench skips the checks and the kernel sweeps (a second, shorter run after tuning).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 PHASE=${PHASE:-all}
@@ -26,13 +26,18 @@ LOG="$OUT/log.txt"
     timeout 45 python3 -m kiln selftest -b wgpu --json "$OUT/selftest_wgpu.json" | tail -4
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/conformance/test_wgpu_quick.py tests/unit/test_fusion.py \
       2>&1 | tail -5
+    # Decode attention alone, v1 (split kernel + combine) against v2 (one dispatch) and two v2 shapes: us per call
+    # for TinyLlama, SmolLM2 and 7B heads at 128/512/2048 keys, each output checked against float64.
+    timeout 90 python3 bench/wgpu_kernels.py --formats none --attn --attn-nkv 128,512,2048 --min-seconds 0.05 \
+      --attn-variants ${ATTN_VARIANTS:-v1,v2,v2:16x64,v2:64x16} --out "$OUT/attn.json"
   fi
   wait
   cat /tmp/make.txt
-  timeout 80 python3 bench/wgpu_kernels.py --formats none --decode /tmp/models/smollm2-135m-q4_1.gguf \
-    /tmp/models/tinyllama-1.1b-q8_0.gguf --decode-shapes ${SHAPES:-128x2,32x8,32x4} --decode-attn ${ATTN:-32x32,64x16} \
-    --out "$OUT/decode.json"
-  # The GEMV shape and the attention split that decoded fastest (mean speed-up over both models) for kiln bench.
+  # Decode steps under each setting; attention: the default (v2:32x32) against v1 and two more v2 shapes.
+  timeout 100 python3 bench/wgpu_kernels.py --formats none --decode /tmp/models/smollm2-135m-q4_1.gguf \
+    /tmp/models/tinyllama-1.1b-q8_0.gguf --decode-shapes ${SHAPES:-128x2,32x8,32x4} \
+    --decode-attn ${ATTN:-v1,v2:16x64,v2:64x16} --out "$OUT/decode.json"
+  # The GEMV shape and the attention setting that decoded fastest (mean speed-up over both models) for kiln bench.
   PICK=$(python3 - "$OUT/decode.json" <<'PY'
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["decode"] if r["fuse"] and r["ahead"]]
@@ -49,8 +54,9 @@ def best(field):
 print(best("shape"), best("attn"))
 PY
   )
-  read -r SH AT <<< "$PICK"; export KILN_WGPU_GEMV=$SH KILN_WGPU_ATTN=$AT
-  echo "kiln bench with KILN_WGPU_GEMV=$SH KILN_WGPU_ATTN=$AT"
+  read -r SH AT <<< "$PICK"  # AT: KERNEL:SPLITSxCHUNK
+  export KILN_WGPU_GEMV=$SH KILN_WGPU_ATTN_KERNEL=${AT%%:*} KILN_WGPU_ATTN=${AT#*:}
+  echo "kiln bench with KILN_WGPU_GEMV=$SH KILN_WGPU_ATTN_KERNEL=$KILN_WGPU_ATTN_KERNEL KILN_WGPU_ATTN=$KILN_WGPU_ATTN"
   for n in $M; do
     timeout 45 python3 -m kiln bench -m "/tmp/models/$n.gguf" -b wgpu -p 512 -n 128 -r 2 --json "$OUT/wgpu_$n.json"
   done

@@ -27,31 +27,39 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from kiln import quant
+from kiln.runtime.base import DTYPES
 from kiln.runtime.wgpu_backend import WgpuDevice
 
 FORMATS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 GPU_SIZES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 CPU_SIZES = [(1024, 1024), (2816, 1024)]  # lavapipe runs on the host: keep runs short
+ATTN_HEADS = [(32, 4, 64), (9, 3, 64), (32, 32, 128)]  # query heads, KV heads, head dim: TinyLlama, SmolLM2, 7B
 
 
 def _shapes(text: str | None) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in sh.split("x")) for sh in text.split(",")] if text else []
 
 
-def time_gemv(dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int, min_seconds: float) -> dict:
-    """Device time of one GEMV: a recorded step of BATCH GEMVs re-encoded `reps` times, timed from after the
-    encoding to the end of the work (so the host's per-dispatch cost is left out; the pass's submission is in)."""
-    rng = np.random.default_rng(0)
-    weight = dev.load_weight("w", qtype, quant.random_weight(qtype, rows, cols, rng), (rows, cols))
-    x = dev.upload(rng.standard_normal((1, cols), dtype=np.float32))
-    out = dev.empty((1, rows))
-    batch, key = 16, ("gemv-bench", qtype.name, rows, cols, dev.gemv_tpr, dev.gemv_rpw, 1)
+def _variants(text: str | None) -> list[tuple[str | None, tuple[int, int] | None]]:
+    """Attention settings KERNEL[:SPLITSxCHUNK] or SPLITSxCHUNK (the default kernel): v1,v2:32x32,16x64."""
+    out = []
+    for item in text.split(",") if text else []:
+        kernel, _, shape = item.rpartition(":") if ":" in item or "x" in item else (item, "", "")
+        out.append((kernel or None, _shapes(shape)[0] if shape else None))
+    return out
+
+
+def _use_attention(dev: WgpuDevice, variant: tuple) -> str:
+    """Select a (kernel or None for the default, shape or None) attention setting; returns its full name."""
+    dev.set_attention(*variant)
+    return f"{dev.attn_kernel}:{dev.attn_splits}x{dev.attn_chunk}"
+
+
+def device_time(dev: WgpuDevice, key: tuple, step, calls: int, min_seconds: float) -> tuple[float, int]:
+    """Seconds of device time per call of a recorded step making `calls` chained calls, and the calls timed: the
+    step is re-encoded `reps` times, timed from after the encoding to the end of the work (the host's per-dispatch
+    cost is left out; the pass's submission is in)."""
     saved, dev.preencode_enabled = dev.preencode_enabled, False
-
-    def step():
-        for _ in range(batch):
-            dev.matmul(x, weight, out)
-
     dev.replay(key, step)  # compile, record, warm up
     dev.sync()
     reps, best, spent = 1, float("inf"), 0.0
@@ -62,12 +70,27 @@ def time_gemv(dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int
         dev.sync()
         elapsed = time.perf_counter() - t0
         spent += elapsed
-        best = min(best, elapsed / (reps * batch))
+        best = min(best, elapsed / (reps * calls))
         if spent >= min_seconds and reps >= 4:
             break
         reps = min(reps * 2, 64)
     dev.preencode_enabled = saved
-    reps *= batch
+    return best, reps * calls
+
+
+def time_gemv(dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int, min_seconds: float) -> dict:
+    """Device time of one GEMV: a recorded step of BATCH GEMVs (see device_time)."""
+    rng = np.random.default_rng(0)
+    weight = dev.load_weight("w", qtype, quant.random_weight(qtype, rows, cols, rng), (rows, cols))
+    x = dev.upload(rng.standard_normal((1, cols), dtype=np.float32))
+    out = dev.empty((1, rows))
+    batch, key = 16, ("gemv-bench", qtype.name, rows, cols, dev.gemv_tpr, dev.gemv_rpw, 1)
+
+    def step():
+        for _ in range(batch):
+            dev.matmul(x, weight, out)
+
+    best, reps = device_time(dev, key, step, batch, min_seconds)
     nbytes = rows * quant.row_bytes(qtype, cols)
     dev.free_weight(weight)
     dev.free(x)
@@ -81,6 +104,86 @@ def time_gemv(dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int
         "us_per_gemv": best * 1e6,
         "gb_per_s": nbytes / best / 1e9,
     }
+
+
+def _nmse(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.sum((got - want) ** 2) / np.sum(want**2))
+
+
+def _attention_reference(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, n_kv: int, n_kv_heads: int) -> np.ndarray:
+    """One decode token's attention over the first n_kv cache rows, in float64."""
+    hd = kc.shape[-1]
+    qg = q.reshape(n_kv_heads, -1, hd).astype(np.float64)
+    keys, vals = kc[:, :n_kv].astype(np.float64), vc[:, :n_kv].astype(np.float64)
+    s = qg @ keys.transpose(0, 2, 1) / np.sqrt(hd)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    return ((w / w.sum(-1, keepdims=True)) @ vals).reshape(-1)
+
+
+def time_attention(dev: WgpuDevice, heads: tuple, n_kvs: list[int], variants: list[tuple], calls: int, seconds: float):
+    """Device time of one decode attention (the `attend` op: the kernel(s) after the KV-cache write) for each
+    variant (kernel, SPLITSxCHUNK) and KV length: a recorded step of `calls` chained calls, each over its own KV
+    cache (like layers), context n_ctx = max(n_kvs). The recorded step reads the KV length from the pos buffer,
+    so one recording serves every n_kv. Each variant's output is checked against a float64 reference."""
+    hq, hkv, hd = heads
+    n_ctx = max(n_kvs)
+    rng = np.random.default_rng(0)
+    kv = dev.kv_dtype
+    q_host = rng.standard_normal((1, hq * hd), dtype=np.float32)
+    caches_host = [rng.standard_normal((2, hkv, n_ctx, hd)).astype(DTYPES[kv]) for _ in range(min(calls, 2))]
+    q = dev.upload(q_host)
+    caches = [[dev.upload(caches_host[i % len(caches_host)][j]) for j in (0, 1)] for i in range(calls)]
+    outs = [dev.empty((1, hq * hd)) for _ in range(calls)]
+    pos = dev.upload(np.zeros(1, np.int32))
+    saved = dev.attn_kernel, (dev.attn_splits, dev.attn_chunk)
+    rows = []
+    for variant in variants:
+        name = _use_attention(dev, variant)
+        key = ("attn-bench", heads, n_ctx, name, 1)
+
+        def step():
+            for (kc, vc), out in zip(caches, outs):
+                dev._op("attend", q, kc, vc, pos, out, hq, hkv, hd)
+
+        for n_kv in n_kvs:
+            dev.write(pos, np.array([n_kv - 1], np.int32))
+            best, reps = device_time(dev, key, step, calls, seconds)
+            want = [_attention_reference(q_host, c[0], c[1], n_kv, hkv) for c in caches_host]
+            err = max(_nmse(outs[i].numpy().reshape(-1), want[i % len(want)]) for i in {0, calls // 2, calls - 1})
+            rows.append(
+                {
+                    "heads": f"{hq}/{hkv}/{hd}",
+                    "variant": name,
+                    "v2_tile": dev._attn2_defs(hd, hq // hkv, n_ctx, kv)["TILE"] if dev.attn_kernel == "v2" else None,
+                    "n_ctx": n_ctx,
+                    "n_kv": n_kv,
+                    "calls": reps,
+                    "us_per_call": best * 1e6,
+                    "nmse_vs_f64": err,
+                    "ok": err < 1e-6,
+                }
+            )
+        dev._forget_steps()
+    dev.set_attention(saved[0], saved[1])
+    for t in [q, pos, *outs, *(c for pair in caches for c in pair)]:
+        dev.free(t)
+    return rows
+
+
+def print_attention(rows: list[dict]) -> None:
+    """One line per (heads, n_kv): us per call of each variant, and each one's speed-up over the first."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    print(f"{'q/kv/hd heads':<14} {'n_kv':>6} " + " ".join(f"{v:>16}" for v in variants) + "  (us per call)")
+    for heads in dict.fromkeys(r["heads"] for r in rows):
+        for n_kv in dict.fromkeys(r["n_kv"] for r in rows if r["heads"] == heads):
+            got = {r["variant"]: r for r in rows if r["heads"] == heads and r["n_kv"] == n_kv}
+            base = got[variants[0]]["us_per_call"]
+            cells = [
+                f"{got[v]['us_per_call']:8.2f} ({base / got[v]['us_per_call']:4.2f}x)"
+                + ("" if got[v]["ok"] else " WRONG")
+                for v in variants
+            ]
+            print(f"{heads:<14} {n_kv:>6} " + " ".join(f"{c:>16}" for c in cells), flush=True)
 
 
 def time_overhead(dev: WgpuDevice, n: int = 400) -> dict:
@@ -122,7 +225,9 @@ def time_decode(path: str, tokens: int = 64, prompt: int = 512, shapes=(), attns
     ids = [int(i) % f.config.vocab_size for i in range(1, prompt + 1)]
     model.prefill(ids)
     dev.argmax(model.step([1]))
-    own, attn = (dev.gemv_tpr, dev.gemv_rpw), (dev.attn_splits, dev.attn_chunk)
+    own = dev.gemv_tpr, dev.gemv_rpw
+    attn = _use_attention(dev, (None, None))
+    attns = list(dict.fromkeys(_use_attention(dev, a) for a in attns))  # full names, in order, once each
     settings = [
         {"fuse": False, "attn": attn, "ahead": False, "shape": own},
         {"fuse": True, "attn": attn, "ahead": False, "shape": own},
@@ -132,7 +237,9 @@ def time_decode(path: str, tokens: int = 64, prompt: int = 512, shapes=(), attns
     settings += [{"fuse": True, "attn": attn, "ahead": True, "shape": sh} for sh in shapes if sh != own]
     out, base = [], None
     for st in settings:
-        dev.fuse_enabled, (dev.attn_splits, dev.attn_chunk), dev.preencode_enabled = st["fuse"], st["attn"], st["ahead"]
+        dev.fuse_enabled, dev.preencode_enabled = st["fuse"], st["ahead"]
+        kernel, shape = st["attn"].split(":")
+        dev.set_attention(kernel, _shapes(shape)[0])
         dev.gemv_tpr, dev.gemv_rpw = st["shape"]
         dev._forget_steps()
         times = []
@@ -160,7 +267,6 @@ def time_decode(path: str, tokens: int = 64, prompt: int = 512, shapes=(), attns
         row = {
             **st,
             "shape": f"{st['shape'][0]}x{st['shape'][1]}",
-            "attn": f"{st['attn'][0]}x{st['attn'][1]}",
             "model": os.path.basename(path),
             "tok_s": tokens / total,
             "ms_per_token": total / tokens * 1e3,
@@ -172,7 +278,7 @@ def time_decode(path: str, tokens: int = 64, prompt: int = 512, shapes=(), attns
         }
         out.append(row)
         print(
-            f"{row['model']:<24} fuse={int(st['fuse'])} attn={row['attn']:<5} ahead={int(st['ahead'])} "
+            f"{row['model']:<24} fuse={int(st['fuse'])} attn={row['attn']:<11} ahead={int(st['ahead'])} "
             f"{row['shape']:>5} {row['tok_s']:7.1f} tok/s {row['ms_per_token']:6.2f} ms {per_token:4.0f} disp "
             f"step() {row['host_step_ms']:.2f} ms argmax+wait {row['argmax_wait_ms']:.2f} ms "
             f"nmse {err:.1e} same {same}/{tokens}",
@@ -195,7 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-prompt", type=int, default=512, help="cache rows filled before the decode steps")
     ap.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per setting")
     ap.add_argument("--decode-shapes", default=None, help="GEMV shapes THREADSxROWS,... to decode with as well")
-    ap.add_argument("--decode-attn", default=None, help="attention SPLITSxCHUNK,... to decode with as well")
+    ap.add_argument(
+        "--decode-attn", default=None, help="attention [KERNEL:]SPLITSxCHUNK or KERNEL,... to decode with as well"
+    )
+    ap.add_argument("--attn", action="store_true", help="time decode attention (see time_attention)")
+    ap.add_argument("--attn-heads", default=None, help="QHEADSxKVHEADSxHEADDIM,... (default: ATTN_HEADS)")
+    ap.add_argument("--attn-nkv", default=None, help="KV lengths, e.g. 128,512,2048 (default by adapter type)")
+    ap.add_argument("--attn-variants", default="v1,v2", help="KERNEL[:SPLITSxCHUNK],... (first: the baseline)")
+    ap.add_argument("--attn-calls", type=int, default=16, help="chained attention calls per timed step")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     report: dict = {"backend": "wgpu", "kernel": "gemv"}
@@ -204,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             row
             for path in args.decode
             for row in time_decode(
-                path, args.decode_tokens, args.decode_prompt, _shapes(args.decode_shapes), _shapes(args.decode_attn)
+                path, args.decode_tokens, args.decode_prompt, _shapes(args.decode_shapes), _variants(args.decode_attn)
             )
         ]
 
@@ -219,6 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     sizes = [(r, c) for r, c in sizes if r * c * 4 <= dev.max_binding * 4]  # skip what the device cannot hold
     report["device"] = dev.name
+    if args.attn:
+        nkv = [int(n) for n in (args.attn_nkv or ("64,256" if cpu else "128,512,2048")).split(",")]
+        heads = (
+            [tuple(int(v) for v in h.split("x")) for h in args.attn_heads.split(",")] if args.attn_heads else ATTN_HEADS
+        )
+        report["attention"] = [
+            row
+            for h in heads
+            for row in time_attention(dev, h, nkv, _variants(args.attn_variants), args.attn_calls, args.min_seconds)
+        ]
+        print(dev.name)
+        print_attention(report["attention"])
     if args.overhead:
         report["overhead"] = time_overhead(dev)
         print(f"dispatch cost: {json.dumps(report['overhead'])}", flush=True)
