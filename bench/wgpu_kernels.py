@@ -8,11 +8,15 @@ in bench/results/h100-wgpu-gemv.txt timed the host's recording too.) Prints a ta
     python bench/wgpu_kernels.py --sizes 4096x4096,11008x4096 --formats Q4_K,Q8_0 --out gemv.json
     python bench/wgpu_kernels.py --shapes 32x8,64x4 --formats Q8_0   # GEMV threads x rows per workgroup sweep
     python bench/wgpu_kernels.py --overhead --decode m.gguf --formats none   # per-dispatch cost, decode profile
+    python bench/wgpu_kernels.py --formats none --attn --attn-variants v1,v2,v2:16x64 --attn-nkv 128,512,2048
 
 --overhead times chains of tiny dispatches (each depends on the one before: the device's cost per dispatch in a
 pass, and the CPU's cost to encode one). --decode loads a model, fills 512 cache rows and times decode steps under
 each setting (fusion on/off, attention splits, encode-ahead on/off): tokens/s, dispatches per token, and how long
-replay() and the argmax readback take on the host.
+replay() and the argmax readback take on the host. --attn times decode attention alone (time_attention): each
+variant KERNEL[:SPLITSxCHUNK] (KILN_WGPU_ATTN_KERNEL, KILN_WGPU_ATTN) for each head shape and KV length, as a
+table of us per call with the speed-up over the first variant. A call's K/V (up to 32 MB for 7B heads at 2048 keys)
+may stay in the GPU's L2 cache between replays, as it does not in a real decode step: the figures are latency.
 """
 
 from __future__ import annotations

@@ -936,8 +936,9 @@ class WgpuDevice(OpRecorder, Device):
     def set_attention(self, kernel: str | None = None, shape: tuple[int, int] | None = None) -> None:
         """Decode attention kernel: v1 (attn_decode + attn_combine; SPLITS x CHUNK = splits per KV head x keys per
         chunk) or v2 (attn_decode2, one dispatch; SPLITS x CHUNK = most splits per KV head x keys per tile), and
-        its shape. Defaults: KILN_WGPU_ATTN_KERNEL, else v2 on GPUs and v1 on CPU adapters (lavapipe: v1 1x256 is
-        1.2-4x faster than v2 there, bench/wgpu_kernels.py --attn); the kernel's own shape for this adapter.
+        its shape. Defaults: KILN_WGPU_ATTN_KERNEL, else v2 on GPUs and v1 on CPU adapters (lavapipe, wgpu_kernels.py
+        --attn: v1 1x256 up to 4.5x faster than v2 4x64 for 7B heads, slower only for TinyLlama's at 64 keys); the
+        kernel's own shape for this adapter.
         Steps recorded before keep their kernel (callers switching mid-run drop them: _forget_steps)."""
         kernel = kernel or os.environ.get("KILN_WGPU_ATTN_KERNEL") or ("v1" if self.cpu_adapter else "v2")
         if kernel not in _ATTN_SHAPES:
