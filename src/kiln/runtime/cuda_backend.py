@@ -125,6 +125,56 @@ def _load_lib(name: str):
     return ctypes.CDLL(path) if path else None
 
 
+class _Cublas:
+    """A cuBLAS handle driven through ctypes. CuPy's cuBLAS wrappers set the handle's stream on every call and refuse
+    to while a stream is being captured, so no step with a GEMM (prefill) could become a CUDA graph. This handle is
+    bound to the backend's stream once, outside any capture, and gets a workspace of its own, so that a captured
+    GEMM allocates nothing."""
+
+    def __init__(self, stream: int, workspace: int, workspace_bytes: int):
+        from cupy_backends.cuda.libs import cublas
+
+        cublas.create  # noqa: B018 -- attribute access makes CuPy load libcublas, which _load_lib then finds
+        self.lib = _load_lib("libcublas.so")
+        if self.lib is None:
+            raise RuntimeError("kiln: libcublas is not loaded in this process")
+        handle = ctypes.c_void_p()
+        self._check("cublasCreate_v2", ctypes.byref(handle))
+        self.handle = handle
+        self._check("cublasSetStream_v2", handle, ctypes.c_void_p(stream))
+        self._check("cublasSetWorkspace_v2", handle, ctypes.c_void_p(workspace), ctypes.c_size_t(workspace_bytes))
+
+    def _check(self, fn: str, *args) -> None:
+        status = getattr(self.lib, fn)(*args)
+        if status:
+            raise RuntimeError(f"{fn} failed with cublasStatus_t {status}")
+
+    def gemm_ex(self, ta, tb, m, n, k, alpha, a, a_type, lda, b, b_type, ldb, beta, c, c_type, ldc, compute, algo):
+        """cublasGemmEx; alpha and beta are host pointers (read when called, so baked into a captured graph)."""
+        i, p = ctypes.c_int, ctypes.c_void_p
+        self._check(
+            "cublasGemmEx",
+            self.handle,
+            *(i(v) for v in (ta, tb, m, n, k)),
+            p(alpha),
+            p(a),
+            i(a_type),
+            i(lda),
+            p(b),
+            i(b_type),
+            i(ldb),
+            p(beta),
+            p(c),
+            i(c_type),
+            i(ldc),
+            i(compute),
+            i(algo),
+        )
+
+    def close(self) -> None:
+        self._check("cublasDestroy_v2", self.handle)
+
+
 def _load_libcuda():
     try:
         lib = ctypes.CDLL("libcuda.so.1")
@@ -223,7 +273,7 @@ class CudaDevice(OpRecorder, Device):
         self._eager_keys: set = set()
         self._rec: list | None = None  # ops being recorded by replay()
         self._capture_ptrs: list | None = None
-        self._cublas: int | None = None  # created on first use (_cublas_handle)
+        self._cublas: _Cublas | None = None  # created on first use (_cublas_handle)
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         self._host_i32 = cupy.cuda.alloc_pinned_memory(4)
@@ -348,9 +398,7 @@ class CudaDevice(OpRecorder, Device):
         self._graphs.clear()
         self._plans.clear()
         if self._cublas is not None:
-            from cupy_backends.cuda.libs import cublas
-
-            cublas.destroy(self._cublas)
+            self._cublas.close()
             self._cublas = None
         self._scratch.clear()
         self.scratch_bytes = 0
@@ -611,20 +659,11 @@ class CudaDevice(OpRecorder, Device):
         self._launch(k, self._blocks(T * K), 256, (_ptr(x), _ptr(xh), np.int32(T * K)))
         return _ptr(xh)
 
-    def _cublas_handle(self) -> int:
-        """kiln's own cuBLAS handle, bound to self.stream with a workspace of its own once, outside any capture: CuPy's
-        shared handle sets its stream on every fetch, which it refuses while a graph is captured, so prefill steps
-        could not become graphs."""
+    def _cublas_handle(self) -> _Cublas:
+        """kiln's own cuBLAS handle, bound to self.stream once, with its own workspace (see _Cublas)."""
         if self._cublas is None:
-            from cupy_backends.cuda.libs import cublas
-
-            handle = cublas.create()
-            cublas.setStream(handle, self.stream.ptr)
             ws = self._scratch_array("cublas_workspace", _CUBLAS_WORKSPACE)
-            set_ws = getattr(_load_lib("libcublas.so"), "cublasSetWorkspace_v2", None)
-            if set_ws is not None:  # else cuBLAS keeps its own, allocated by the eager run before any capture
-                set_ws(ctypes.c_void_p(handle), ctypes.c_void_p(ws.data.ptr), ctypes.c_size_t(ws.nbytes))
-            self._cublas = handle
+            self._cublas = _Cublas(self.stream.ptr, ws.data.ptr, ws.nbytes)
         return self._cublas
 
     def _do_matmul_group(self, x, items) -> None:
@@ -635,8 +674,6 @@ class CudaDevice(OpRecorder, Device):
 
     def _gemm(self, x, weight, out, bias, xh=None) -> None:
         """out = x @ W^T through cuBLAS: quantized W dequantized to f16 (x converted to f16), f32 accumulation."""
-        from cupy_backends.cuda.libs import cublas
-
         T, K = x.shape
         N = weight.shape[0]
         fmt = weight.extra["fmt"]
@@ -662,8 +699,7 @@ class CudaDevice(OpRecorder, Device):
                 w_ptr = _ptr(w16)
             a_type = _R_16F
         # cuBLAS kernels run without PDL (a full dependency on the kernel before).
-        cublas.gemmEx(
-            self._cublas_handle(),
+        self._cublas_handle().gemm_ex(
             _OP_T,
             _OP_N,
             N,
