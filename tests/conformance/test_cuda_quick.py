@@ -162,17 +162,19 @@ def test_fused_decode_matches_unfused(dev, fmt, neox, bias):
 
 @pytest.mark.parametrize("tile,splits", [(32, 64), (32, 2), (64, 3), (128, 64)])
 @pytest.mark.parametrize("heads", [(8, 1, 64), (9, 3, 64), (8, 8, 128), (16, 2, 64)])
+@pytest.mark.parametrize("per_block", [1, 2, 8])
 @pytest.mark.parametrize("graph", [False, True])
-def test_decode_attention_tiles_and_splits(dev, ref, tile, splits, heads, graph):
+def test_decode_attention_tiles_and_splits(dev, ref, tile, splits, heads, per_block, graph):
     """attn_decode.cu at positions on both sides of tile boundaries, with one block per tile, several tiles per block
-    (few splits) and the merge, eagerly and replayed from a captured graph, where the cache rows below pos are
-    fetched before the wait for the kernel that wrote row pos (PDL): against the reference."""
+    (few splits) and the merge, 1 to 8 query heads per block, eagerly and replayed from a captured graph, where the
+    cache rows below pos are fetched before the wait for the kernel that wrote row pos (PDL): against the
+    reference."""
     hq, hkv, hd = heads
     rng = np.random.default_rng(hq * hd + tile)
     n_ctx = 300
     cache = rng.standard_normal((hkv, n_ctx, hd)).astype(np.float16)
-    saved = dev.attn_tile, dev.attn_max_splits
-    dev.attn_tile, dev.attn_max_splits = tile, splits
+    saved = dev.attn_tile, dev.attn_max_splits, dev.attn_heads_per_block
+    dev.attn_tile, dev.attn_max_splits, dev.attn_heads_per_block = tile, splits, per_block
     tensors = {}
     try:
         for d in (dev, ref):
@@ -197,14 +199,14 @@ def test_decode_attention_tiles_and_splits(dev, ref, tile, splits, heads, graph)
                     d.attention(t["q"], t["k"], t["v"], t["kc"], t["vc"], t["pos"], t["out"], hq, hkv, hd, n_kv)
 
                 if d is dev and graph:
-                    dev.replay(("attn-test", tile, splits, heads), step)
+                    dev.replay(("attn-test", tile, splits, heads, per_block), step)
                 else:
                     step()
                 outs.append(d.download(t["out"]))
             assert np.isfinite(outs[0]).all()
             assert nmse(*outs) < 1e-6, f"position {p}"
     finally:
-        dev.attn_tile, dev.attn_max_splits = saved
+        dev.attn_tile, dev.attn_max_splits, dev.attn_heads_per_block = saved
         for d, t in tensors.items():
             for x in t.values():
                 d.free(x)

@@ -66,6 +66,7 @@ _WARPS = 4  # warps per GEMV block of the warp kernel (gemv.cu NWARPS)
 _GEMV_BLOCK_MIN_CHUNKS = 64  # rows of at least this many 16-byte chunks take the block GEMV kernel
 _CUBLAS_WORKSPACE = 32 << 20  # cuBLAS's recommended workspace on Hopper
 _ATT_TILE = 32  # keys per tile of attn_prefill.cu
+_ATT_HEADS_PER_BLOCK = 1  # attn_decode.cu: query heads per block at most
 _ATT_SMEM = 46 * 1024  # static shared memory a kernel may take (48 KB, less a margin)
 
 
@@ -287,9 +288,11 @@ class CudaDevice(OpRecorder, Device):
         self.gemv_rows = int(os.environ.get("KILN_GEMV_ROWS", "0"))
         self.gemv_groups_per_block = int(os.environ.get("KILN_GEMV_GPB", "0"))
         self.gemv_max_threads = int(os.environ.get("KILN_GEMV_THREADS", "512"))
-        # Decode attention (attn_decode.cu): keys per tile (0: the largest that fits), blocks per KV head at most.
+        # Decode attention (attn_decode.cu): keys per tile (0: the largest that fits), key splits per KV head at most,
+        # query heads per block at most (0: _ATT_HEADS_PER_BLOCK).
         self.attn_tile = int(os.environ.get("KILN_CUDA_ATTN_TILE", "0"))
         self.attn_max_splits = int(os.environ.get("KILN_CUDA_ATTN_SPLITS", "64"))
+        self.attn_heads_per_block = int(os.environ.get("KILN_CUDA_ATTN_HEADS", "0"))
         # Programmatic dependent launch inside captured graphs: each kernel's launch and weight loads overlap the
         # tail of the kernel before it (kernels call pdl_wait() before reading what it wrote).
         self._libcuda = _load_libcuda() if props["major"] >= 9 else None
@@ -781,8 +784,11 @@ class CudaDevice(OpRecorder, Device):
 
     def _attend_decode(self, q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim) -> None:
         """One token: attn_decode.cu with the largest key tile that fits shared memory, one block per tile of the
-        context (at most attn_max_splits blocks per KV head; past that each block takes several tiles)."""
-        G, n_ctx = n_heads // n_kv_heads, k_cache.shape[1]
+        context (at most attn_max_splits blocks per KV head; past that each block takes several tiles) and per group
+        of G query heads (the largest divisor of the GQA group up to attn_heads_per_block)."""
+        GQ, n_ctx = n_heads // n_kv_heads, k_cache.shape[1]
+        most = self.attn_heads_per_block or _ATT_HEADS_PER_BLOCK
+        G = max(g for g in range(1, GQ + 1) if GQ % g == 0 and g <= most)
         tiles = [c for c in (self.attn_tile or 128, 64, 32) if _decode_smem(G, head_dim, c) <= _ATT_SMEM]
         if not tiles:
             raise UnsupportedOp(f"cuda attention: {G} query heads per KV head of dim {head_dim} exceed shared memory")
@@ -790,11 +796,11 @@ class CudaDevice(OpRecorder, Device):
         ns = max(1, min(-(-n_ctx // ch), self.attn_max_splits, ch * (head_dim + 8) // (2 * G)))  # merge fits tiles
         part = self._scratch_array("attn_part", ns * n_heads * head_dim * 4)
         ml = self._scratch_array("attn_ml", ns * n_heads * 8)
-        ticket = self._scratch_array("attn_ticket", n_kv_heads * 4, zero=True)
-        k = self._kernel("attn_decode.cu", "attn_decode", HD=head_dim, G=G, CH=ch, DT=_DT[q.dtype])
+        ticket = self._scratch_array("attn_ticket", n_heads * 4, zero=True)  # one per block of heads
+        k = self._kernel("attn_decode.cu", "attn_decode", HD=head_dim, GQ=GQ, G=G, CH=ch, DT=_DT[q.dtype])
         args = (_ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pos), _ptr(out), _ptr(part), _ptr(ml), _ptr(ticket))
         scale = np.float32(1.0 / math.sqrt(head_dim))
-        self._launch(k, (ns, n_kv_heads), 128, (*args, np.int32(n_heads), np.int32(n_ctx), scale))
+        self._launch(k, (ns, n_kv_heads, GQ // G), 128, (*args, np.int32(n_heads), np.int32(n_ctx), scale))
 
     def _elementwise(self, name: str, a, b, out) -> None:
         n = out.size

@@ -1,14 +1,17 @@
 // Decode attention (one query token) over the f16 KV cache with GQA: online softmax, f32 accumulation.
-// Constants: HD (head dim, a multiple of 8), G (query heads per KV head), CH (keys per tile), DT.
+// Constants: HD (head dim, a multiple of 8), GQ (query heads per KV head), G (query heads per block, a divisor of
+// GQ), CH (keys per tile), DT.
 //
-// grid = (NS, Hkv), THREADS threads. Block (s, h) serves the G query heads of KV head h. The n_kv = pos[0] + 1 keys
+// grid = (NS, Hkv, GQ / G), THREADS threads. Block (s, h, z) serves query heads z G .. z G + G - 1 of KV head h: fewer
+// heads per block spread one KV head's work over more SMs (decode attention is latency, not bandwidth: the K/V tile
+// is re-read from L2 by each of the GQ / G blocks). The n_kv = pos[0] + 1 keys
 // form tiles of CH; block s takes tiles [s tpb, (s + 1) tpb) with tpb = ceil(tiles / NS), so at short contexts a
 // block holds one tile and, while n_kv <= CH, block 0 alone writes the output: no partials, no merge. The key count
 // is read on the device, so a captured graph serves every position.
 // Latency, not bandwidth, is what a decode step's attention costs, so the first tile's cache rows are fetched
 // (cp.async) *before* waiting for the previous kernel (PDL): rows below pos[0] were written by earlier steps, and
 // pos is written by the host before the graph runs. Only q and row pos[0] come from the kernel just before.
-// Several active blocks: each publishes (unnormalised output, max, sum) per head and the last block of KV head h to
+// Several active blocks: each publishes (unnormalised output, max, sum) per head and the last block of its heads to
 // finish (atomic ticket) merges them.
 
 #define THREADS 128
@@ -63,6 +66,8 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int h = blockIdx.y, s = blockIdx.x, NS = gridDim.x;
+    const int hb = h * GQ + blockIdx.z * G;  // this block's first query head
+    int* tk = ticket + hb / G;
     const int p = pos[0], n_kv = p + 1;
     const int tiles = (n_kv + CH - 1) / CH, tpb = (tiles + NS - 1) / NS, active = (tiles + tpb - 1) / tpb;
     const int lo = s * tpb * CH, hi = min(lo + tpb * CH, n_kv);
@@ -73,7 +78,7 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
     pdl_wait();
     pdl_trigger();
 
-    for (int i = tid; i < G * HD; i += THREADS) qs[i / HD][i % HD] = ld_act(q, (long)h * G * HD + i);
+    for (int i = tid; i < G * HD; i += THREADS) qs[i / HD][i % HD] = ld_act(q, (long)hb * HD + i);
     for (int g = tid; g < G; g += THREADS) m_s[g] = NEG_INF, l_s[g] = 0.0f;
     float acc[UPT][8];
 #pragma unroll
@@ -163,19 +168,19 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
 #pragma unroll
         for (int prt = 0; prt < KSPLIT; prt++) v += red[prt * G * HD + o];
         if (active == 1)
-            st_act(out, (long)h * G * HD + o, v / l_s[o / HD]);
+            st_act(out, (long)hb * HD + o, v / l_s[o / HD]);
         else
-            part[((long)s * Hq + h * G) * HD + o] = v;
+            part[((long)s * Hq + hb) * HD + o] = v;
     }
     if (active == 1) return;
 
     for (int g = tid; g < G; g += THREADS) {
-        ml[((long)s * Hq + h * G + g) * 2] = m_s[g];
-        ml[((long)s * Hq + h * G + g) * 2 + 1] = l_s[g];
+        ml[((long)s * Hq + hb + g) * 2] = m_s[g];
+        ml[((long)s * Hq + hb + g) * 2 + 1] = l_s[g];
     }
     __threadfence();
     __syncthreads();
-    if (tid == 0) last = atomicAdd(ticket + h, 1) == active - 1;
+    if (tid == 0) last = atomicAdd(tk, 1) == active - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
@@ -183,7 +188,7 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
     float* wm = (float*)kv_s;
     float* wl = wm + NS * G;
     for (int i = tid; i < active * G; i += THREADS) {
-        const float* src = ml + ((long)(i / G) * Hq + h * G + i % G) * 2;
+        const float* src = ml + ((long)(i / G) * Hq + hb + i % G) * 2;
         wm[i] = __ldcg(src);
         wl[i] = __ldcg(src + 1);
     }
@@ -205,8 +210,8 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
     for (int o = tid; o < G * HD; o += THREADS) {
         int g = o / HD;
         float O = 0.0f;
-        for (int s2 = 0; s2 < active; s2++) O += wm[s2 * G + g] * __ldcg(part + ((long)s2 * Hq + h * G) * HD + o);
-        st_act(out, (long)h * G * HD + o, O * l_s[g]);
+        for (int s2 = 0; s2 < active; s2++) O += wm[s2 * G + g] * __ldcg(part + ((long)s2 * Hq + hb) * HD + o);
+        st_act(out, (long)hb * HD + o, O * l_s[g]);
     }
-    if (tid == 0) ticket[h] = 0;
+    if (tid == 0) *tk = 0;
 }
