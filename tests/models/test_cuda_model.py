@@ -146,6 +146,23 @@ def test_repeated_prefill_becomes_a_graph(cuda, tiny_models):
         m.close()
 
 
+def test_prefill_graphs_are_capped(cuda, tiny_models):
+    """Prompts of many lengths, each seen twice, keep only the latest few prefill graphs."""
+    from kiln.runtime.cuda_backend import _MAX_PREFILL_GRAPHS
+
+    f = gguf.load(tiny_models(Q.Q8_0))
+    m = Model(f, cuda, n_ctx=64)
+    try:
+        before = len(cuda._graphs)
+        for n in range(5, 5 + _MAX_PREFILL_GRAPHS + 3):
+            for _ in range(2):
+                m.reset()
+                m.prefill(list(range(1, n + 1)))
+        assert len(cuda._graphs) == before + _MAX_PREFILL_GRAPHS
+    finally:
+        m.close()
+
+
 def test_two_models_share_a_device(cuda, tiny_models):
     """Each model replays its own graph (graphs are keyed by the model and its activations, not just the step)."""
     fa, fb = gguf.load(tiny_models(Q.Q8_0)), gguf.load(tiny_models(Q.Q4_K))

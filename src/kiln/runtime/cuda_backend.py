@@ -61,6 +61,7 @@ _R_16F, _R_32F = 2, 0
 _COMPUTE_32F = 68
 _GEMM_DEFAULT = -1
 
+_MAX_PREFILL_GRAPHS = 8  # prefill graphs kept (one per prompt length seen twice), the oldest dropped first
 _GEMV_MAX_T = 4  # up to this many tokens, one GEMV launch per token beats dequantize + GEMM
 _WARPS = 4  # warps per GEMV block of the warp kernel (gemv.cu NWARPS)
 _GEMV_BLOCK_MIN_CHUNKS = 64  # rows of at least this many 16-byte chunks take the block GEMV kernel
@@ -298,6 +299,7 @@ class CudaDevice(OpRecorder, Device):
         self._libcuda = _load_libcuda() if props["major"] >= 9 else None
         self.pdl_enabled = self._libcuda is not None and os.environ.get("KILN_CUDA_PDL", "1") != "0"
         self._seen: dict[tuple, int] = {}
+        self._prefill_graphs: list = []  # keys of the prefill graphs, oldest first
         self.closed = False
 
     def describe(self) -> str:
@@ -899,11 +901,17 @@ class CudaDevice(OpRecorder, Device):
             self._plans[gkey] = plan
         elif seen >= 2:  # a prefill size seen again (chunked prompts, benchmarks): worth a graph
             try:
-                # Not _capture(): a prefill graph fails for reasons of its own (CuPy refuses cuBLAS calls during
-                # capture), which must not switch programmatic dependent launch off for the decode graphs too.
+                # Not _capture(): a prefill graph that fails must not switch programmatic dependent launch off for
+                # the decode graphs too.
                 self._capture_once(gkey, plan)
             except Exception:
                 self._eager_keys.add(gkey)
+                return
+            if gkey in self._prefill_graphs:  # captured before, dropped since (its memory was freed)
+                self._prefill_graphs.remove(gkey)
+            self._prefill_graphs.append(gkey)
+            if len(self._prefill_graphs) > _MAX_PREFILL_GRAPHS:  # prompts of many lengths: keep the latest few
+                self._graphs.pop(self._prefill_graphs.pop(0), None)
 
     def _group_matmuls(self, ops: list) -> list:
         plan = []
