@@ -9,14 +9,17 @@ in bench/results/h100-wgpu-gemv.txt timed the host's recording too.) Prints a ta
     python bench/wgpu_kernels.py --shapes 32x8,64x4 --formats Q8_0   # GEMV threads x rows per workgroup sweep
     python bench/wgpu_kernels.py --overhead --decode m.gguf --formats none   # per-dispatch cost, decode profile
     python bench/wgpu_kernels.py --formats none --attn --attn-variants v1,v2,v2:16x64 --attn-nkv 128,512,2048
+    python bench/wgpu_kernels.py --formats none --attn --attn-variants v2,v3,v3:64x16,v3/wg,v3/l16
 
 --overhead times chains of tiny dispatches (each depends on the one before: the device's cost per dispatch in a
 pass, and the CPU's cost to encode one). --decode loads a model, fills 512 cache rows and times decode steps under
 each setting (fusion on/off, attention splits, encode-ahead on/off): tokens/s, dispatches per token, and how long
 replay() and the argmax readback take on the host. --attn times decode attention alone (time_attention): each
-variant KERNEL[:SPLITSxCHUNK] (KILN_WGPU_ATTN_KERNEL, KILN_WGPU_ATTN) for each head shape and KV length, as a
-table of us per call with the speed-up over the first variant. A call's K/V (up to 32 MB for 7B heads at 2048 keys)
-may stay in the GPU's L2 cache between replays, as it does not in a real decode step: the figures are latency.
+variant KERNEL[:SPLITSxCHUNK][/OPTION...] (KILN_WGPU_ATTN_KERNEL, KILN_WGPU_ATTN; options, for v3: /wg sums a key's
+dot product through workgroup memory instead of subgroup shuffles, /lN spreads it over N lanes instead of the head
+dim's default) for each head shape and KV length, as a table of us per call with the speed-up over the first
+variant. A call's K/V (up to 32 MB for 7B heads at 2048 keys) may stay in the GPU's L2 cache between replays, as it
+does not in a real decode step: the figures are latency.
 """
 
 from __future__ import annotations
@@ -57,6 +60,19 @@ def _use_attention(dev: WgpuDevice, variant: tuple) -> str:
     """Select a (kernel or None for the default, shape or None) attention setting; returns its full name."""
     dev.set_attention(*variant)
     return f"{dev.attn_kernel}:{dev.attn_splits}x{dev.attn_chunk}"
+
+
+def _attn_variants(text: str) -> list[tuple[tuple, tuple[str, ...]]]:
+    """--attn-variants: KERNEL[:SPLITSxCHUNK][/OPTION...] items as (_variants' (kernel, shape), options)."""
+    items = [item.split("/") for item in text.split(",")]
+    return [(_variants(first)[0], tuple(opts)) for first, *opts in items]
+
+
+def _use_attention_options(dev: WgpuDevice, options: tuple[str, ...]) -> str:
+    """Apply --attn-variants options (/wg: no subgroup shuffles in v3; /lN: v3 lanes per key); their name suffix."""
+    dev.use_subgroups = dev.has_subgroups and "wg" not in options
+    dev.attn3_lanes = next((int(o[1:]) for o in options if o.startswith("l")), None)
+    return "".join(f"/{o}" for o in options)
 
 
 def device_time(dev: WgpuDevice, key: tuple, step, calls: int, min_seconds: float) -> tuple[float, int]:
@@ -126,9 +142,9 @@ def _attention_reference(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, n_kv: in
 
 def time_attention(dev: WgpuDevice, heads: tuple, n_kvs: list[int], variants: list[tuple], calls: int, seconds: float):
     """Device time of one decode attention (the `attend` op: the kernel(s) after the KV-cache write) for each
-    variant (kernel, SPLITSxCHUNK) and KV length: a recorded step of `calls` chained calls, each over its own KV
-    cache (like layers), context n_ctx = max(n_kvs). The recorded step reads the KV length from the pos buffer,
-    so one recording serves every n_kv. Each variant's output is checked against a float64 reference."""
+    variant ((kernel, SPLITSxCHUNK), options) and KV length: a recorded step of `calls` chained calls, each over
+    its own KV cache (like layers), context n_ctx = max(n_kvs). The recorded step reads the KV length from the pos
+    buffer, so one recording serves every n_kv. Each variant's output is checked against a float64 reference."""
     hq, hkv, hd = heads
     n_ctx = max(n_kvs)
     rng = np.random.default_rng(0)
@@ -139,16 +155,17 @@ def time_attention(dev: WgpuDevice, heads: tuple, n_kvs: list[int], variants: li
     caches = [[dev.upload(caches_host[i % len(caches_host)][j]) for j in (0, 1)] for i in range(calls)]
     outs = [dev.empty((1, hq * hd)) for _ in range(calls)]
     pos = dev.upload(np.zeros(1, np.int32))
-    saved = dev.attn_kernel, (dev.attn_splits, dev.attn_chunk)
+    saved = dev.attn_kernel, (dev.attn_splits, dev.attn_chunk), dev.use_subgroups, dev.attn3_lanes
     rows = []
-    for variant in variants:
-        name = _use_attention(dev, variant)
+    for variant, options in variants:
+        name = _use_attention(dev, variant) + _use_attention_options(dev, options)
         key = ("attn-bench", heads, n_ctx, name, 1)
 
         def step():
             for (kc, vc), out in zip(caches, outs):
                 dev._op("attend", q, kc, vc, pos, out, hq, hkv, hd)
 
+        v3 = dev._attn3_defs(hd, hq // hkv, n_ctx, kv) if dev.attn_kernel == "v3" else None
         for n_kv in n_kvs:
             dev.write(pos, np.array([n_kv - 1], np.int32))
             best, reps = device_time(dev, key, step, calls, seconds)
@@ -159,6 +176,7 @@ def time_attention(dev: WgpuDevice, heads: tuple, n_kvs: list[int], variants: li
                     "heads": f"{hq}/{hkv}/{hd}",
                     "variant": name,
                     "v2_tile": dev._attn2_defs(hd, hq // hkv, n_ctx, kv)["TILE"] if dev.attn_kernel == "v2" else None,
+                    "v3_shape": {k: v3[k] for k in ("LPK", "U", "TILE", "NS")} if v3 else None,
                     "n_ctx": n_ctx,
                     "n_kv": n_kv,
                     "calls": reps,
@@ -169,6 +187,7 @@ def time_attention(dev: WgpuDevice, heads: tuple, n_kvs: list[int], variants: li
             )
         dev._forget_steps()
     dev.set_attention(saved[0], saved[1])
+    dev.use_subgroups, dev.attn3_lanes = saved[2:]
     for t in [q, pos, *outs, *(c for pair in caches for c in pair)]:
         dev.free(t)
     return rows
@@ -311,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn", action="store_true", help="time decode attention (see time_attention)")
     ap.add_argument("--attn-heads", default=None, help="QHEADSxKVHEADSxHEADDIM,... (default: ATTN_HEADS)")
     ap.add_argument("--attn-nkv", default=None, help="KV lengths, e.g. 128,512,2048 (default by adapter type)")
-    ap.add_argument("--attn-variants", default="v1,v2", help="KERNEL[:SPLITSxCHUNK],... (first: the baseline)")
+    ap.add_argument(
+        "--attn-variants", default="v1,v2", help="KERNEL[:SPLITSxCHUNK][/OPTION...],... (first: the baseline)"
+    )
     ap.add_argument("--attn-calls", type=int, default=16, help="chained attention calls per timed step")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -344,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         report["attention"] = [
             row
             for h in heads
-            for row in time_attention(dev, h, nkv, _variants(args.attn_variants), args.attn_calls, args.min_seconds)
+            for row in time_attention(
+                dev, h, nkv, _attn_variants(args.attn_variants), args.attn_calls, args.min_seconds
+            )
         ]
         print(dev.name)
         print_attention(report["attention"])

@@ -432,14 +432,18 @@ def test_fused_gemv_norm_and_unfused_switch(dev, ref):
 
 @pytest.fixture
 def attn_kernel(dev):
-    """Set the decode attention kernel and its SPLITSxCHUNK for one test; restore after."""
-    saved = dev.attn_kernel, dev.attn_splits, dev.attn_chunk
+    """Set the decode attention kernel and its SPLITSxCHUNK (v3: also lanes per key, subgroups on/off) for one
+    test; restore after."""
+    saved = dev.attn_kernel, dev.attn_splits, dev.attn_chunk, dev.attn3_lanes, dev.use_subgroups
 
-    def use(kernel: str, shape: tuple[int, int]) -> None:
+    def use(kernel: str, shape: tuple[int, int], lanes: int | None = None, subgroups: bool = True) -> None:
         dev.set_attention(kernel, shape)
+        dev.attn3_lanes = lanes
+        dev.use_subgroups = subgroups and dev.has_subgroups
 
     yield use
     dev.set_attention(saved[0], saved[1:3])
+    dev.attn3_lanes, dev.use_subgroups = saved[3:]
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -450,8 +454,18 @@ def test_attention_decode_direct_and_split(dev, ref, attn_kernel, splits):
         assert _attention_case(dev, ref, dev.kv_dtype, 1, start, seed=start) < EXACT
 
 
-# v2 (attn_decode2): SPLITSxTILE as on GPUs, on CPU adapters, one split over many tiles, odd splits of tiny tiles.
+# v2 (attn_decode2) and v3 (attn_decode3): SPLITSxTILE as on GPUs, on CPU adapters, one split over many tiles, odd
+# splits of tiny tiles.
 V2_SHAPES = [(32, 32), (4, 64), (1, 16), (3, 8)]
+# v3 key sums (lanes per key, subgroups): lanes by head dim (head_dim / 4 rounded up to a power of two, at most 32:
+# wider than lavapipe's 8-lane subgroups, so workgroup memory there), 4 or 8 lanes with subgroup shuffles (where the
+# adapter has subgroups, as lavapipe does), 8 lanes with subgroups off (workgroup memory). Each v3 pipeline takes
+# lavapipe 1-4 s to compile the first time: the grids below are trimmed to keep this file quick.
+V3_PATHS = [(None, True), (4, True), (8, True), (8, False)]
+
+
+def _path_id(path) -> str:
+    return f"lanes{path[0] or 'auto'}-{'sg' if path[1] else 'wg'}"
 
 
 @pytest.mark.parametrize("shape", V2_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -466,22 +480,58 @@ def test_attention_v2_key_counts(dev, ref, attn_kernel, shape, kv_dtype):
 
 
 @pytest.mark.parametrize(
-    "n_heads,n_kv_heads,hd", [(4, 4, 64), (6, 2, 80), (16, 2, 64), (8, 1, 128), (2, 2, 128), (3, 1, 256)]
+    "kv_dtype,path", [("f16", V3_PATHS[0]), ("f32", V3_PATHS[0]), ("f16", V3_PATHS[1]), ("f32", V3_PATHS[3])]
 )
-def test_attention_v2_heads(dev, ref, attn_kernel, n_heads, n_kv_heads, hd):
-    """GQA 1, 3, 8 and head dims 64, 80, 128, 256 (smaller tiles where workgroup memory runs out), f16 output.
-    (v2 uses no subgroup operations: one path on every adapter.)"""
-    attn_kernel("v2", (5, 32))
+@pytest.mark.parametrize("shape", V2_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_attention_v3_key_counts(dev, ref, attn_kernel, shape, kv_dtype, path):
+    """v3, one dispatch: a single key, row / tile / split boundaries (rows of U keys, tiles dealt round-robin),
+    several tiles per split, rows without keys, the whole cache; NaN past the keys, sentinels around the output."""
+    if kv_dtype == "f16" and not dev.has_f16:
+        pytest.skip("no shader-f16")
+    attn_kernel("v3", shape, *path)
+    for n_kv in (1, 2, 7, 8, 9, 16, 17, 31, 32, 33, 64, 65, 95, 96, 97, 130, 257, 300):
+        assert _attention_case(dev, ref, kv_dtype, 1, n_kv - 1, seed=n_kv) < EXACT, f"n_kv={n_kv}"
+
+
+V2_HEADS = [(4, 4, 64), (6, 2, 80), (16, 2, 64), (8, 1, 128), (2, 2, 128), (3, 1, 256)]
+
+
+def _heads_case(dev, ref, n_heads, n_kv_heads, hd, f16_out=True):
     for n_kv, act in ((1, "f32"), (40, "f32"), (150, "f32"), (150, "f16")):
-        if act == "f16" and not dev.has_f16:
+        if act == "f16" and not (dev.has_f16 and f16_out):
             continue
         err = _attention_case(dev, ref, dev.kv_dtype, 1, n_kv - 1, n_heads, n_kv_heads, hd, 160, n_kv, act)
         assert err < (EXACT if act == "f32" else 1e-6), f"n_kv={n_kv} act={act}"
 
 
-def test_attention_v2_tickets_return_to_zero(dev, ref, attn_kernel):
+@pytest.mark.parametrize("n_heads,n_kv_heads,hd", V2_HEADS)
+def test_attention_v2_heads(dev, ref, attn_kernel, n_heads, n_kv_heads, hd):
+    """GQA 1, 3, 8 and head dims 64, 80, 128, 256 (smaller tiles where workgroup memory runs out), f16 output.
+    (v2 uses no subgroup operations: one path on every adapter.)"""
+    attn_kernel("v2", (5, 32))
+    _heads_case(dev, ref, n_heads, n_kv_heads, hd)
+
+
+V3_HEADS = [(4, 4, 64), (6, 2, 80), (16, 2, 64), (8, 1, 128), (2, 2, 128), (16, 1, 256)]
+
+
+@pytest.mark.parametrize(
+    "n_heads,n_kv_heads,hd,path",
+    [(*h, V3_PATHS[0]) for h in V3_HEADS] + [(*h, p) for h in V3_HEADS[1::2] for p in (V3_PATHS[2], V3_PATHS[3])],
+    ids=lambda v: _path_id(v) if isinstance(v, tuple) else str(v),
+)
+def test_attention_v3_heads(dev, ref, attn_kernel, n_heads, n_kv_heads, hd, path):
+    """v3: GQA 1, 3, 8, 16 and head dims 64, 80 (lanes past the head's columns), 128 (two output vec4s per thread
+    at GQA 8), 256 (two columns per lane; GQA 16: the row merge in several passes of heads), f16 output; 8 lanes
+    per key with subgroup shuffles and with workgroup memory for three of them (f32 output only)."""
+    attn_kernel("v3", (5, 32), *path)
+    _heads_case(dev, ref, n_heads, n_kv_heads, hd, f16_out=path == V3_PATHS[0])
+
+
+@pytest.mark.parametrize("kernel", ["v2", "v3"])
+def test_attention_v2_tickets_return_to_zero(dev, ref, attn_kernel, kernel):
     """The last split of each merge leaves its ticket at 0, so back-to-back merges (layers, tokens) stay correct."""
-    attn_kernel("v2", (4, 16))
+    attn_kernel(kernel, (4, 16))
     for seed in range(3):
         assert _attention_case(dev, ref, dev.kv_dtype, 1, 99, n_heads=8, n_kv_heads=2, seed=seed) < EXACT
     tickets = dev._attn_tickets[2]

@@ -83,8 +83,9 @@ _LIMITS = (
 )
 # Decode attention SPLITS x CHUNK per kernel (set_attention), for (GPUs, CPU adapters). GPUs want many workgroups;
 # a CPU adapter wants few workgroups and few barriers.
-_ATTN_SHAPES = {"v1": ((16, 64), (1, 256)), "v2": ((32, 32), (4, 64))}
-_ATTN2_WG = 128  # attn_decode2 threads per workgroup
+_ATTN_SHAPES = {"v1": ((16, 64), (1, 256)), "v2": ((32, 32), (4, 64)), "v3": ((32, 32), (4, 64))}
+_ATTN2_WG = 128  # attn_decode2 / attn_decode3 threads per workgroup
+_ATTN3_MAX_U = 16  # attn_decode3: most keys per row per tile (registers)
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "Unknown": 3, "CPU": 4}
 
 
@@ -265,6 +266,7 @@ class WgpuDevice(OpRecorder, Device):
         self.force_gemm = False
         # Decode attention kernel and shape: see set_attention; KILN_WGPU_ATTN=SPLITSxCHUNK for experiments.
         self._attn_tickets: dict[int, Any] = {}
+        self.attn3_lanes: int | None = None  # attn_decode3 lanes per key (None: by head dim); tests set it
         shape = os.environ.get("KILN_WGPU_ATTN")
         self.set_attention(None, tuple(int(v) for v in shape.lower().split("x")) if shape else None)
         self.max_binding = (
@@ -533,6 +535,8 @@ class WgpuDevice(OpRecorder, Device):
             parts.append((_KERNELS / f"gemv_out_{_GEMV_MODES[defs['MODE']]}.wgsl").read_text())
         if kernel.startswith("attn_"):
             parts.append((_KERNELS / "attn_params.wgsl").read_text())
+        if kernel == "attn_decode3":  # its entry point: with subgroup shuffles or without
+            parts.append((_KERNELS / f"attn_decode3_{'sg' if self.use_subgroups else 'wg'}.wgsl").read_text())
         parts.append((_KERNELS / f"{kernel}.wgsl").read_text())
         return "\n".join(parts)
 
@@ -935,10 +939,12 @@ class WgpuDevice(OpRecorder, Device):
 
     def set_attention(self, kernel: str | None = None, shape: tuple[int, int] | None = None) -> None:
         """Decode attention kernel: v1 (attn_decode + attn_combine; SPLITS x CHUNK = splits per KV head x keys per
-        chunk) or v2 (attn_decode2, one dispatch; SPLITS x CHUNK = most splits per KV head x keys per tile), and
-        its shape. Defaults: KILN_WGPU_ATTN_KERNEL, else v2 on GPUs and v1 on CPU adapters (lavapipe, wgpu_kernels.py
-        --attn: v1 1x256 up to 4.5x faster than v2 4x64 for 7B heads, slower only for TinyLlama's at 64 keys); the
-        kernel's own shape for this adapter.
+        chunk), v2 (attn_decode2, one dispatch; SPLITS x CHUNK = most splits per KV head x keys per tile) or v3
+        (attn_decode3, one dispatch, no barrier per tile; SPLITS x CHUNK as v2, see _attn3_defs), and its shape.
+        Defaults: KILN_WGPU_ATTN_KERNEL, else v2 on GPUs and v1 on CPU adapters (lavapipe, wgpu_kernels.py --attn: v1
+        1x256 up to 4.5x faster than v2 4x64 for 7B heads, slower only for TinyLlama's at 64 keys; v3 0.3-0.9x v2
+        there: built for wide GPU subgroups); the kernel's own shape for this adapter. v3 is not the GPU default
+        until it is timed on one.
         Steps recorded before keep their kernel (callers switching mid-run drop them: _forget_steps)."""
         kernel = kernel or os.environ.get("KILN_WGPU_ATTN_KERNEL") or ("v1" if self.cpu_adapter else "v2")
         if kernel not in _ATTN_SHAPES:
@@ -998,9 +1004,13 @@ class WgpuDevice(OpRecorder, Device):
             )
 
     def _attend_one_dispatch(self, shape: tuple, types: dict, inputs: list, out) -> None:
-        """v2: attn_decode2, splits merged by the last one to finish (atomic tickets, zero between dispatches)."""
+        """v2 / v3: attn_decode2 / attn_decode3, splits merged by the last one to finish (atomic tickets, zero
+        between dispatches; both kernels share them)."""
         T, n_heads, n_kv_heads, n_ctx, head_dim = shape
-        defs = self._attn2_defs(head_dim, n_heads // n_kv_heads, n_ctx, types["kv"])
+        kernel, make_defs = {"v2": ("attn_decode2", self._attn2_defs), "v3": ("attn_decode3", self._attn3_defs)}[
+            self.attn_kernel
+        ]
+        defs = make_defs(head_dim, n_heads // n_kv_heads, n_ctx, types["kv"])
         ns = defs["NS"]
         n_part = T * n_kv_heads * ns * (defs["E"] * 4 + defs["GQ"] * 2)
         part = self._internal(("attn_part2", n_part), (n_part,))
@@ -1009,7 +1019,7 @@ class WgpuDevice(OpRecorder, Device):
             tickets = self._make_weight_buffer(np.zeros(T * n_kv_heads, np.uint32), const=True)
             self._attn_tickets[T * n_kv_heads] = tickets
         self._dispatch(
-            self._pipeline("attn_decode2", **defs, **types),
+            self._pipeline(kernel, **defs, **types),
             [
                 self._attn_params(shape, ns),
                 *inputs,
@@ -1046,6 +1056,49 @@ class WgpuDevice(OpRecorder, Device):
             "PE": -(-e // wg),
             "KG": max(1, wg // e),
             "LT": -(-tile * nv // wg),
+        }
+
+    def _attn3_defs(self, head_dim: int, gq: int, n_ctx: int, kv_dtype: str) -> dict:
+        """attn_decode3's header. A key's dot product spans LPK lanes (attn3_lanes, else the power of two >= head_dim
+        / 4, at most 32: one subgroup on GPUs), so R = 128 / LPK rows; a tile is attn_chunk keys (at least R, U =
+        keys per row, at most _ATTN3_MAX_U). Merge passes of HB heads so workgroup memory fits."""
+        wg, nv = _ATTN2_WG, head_dim // 4
+        lpk = self.attn3_lanes or min(32, 1 << (nv - 1).bit_length())
+        if lpk & (lpk - 1) or not 0 < lpk <= wg:
+            raise ValueError(f"attn_decode3 lanes per key must be a power of two up to {wg} (got {lpk})")
+        rows = wg // lpk
+        u = max(1, min(_ATTN3_MAX_U, self.attn_chunk // rows))
+        tile = rows * u
+        ns = max(1, min(self.attn_splits, -(-n_ctx // tile)))
+        p4 = -(-u * gq // 4)
+        fb = min(p4, 2)
+        e = gq * nv
+        hb = gq
+        limit = self.device.limits["max-compute-workgroup-storage-size"] - 256
+        while hb > 1 and 16 * max(2 * fb * wg, 2 * wg, rows * hb * nv) + 8 * rows * gq + 16 > limit:
+            hb -= 1
+        return {
+            "HD": head_dim,
+            "NV": nv,
+            "GQ": gq,
+            "WG": wg,
+            "LPK": lpk,
+            "NC": -(-nv // lpk),
+            "R": rows,
+            "U": u,
+            "TILE": tile,
+            "NS": ns,
+            "P4": p4,
+            "FB": fb,
+            "HB": hb,
+            "NP": -(-gq // hb),
+            "EB": hb * nv,
+            "PEB": -(-hb * nv // wg),
+            "E": e,
+            "PE": -(-e // wg),
+            "EW": min(e, wg),
+            "KG": max(1, wg // e),
+            "NW": max(2 * fb * wg, 2 * wg, rows * hb * nv),
         }
 
     def _elementwise(self, entry: str, dtype: str, n: int, a: Tensor, b: Tensor | None, out: Tensor, row=0) -> None:
