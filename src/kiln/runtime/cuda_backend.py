@@ -61,13 +61,13 @@ _R_16F, _R_32F = 2, 0
 _COMPUTE_32F = 68
 _GEMM_DEFAULT = -1
 
-_MAX_PREFILL_GRAPHS = 8  # prefill graphs kept (one per prompt length seen twice), the oldest dropped first
+_ROPE_MAX = 256  # gemv.cu ROPE_MAX: head_dim / 2 at most for the block kernel's RoPE table
 _GEMV_MAX_T = 4  # up to this many tokens, one GEMV launch per token beats dequantize + GEMM
 _WARPS = 4  # warps per GEMV block of the warp kernel (gemv.cu NWARPS)
 _GEMV_BLOCK_MIN_CHUNKS = 64  # rows of at least this many 16-byte chunks take the block GEMV kernel
 _CUBLAS_WORKSPACE = 32 << 20  # cuBLAS's recommended workspace on Hopper
 _ATT_TILE = 32  # keys per tile of attn_prefill.cu
-_ATT_HEADS_PER_BLOCK = 1  # attn_decode.cu: query heads per block at most
+_ATT_HEADS_PER_BLOCK = 2  # attn_decode.cu: query heads per block at most (H200 sweep, bench/NOTES.md)
 _ATT_SMEM = 46 * 1024  # static shared memory a kernel may take (48 KB, less a margin)
 
 
@@ -299,7 +299,6 @@ class CudaDevice(OpRecorder, Device):
         self._libcuda = _load_libcuda() if props["major"] >= 9 else None
         self.pdl_enabled = self._libcuda is not None and os.environ.get("KILN_CUDA_PDL", "1") != "0"
         self._seen: dict[tuple, int] = {}
-        self._prefill_graphs: list = []  # keys of the prefill graphs, oldest first
         self.closed = False
 
     def describe(self) -> str:
@@ -620,6 +619,8 @@ class CudaDevice(OpRecorder, Device):
         units = rows[0] if mode == 2 else sum(rows) // 2 if mode == 3 else sum(rows)  # rows, or pairs of rows
         consts = dict(FMT=FORMATS[fmt], MODE=mode, NORM=int(norm is not None))
         shape = self._gemv_shape(fmt, K)
+        if mode == 3 and rope[2] > 2 * _ROPE_MAX:  # the block kernel's RoPE table (gemv.cu ROPE_MAX) is too small
+            shape = None
         if shape is None:
             u = 4 if fmt in ("F32", "F16", "BF16", "Q8_0") else 2
             k = self._kernel("gemv.cu", "gemv", BK=0, R=2, U=u, **consts)
@@ -906,12 +907,6 @@ class CudaDevice(OpRecorder, Device):
                 self._capture_once(gkey, plan)
             except Exception:
                 self._eager_keys.add(gkey)
-                return
-            if gkey in self._prefill_graphs:  # captured before, dropped since (its memory was freed)
-                self._prefill_graphs.remove(gkey)
-            self._prefill_graphs.append(gkey)
-            if len(self._prefill_graphs) > _MAX_PREFILL_GRAPHS:  # prompts of many lengths: keep the latest few
-                self._graphs.pop(self._prefill_graphs.pop(0), None)
 
     def _group_matmuls(self, ops: list) -> list:
         plan = []

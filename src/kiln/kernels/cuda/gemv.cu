@@ -105,8 +105,16 @@ __device__ __forceinline__ void finish_row(GEMV_PARAMS, int seg, long row, float
 #endif
 }
 
-// GLU and QKV: the finished dots of a pair of rows (gate and up; or the two rows one RoPE rotation mixes).
-__device__ __forceinline__ void finish_pair(GEMV_PARAMS, long u, float a, float b) {
+// The cos and sin of RoPE pair `rot` at position p, exactly as numpy computes them: angle in float64, rounded to f32.
+__device__ __forceinline__ void rope_cos_sin(int p, int rot, float theta, int hd, float& cs, float& sn) {
+    double ang = (double)p * pow((double)theta, -2.0 * rot / hd);
+    cs = (float)cos(ang), sn = (float)sin(ang);
+}
+
+// GLU and QKV: the finished dots of a pair of rows (gate and up; or the two rows one RoPE rotation mixes). tab: the
+// RoPE cos/sin of every pair index at this position (tab[rot], tab[ROPE_MAX + rot]), or null to compute them here.
+#define ROPE_MAX 256  // head_dim / 2 at most, for tab
+__device__ __forceinline__ void finish_pair(GEMV_PARAMS, long u, float a, float b, const float* tab) {
 #if MODE == MODE_GLU
     o0[u] = a / (1.0f + expf(-a)) * b;
     o1[u] = b;
@@ -119,9 +127,12 @@ __device__ __forceinline__ void finish_pair(GEMV_PARAMS, long u, float a, float 
     a += bias ? bias[ra] : 0.0f;
     b += bias ? bias[rb] : 0.0f;
     int p = pos[0];
-    if (seg < 2) {  // rotate q and k exactly as numpy does: angle in float64, cos/sin rounded to float32
-        double ang = (double)p * pow((double)theta, -2.0 * rot / hd);
-        float cs = (float)cos(ang), sn = (float)sin(ang);
+    if (seg < 2) {  // rotate q and k exactly as numpy does
+        float cs, sn;
+        if (tab)
+            cs = tab[rot], sn = tab[ROPE_MAX + rot];
+        else
+            rope_cos_sin(p, rot, theta, hd, cs, sn);
         float a2 = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn)), b2 = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, cs));
         a = a2, b = b2;
     }
@@ -227,7 +238,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) gemv(GEMV_PARAMS) {
 #endif
     if (lane != 0) return;
 #if PAIRS
-    finish_pair(GEMV_ARGS, warp, acc[0], acc[1]);
+    finish_pair(GEMV_ARGS, warp, acc[0], acc[1], nullptr);
 #else
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -300,6 +311,14 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
     load_group(g);  // weights only: before waiting for the previous kernel (PDL)
     pdl_wait();
     pdl_trigger();
+#if MODE == MODE_QKV
+    // RoPE's cos/sin for every pair index, once per block: the float64 math is a long dependent chain that would
+    // otherwise run in the few finishing threads of every group, between the group's barriers.
+    __shared__ float rope[2 * ROPE_MAX];
+    for (int r = t; r < hd / 2; r += NT) rope_cos_sin(pos[0], r, theta, hd, rope[r], rope[ROPE_MAX + r]);
+#else
+    const float* rope = nullptr;
+#endif
 
     // This thread's slice of x (normalised by the norm weight if NORM), kept for every row.
     float xa[CPT][NA], xb[CPT][NB > 0 ? NB : 1], sa[CPT], sb[CPT], ss = 0.0f;
@@ -342,7 +361,7 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
             long row;
             if (locate(u, 0, n0, n1, n2, hd, neox, seg, row)) {
 #if PAIRS
-                finish_pair(GEMV_ARGS, u, a * scale, b * scale);
+                finish_pair(GEMV_ARGS, u, a * scale, b * scale, rope);
 #else
                 finish_row(GEMV_ARGS, seg, row, a * scale);
 #endif
