@@ -61,7 +61,6 @@ _R_16F, _R_32F = 2, 0
 _COMPUTE_32F = 68
 _GEMM_DEFAULT = -1
 
-_ROPE_MAX = 256  # gemv.cu ROPE_MAX: head_dim / 2 at most for the block kernel's RoPE table
 _GEMV_MAX_T = 4  # up to this many tokens, one GEMV launch per token beats dequantize + GEMM
 _WARPS = 4  # warps per GEMV block of the warp kernel (gemv.cu NWARPS)
 _GEMV_BLOCK_MIN_CHUNKS = 64  # rows of at least this many 16-byte chunks take the block GEMV kernel
@@ -269,7 +268,7 @@ class CudaDevice(OpRecorder, Device):
         self.peak = 0
         self._modules: dict[tuple, Any] = {}
         self._kernels: dict[tuple, CudaKernel] = {}
-        self._scratch: dict[str, Any] = {}
+        self._scratch: dict[Any, Any] = {}  # name (or RoPE table key) -> device array
         self._graphs: dict[tuple, _Graph] = {}
         self._plans: dict[tuple, list] = {}  # the fused plan behind each decode graph (bench/profile_decode.py)
         self._eager_keys: set = set()
@@ -619,8 +618,6 @@ class CudaDevice(OpRecorder, Device):
         units = rows[0] if mode == 2 else sum(rows) // 2 if mode == 3 else sum(rows)  # rows, or pairs of rows
         consts = dict(FMT=FORMATS[fmt], MODE=mode, NORM=int(norm is not None))
         shape = self._gemv_shape(fmt, K)
-        if mode == 3 and rope[2] > 2 * _ROPE_MAX:  # the block kernel's RoPE table (gemv.cu ROPE_MAX) is too small
-            shape = None
         if shape is None:
             u = 4 if fmt in ("F32", "F16", "BF16", "Q8_0") else 2
             k = self._kernel("gemv.cu", "gemv", BK=0, R=2, U=u, **consts)
@@ -647,7 +644,7 @@ class CudaDevice(OpRecorder, Device):
             pos, theta, hd, neox, kc, vc = rope
             args += [
                 _ptr(pos),
-                np.float32(theta),
+                _ptr(self._rope_table(theta, hd, kc.shape[1])),
                 np.int32(hd),
                 np.int32(neox),
                 _ptr(kc),
@@ -655,8 +652,24 @@ class CudaDevice(OpRecorder, Device):
                 np.int32(kc.shape[1]),
             ]
         else:
-            args += [np.uint64(0), np.float32(0), np.int32(2), np.int32(0), np.uint64(0), np.uint64(0), np.int32(0)]
+            args += [np.uint64(0), np.uint64(0), np.int32(2), np.int32(0), np.uint64(0), np.uint64(0), np.int32(0)]
         self._launch(k, grid, block, tuple(args))
+
+    def _rope_table(self, theta: float, hd: int, n_ctx: int):
+        """RoPE's float32 cos and sin [n_ctx, hd / 2, 2] for the fused QKV GEMV, made once per (theta, hd, n_ctx)
+        with numpy_backend.rope's float64 math, so the fused rotation matches the reference bit for bit."""
+        key = ("rope", float(theta), hd, n_ctx)
+        table = self._scratch.get(key)
+        if table is None:
+            inv_freq = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+            angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq[None, :]
+            host = np.stack([np.cos(angles), np.sin(angles)], axis=-1).astype(np.float32)
+            table = self._array(host.shape, np.float32)
+            table.set(host)
+            self._scratch[key] = table
+            self.scratch_bytes += table.nbytes
+            self._track_peak()
+        return table
 
     def _x_f16(self, x) -> np.uint64:
         T, K = x.shape

@@ -13,7 +13,9 @@
 // MODE 1: residual, one segment: out0[row] = acc; resid[row] += acc (matmul + add in one pass).
 // MODE 2: SwiGLU, segments gate and up: row i of both; out0[i] = silu(g) * u, out1[i] = u.
 // MODE 3: QKV, segments q, k, v: the two rows one RoPE pair rotates (NeoX or adjacent) go together; q and k are
-//         written rotated (out0, out1) and k, v also into the f16 KV caches at row pos[0].
+//         written rotated (out0, out1) and k, v also into the f16 KV caches at row pos[0]. The rotation's cos and sin
+//         come from rtab [n_ctx, hd / 2, 2], made on the host in float64 as the reference does (a float64 pow, cos
+//         and sin here were a long dependent chain in the finishing threads: 7B's QKV GEMV ran at 1.4 TB/s).
 // NORM: x is the un-normalised residual: each lane also sums x^2 over its chunks, multiplies x by the norm weight,
 //       and the result is scaled by 1/sqrt(mean(x^2) + eps) at the end.
 
@@ -31,7 +33,8 @@
     const float *__restrict__ x, const float *__restrict__ nw, float eps, int K, const u8 *q0, const u8 *s0,        \
         const u32 *h0, const float *b0, float *o0, int n0, const u8 *q1, const u8 *s1, const u32 *h1,             \
         const float *b1, float *o1, int n1, const u8 *q2, const u8 *s2, const u32 *h2, const float *b2, float *o2, \
-        int n2, float *resid, const int *__restrict__ pos, float theta, int hd, int neox, u16 *kc, u16 *vc, int n_ctx
+        int n2, float *resid, const int *__restrict__ pos, const float *__restrict__ rtab, int hd, int neox, u16 *kc, u16 *vc, \
+        int n_ctx
 
 __device__ __forceinline__ void load_x(const float* __restrict__ x, const float* __restrict__ nw, int off, int n,
                                        float* v, float& sum, float& ss) {
@@ -105,16 +108,8 @@ __device__ __forceinline__ void finish_row(GEMV_PARAMS, int seg, long row, float
 #endif
 }
 
-// The cos and sin of RoPE pair `rot` at position p, exactly as numpy computes them: angle in float64, rounded to f32.
-__device__ __forceinline__ void rope_cos_sin(int p, int rot, float theta, int hd, float& cs, float& sn) {
-    double ang = (double)p * pow((double)theta, -2.0 * rot / hd);
-    cs = (float)cos(ang), sn = (float)sin(ang);
-}
-
-// GLU and QKV: the finished dots of a pair of rows (gate and up; or the two rows one RoPE rotation mixes). tab: the
-// RoPE cos/sin of every pair index at this position (tab[rot], tab[ROPE_MAX + rot]), or null to compute them here.
-#define ROPE_MAX 256  // head_dim / 2 at most, for tab
-__device__ __forceinline__ void finish_pair(GEMV_PARAMS, long u, float a, float b, const float* tab) {
+// GLU and QKV: the finished dots of a pair of rows (gate and up; or the two rows one RoPE rotation mixes).
+__device__ __forceinline__ void finish_pair(GEMV_PARAMS, long u, float a, float b) {
 #if MODE == MODE_GLU
     o0[u] = a / (1.0f + expf(-a)) * b;
     o1[u] = b;
@@ -127,12 +122,8 @@ __device__ __forceinline__ void finish_pair(GEMV_PARAMS, long u, float a, float 
     a += bias ? bias[ra] : 0.0f;
     b += bias ? bias[rb] : 0.0f;
     int p = pos[0];
-    if (seg < 2) {  // rotate q and k exactly as numpy does
-        float cs, sn;
-        if (tab)
-            cs = tab[rot], sn = tab[ROPE_MAX + rot];
-        else
-            rope_cos_sin(p, rot, theta, hd, cs, sn);
+    if (seg < 2) {  // rotate q and k exactly as numpy does (rtab holds its float32 cos and sin)
+        float cs = rtab[((long)p * (hd / 2) + rot) * 2], sn = rtab[((long)p * (hd / 2) + rot) * 2 + 1];
         float a2 = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn)), b2 = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, cs));
         a = a2, b = b2;
     }
@@ -148,7 +139,7 @@ __device__ __forceinline__ void finish_pair(GEMV_PARAMS, long u, float a, float 
 }
 
 #define GEMV_ARGS                                                                                                  \
-    x, nw, eps, K, q0, s0, h0, b0, o0, n0, q1, s1, h1, b1, o1, n1, q2, s2, h2, b2, o2, n2, resid, pos, theta, hd, \
+    x, nw, eps, K, q0, s0, h0, b0, o0, n0, q1, s1, h1, b1, o1, n1, q2, s2, h2, b2, o2, n2, resid, pos, rtab, hd, \
         neox, kc, vc, n_ctx
 
 // Where row `row` of segment `seg` starts in q, s and h (rows past the end read row 0 and are not written).
@@ -238,7 +229,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) gemv(GEMV_PARAMS) {
 #endif
     if (lane != 0) return;
 #if PAIRS
-    finish_pair(GEMV_ARGS, warp, acc[0], acc[1], nullptr);
+    finish_pair(GEMV_ARGS, warp, acc[0], acc[1]);
 #else
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -311,14 +302,6 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
     load_group(g);  // weights only: before waiting for the previous kernel (PDL)
     pdl_wait();
     pdl_trigger();
-#if MODE == MODE_QKV
-    // RoPE's cos/sin for every pair index, once per block: the float64 math is a long dependent chain that would
-    // otherwise run in the few finishing threads of every group, between the group's barriers.
-    __shared__ float rope[2 * ROPE_MAX];
-    for (int r = t; r < hd / 2; r += NT) rope_cos_sin(pos[0], r, theta, hd, rope[r], rope[ROPE_MAX + r]);
-#else
-    const float* rope = nullptr;
-#endif
 
     // This thread's slice of x (normalised by the norm weight if NORM), kept for every row.
     float xa[CPT][NA], xb[CPT][NB > 0 ? NB : 1], sa[CPT], sb[CPT], ss = 0.0f;
@@ -361,7 +344,7 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
             long row;
             if (locate(u, 0, n0, n1, n2, hd, neox, seg, row)) {
 #if PAIRS
-                finish_pair(GEMV_ARGS, u, a * scale, b * scale, rope);
+                finish_pair(GEMV_ARGS, u, a * scale, b * scale);
 #else
                 finish_row(GEMV_ARGS, seg, row, a * scale);
 #endif
