@@ -70,16 +70,19 @@ __device__ __forceinline__ bool locate_row(long g, int n0, int n1, int n2, int& 
 }
 
 // RoPE pair p of the q, k, v rows (v is paired the same way, unrotated): segment, its two rows, pair index in head.
+// 32-bit division: every thread of the block kernel locates every row of each group, and a 64-bit one is a long
+// software routine (it held 7B's QKV GEMV to 1.5 TB/s).
 __device__ __forceinline__ bool locate_pair(long p, int n0, int n1, int n2, int hd, int neox, int& seg, long& ra,
                                             long& rb, int& rot) {
+    int q = (int)p;
     seg = 0;
-    if (p >= n0 / 2) p -= n0 / 2, seg = 1;
-    if (seg == 1 && p >= n1 / 2) p -= n1 / 2, seg = 2;
+    if (q >= n0 / 2) q -= n0 / 2, seg = 1;
+    if (seg == 1 && q >= n1 / 2) q -= n1 / 2, seg = 2;
     int half = hd / 2;
-    rot = (int)(p % half);
-    ra = p / half * hd + (neox ? rot : 2 * rot);
+    rot = q % half;
+    ra = (long)(q / half) * hd + (neox ? rot : 2 * rot);
     rb = ra + (neox ? half : 1);
-    return seg < 2 || p < n2 / 2;
+    return seg < 2 || q < n2 / 2;
 }
 
 // The row (or pair) of unit `u` and slot r: what each mode's rows are.
