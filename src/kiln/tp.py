@@ -11,9 +11,11 @@ like the model's other ops, so a decode step, NCCL calls included, is captured i
 supports stream capture). The fusion pass meets the all-reduce between each row-parallel GEMV and its residual add,
 so that pair stays unfused. KILN_CUDA_GRAPHS=0 runs every step eagerly instead, which costs far more here than on one
 GPU: the rank threads hand the GIL back and forth at every launch (2 x H100, random Llama-7B Q8_0: 256 tok/s decode
-with graphs, 19 without; one GPU 197 and 62). Prefill cannot be captured (CuPy refuses cuBLAS calls during a capture),
-so it replays its recorded plan launch by launch and stays bound by the same Python launch cost, doubled by the GIL
-(2 x H200, 7B Q8_0 pp512: 11.2k tok/s on 2 GPUs, 6.1k without the plan replay, 13.6k on one GPU).
+with graphs, 19 without; one GPU 197 and 62). A prefill size seen twice is captured too, as on one GPU
+(cuBLAS through the backend's own handle), but with NCCL calls inside that capture has not run on 2 GPUs yet: no 2-GPU
+machine was lent since it became possible. A prefill whose capture fails replays its recorded plan launch by launch,
+bound by the Python launch cost, doubled by the GIL (2 x H200, 7B Q8_0 pp512, before prefill capture: 11.2k tok/s on
+2 GPUs, 6.1k without the plan replay, 13.6k on one GPU).
 Decode on 2 x H200 (bench/results/h200x2-tp.json): 7B Q8_0 335 tok/s vs 263 on one GPU (1.28x), 70B Q4_0 50.2 vs
 31.1 (1.61x); the all-reduces take 21% and 10% of those steps.
 
@@ -330,7 +332,7 @@ def _nccl_device_class() -> type:
                     file=sys.stderr,
                 )
 
-            # Prefill steps whose graph capture failed (CuPy refuses cuBLAS calls while capturing) replay their
+            # Prefill steps whose graph capture failed replay their
             # recorded plan instead of running model.py op by op: the same kernels as the first run (Q/K/V and
             # gate/up share one f16 copy of x) with less Python per launch, which matters here because the rank
             # threads take turns holding the GIL for every launch. KILN_TP_PREFILL_PLAN=0: eager, as on one GPU.

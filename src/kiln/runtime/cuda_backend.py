@@ -10,7 +10,8 @@ it can (RMSNorm into the next GEMV; Q, K and V in one GEMV that also applies RoP
 gate and up with SwiGLU; each residual add into the GEMV before it), runs the fused plan once, and captures it.
 Later steps only write ids/pos and launch the graph: no allocation and no host sync inside a step. Kernels read
 positions and the KV length from the `pos` tensor, so one graph serves every position. A graph is dropped when any
-buffer it uses is freed. Prefill (T > 1) runs eagerly.
+buffer it uses is freed. Prefill (T > 1) runs eagerly the first time a prompt size is seen and is captured the
+second time (chunked prompts, benchmarks), cuBLAS calls included (_Cublas).
 """
 
 from __future__ import annotations

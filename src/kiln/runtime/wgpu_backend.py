@@ -941,12 +941,15 @@ class WgpuDevice(OpRecorder, Device):
         """Decode attention kernel: v1 (attn_decode + attn_combine; SPLITS x CHUNK = splits per KV head x keys per
         chunk), v2 (attn_decode2, one dispatch; SPLITS x CHUNK = most splits per KV head x keys per tile) or v3
         (attn_decode3, one dispatch, no barrier per tile; SPLITS x CHUNK as v2, see _attn3_defs), and its shape.
-        Defaults: KILN_WGPU_ATTN_KERNEL, else v2 on GPUs and v1 on CPU adapters (lavapipe, wgpu_kernels.py --attn: v1
-        1x256 up to 4.5x faster than v2 4x64 for 7B heads, slower only for TinyLlama's at 64 keys; v3 0.3-0.9x v2
-        there: built for wide GPU subgroups); the kernel's own shape for this adapter. v3 is not the GPU default
-        until it is timed on one.
+        Defaults: KILN_WGPU_ATTN_KERNEL, else on GPUs v2, and v3 for models with one query head per KV head (H200,
+        Vulkan, wgpu_kernels.py --attn: v3 1.1-1.9x faster than v2 for 7B heads, 0.6-0.8x for TinyLlama's; decode of
+        TinyLlama 327 vs 360 tok/s, SmolLM2 441 vs 449 with v3), and v1 on CPU adapters (lavapipe: v1 1x256 up to 4.5x
+        faster than v2 4x64 for 7B heads, slower only for TinyLlama's at 64 keys; v3 0.3-0.9x v2 there: built for
+        wide GPU subgroups); the kernel's own shape for this adapter.
         Steps recorded before keep their kernel (callers switching mid-run drop them: _forget_steps)."""
-        kernel = kernel or os.environ.get("KILN_WGPU_ATTN_KERNEL") or ("v1" if self.cpu_adapter else "v2")
+        kernel = kernel or os.environ.get("KILN_WGPU_ATTN_KERNEL")
+        self.attn_v3_without_gqa = kernel is None and not self.cpu_adapter
+        kernel = kernel or ("v1" if self.cpu_adapter else "v2")
         if kernel not in _ATTN_SHAPES:
             raise ValueError(f"wgpu attention kernel must be one of {sorted(_ATTN_SHAPES)} (got {kernel!r})")
         self.attn_kernel = kernel
@@ -970,7 +973,8 @@ class WgpuDevice(OpRecorder, Device):
         elif self.attn_kernel == "v1":
             self._attend_split_combine(shape, types, inputs, out)
         else:
-            self._attend_one_dispatch(shape, types, inputs, out)
+            v3 = self.attn_kernel == "v3" or (self.attn_v3_without_gqa and n_heads == n_kv_heads)
+            self._attend_one_dispatch(shape, types, inputs, out, "v3" if v3 else "v2")
 
     def _attn_params(self, shape: tuple, splits: int) -> tuple:
         T, n_heads, n_kv_heads, n_ctx, head_dim = shape
@@ -1003,12 +1007,12 @@ class WgpuDevice(OpRecorder, Device):
                 (n_heads, T, 1),
             )
 
-    def _attend_one_dispatch(self, shape: tuple, types: dict, inputs: list, out) -> None:
+    def _attend_one_dispatch(self, shape: tuple, types: dict, inputs: list, out, version: str) -> None:
         """v2 / v3: attn_decode2 / attn_decode3, splits merged by the last one to finish (atomic tickets, zero
         between dispatches; both kernels share them)."""
         T, n_heads, n_kv_heads, n_ctx, head_dim = shape
         kernel, make_defs = {"v2": ("attn_decode2", self._attn2_defs), "v3": ("attn_decode3", self._attn3_defs)}[
-            self.attn_kernel
+            version
         ]
         defs = make_defs(head_dim, n_heads // n_kv_heads, n_ctx, types["kv"])
         ns = defs["NS"]
