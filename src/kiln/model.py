@@ -123,10 +123,13 @@ class Model:
 
     # --- forward ------------------------------------------------------------------------------------------------
     def acts(self, T: int) -> Activations:
-        """Decode (T=1) keeps its set for good; a new prompt size returns the previous one to the pool first."""
+        """Decode (T=1) keeps its set for good; a new prompt size returns the previous prompt size's set to the pool
+        first. Decode does not: freeing the prompt's set would drop its captured graph, and the next prompt of the same
+        size would run eagerly and be captured again."""
         if T not in self._acts:
-            for old in [n for n in self._acts if n != 1]:
-                self._free_acts(self._acts.pop(old))
+            if T != 1:
+                for old in [n for n in self._acts if n != 1]:
+                    self._free_acts(self._acts.pop(old))
             self._acts[T] = Activations(self.dev, self.cfg, T)
         return self._acts[T]
 

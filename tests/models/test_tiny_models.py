@@ -110,3 +110,18 @@ def test_weights_over_the_cache_budget_are_dequantized_per_use(tiny_models):
     np.testing.assert_allclose(
         lean.dev.download(lean.prefill(ids)), cached.dev.download(cached.prefill(ids)), rtol=1e-5, atol=1e-5
     )
+
+
+def test_decoding_keeps_the_prompt_activations(tiny_models):
+    """A decode step must not free the prompt size's activations (their captured graph would go with them); a new
+    prompt size frees the old one."""
+    m = Model(gguf.load(tiny_models(Q.Q8_0)), NumpyDevice(), n_ctx=64)
+    try:
+        m.prefill(list(range(1, 9)))
+        m.step([5])
+        assert sorted(m._acts) == [1, 8]
+        m.reset()
+        m.prefill(list(range(1, 12)))
+        assert sorted(m._acts) == [1, 11]
+    finally:
+        m.close()
