@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -177,6 +178,18 @@ class _Cublas:
         self._check("cublasDestroy_v2", self.handle)
 
 
+class _CupyCublas:
+    """_Cublas's interface on CuPy's shared handle (which refuses to be called while a stream is captured)."""
+
+    def gemm_ex(self, *args) -> None:
+        from cupy_backends.cuda.libs import cublas
+
+        cublas.gemmEx(cupy.cuda.device.get_cublas_handle(), *args)
+
+    def close(self) -> None:
+        pass
+
+
 def _load_libcuda():
     try:
         lib = ctypes.CDLL("libcuda.so.1")
@@ -275,7 +288,7 @@ class CudaDevice(OpRecorder, Device):
         self._eager_keys: set = set()
         self._rec: list | None = None  # ops being recorded by replay()
         self._capture_ptrs: list | None = None
-        self._cublas: _Cublas | None = None  # created on first use (_cublas_handle)
+        self._cublas: _Cublas | _CupyCublas | None = None  # created on first use (_cublas_handle)
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         self._host_i32 = cupy.cuda.alloc_pinned_memory(4)
@@ -679,11 +692,16 @@ class CudaDevice(OpRecorder, Device):
         self._launch(k, self._blocks(T * K), 256, (_ptr(x), _ptr(xh), np.int32(T * K)))
         return _ptr(xh)
 
-    def _cublas_handle(self) -> _Cublas:
-        """kiln's own cuBLAS handle, bound to self.stream once, with its own workspace (see _Cublas)."""
+    def _cublas_handle(self) -> _Cublas | _CupyCublas:
+        """kiln's own cuBLAS handle, bound to self.stream once, with its own workspace (see _Cublas); CuPy's shared
+        handle where that cannot be made (prefill then stays eager: its captures fail, and are let fail)."""
         if self._cublas is None:
             ws = self._scratch_array("cublas_workspace", _CUBLAS_WORKSPACE)
-            self._cublas = _Cublas(self.stream.ptr, ws.data.ptr, ws.nbytes)
+            try:
+                self._cublas = _Cublas(self.stream.ptr, ws.data.ptr, ws.nbytes)
+            except (OSError, AttributeError, RuntimeError) as e:
+                print(f"kiln: warning: cuBLAS through CuPy, prefill runs without CUDA graphs ({e})", file=sys.stderr)
+                self._cublas = _CupyCublas()
         return self._cublas
 
     def _do_matmul_group(self, x, items) -> None:
