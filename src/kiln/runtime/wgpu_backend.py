@@ -535,6 +535,8 @@ class WgpuDevice(OpRecorder, Device):
             parts.append((_KERNELS / f"gemv_out_{_GEMV_MODES[defs['MODE']]}.wgsl").read_text())
         if kernel.startswith("attn_"):
             parts.append((_KERNELS / "attn_params.wgsl").read_text())
+        if kernel in ("attn_decode2", "attn_decode3"):
+            parts.append((_KERNELS / "attn_last_split.wgsl").read_text())
         if kernel == "attn_decode3":  # its entry point: with subgroup shuffles or without
             parts.append((_KERNELS / f"attn_decode3_{'sg' if self.use_subgroups else 'wg'}.wgsl").read_text())
         parts.append((_KERNELS / f"{kernel}.wgsl").read_text())

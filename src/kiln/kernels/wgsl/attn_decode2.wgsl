@@ -188,15 +188,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         atomicStore(&part[o], bitcast<u32>(m_s[lid]));
         atomicStore(&part[o + 1u], bitcast<u32>(l_s[lid]));
     }
-    storageBarrier();  // release: this workgroup's partial before its ticket
-    if (lid == 0u) {
-        is_last = u32(atomicAdd(&ticket[tk], 1u) == n_act - 1u);
-    }
-    if (workgroupUniformLoad(&is_last) == 0u) {
-        return;
-    }
-    storageBarrier();  // acquire: the other splits' partials after their tickets
-    merge(lid, tk, n_act, q_base);
+    merge_if_last(lid, tk, n_act, q_base);
 }
 
 fn write_out(o: u32, v: vec4<f32>) {

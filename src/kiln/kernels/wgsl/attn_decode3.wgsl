@@ -238,15 +238,7 @@ fn attend(lid: u32, wid: vec3<u32>, sg_ok: bool) {
     if (n_act == 1u) {
         return;
     }
-    storageBarrier();  // release: this workgroup's partial before its ticket
-    if (lid == 0u) {
-        is_last = u32(atomicAdd(&ticket[tk], 1u) == n_act - 1u);
-    }
-    if (workgroupUniformLoad(&is_last) == 0u) {
-        return;
-    }
-    storageBarrier();  // acquire: the other splits' partials after their tickets
-    merge(lid, tk, n_act, q_base);
+    merge_if_last(lid, tk, n_act, q_base);
 }
 
 // The last split merges the n_act partials: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). Thread group
