@@ -33,7 +33,46 @@ SETTINGS = {  # name -> NCCL environment on top of the default
     "channels_1_LL": {"NCCL_MAX_NCHANNELS": "1", "NCCL_PROTO": "LL"},
     "min_channels_8": {"NCCL_MIN_NCHANNELS": "8"},
     "graph_mixing_0": {"NCCL_GRAPH_MIXING_SUPPORT": "0"},  # measured only: kiln mixes graph and eager calls
+    # Buffers from ncclMemAlloc registered as a symmetric window (NCCL >= 2.27): NCCL's symmetric kernels.
+    "window": {"KILN_TP_BENCH_WINDOW": "1"},
+    "window_LL": {"KILN_TP_BENCH_WINDOW": "1", "NCCL_PROTO": "LL"},
 }
+
+
+def _nccl_check(lib, name: str, *args) -> None:
+    rc = getattr(lib, name)(*args)
+    if rc != 0:
+        raise RuntimeError(f"{name} returned {rc}: {lib.ncclGetErrorString(rc).decode()}")
+
+
+def window_buffer(comm, device: int, nbytes: int):
+    """A float32 CuPy array on ncclMemAlloc memory registered in a symmetric window of `comm` (collective: every
+    rank calls it at once). Returns (array, release)."""
+    import ctypes
+
+    import cupy
+
+    lib = ctypes.CDLL("libnccl.so.2")  # the library CuPy already loaded
+    lib.ncclGetErrorString.restype = ctypes.c_char_p
+    ptr, win = ctypes.c_void_p(), ctypes.c_void_p()
+    _nccl_check(lib, "ncclMemAlloc", ctypes.byref(ptr), ctypes.c_size_t(nbytes))
+    _nccl_check(
+        lib,
+        "ncclCommWindowRegister",
+        ctypes.c_void_p(comm.comm),
+        ptr,
+        ctypes.c_size_t(nbytes),
+        ctypes.byref(win),
+        ctypes.c_int(1),  # NCCL_WIN_COLL_SYMMETRIC
+    )
+    mem = cupy.cuda.UnownedMemory(ptr.value, nbytes, None, device)
+    arr = cupy.ndarray((nbytes // 4,), cupy.float32, cupy.cuda.MemoryPointer(mem, 0))
+
+    def release() -> None:
+        _nccl_check(lib, "ncclCommWindowDeregister", ctypes.c_void_p(comm.comm), win)
+        _nccl_check(lib, "ncclMemFree", ptr)
+
+    return arr, release
 
 
 def measure(n_gpus: int, sizes: tuple[int, ...], k: int, reps: int) -> dict:
@@ -53,8 +92,16 @@ def measure(n_gpus: int, sizes: tuple[int, ...], k: int, reps: int) -> dict:
         try:
             cupy.cuda.Device(r).use()
             s = cupy.cuda.Stream(non_blocking=True)
+            window = None
+            if os.environ.get("KILN_TP_BENCH_WINDOW") == "1":
+                window, release = window_buffer(comms[r], r, 4 * max(sizes))
+                out["window"] = True
             for n in sizes:
-                buf = cupy.full(n, float(r + 1), cupy.float32)
+                if window is None:
+                    buf = cupy.full(n, float(r + 1), cupy.float32)
+                else:
+                    buf = window[:n]
+                    buf.fill(float(r + 1))
                 ptr = buf.data.ptr
 
                 def ar(ptr: int = ptr, n: int = n) -> None:
@@ -99,6 +146,10 @@ def measure(n_gpus: int, sizes: tuple[int, ...], k: int, reps: int) -> dict:
                         "sum_ok": ok,
                     }
                 del graph
+            if window is not None:
+                s.synchronize()
+                barrier.wait()
+                release()
         except BaseException as e:  # reported, and the barrier freed for the other ranks
             errors.append(f"rank {r}: {type(e).__name__}: {e}")
             barrier.abort()
@@ -137,7 +188,8 @@ def sweep(args) -> list[dict]:
     return results
 
 
-SAFE = {name for name in SETTINGS if name != "graph_mixing_0"}  # what --best-env may pick for kiln to run with
+# What --best-env may pick for kiln to run with: not graph mixing off, not the window (kiln does not register one).
+SAFE = {name for name in SETTINGS if name != "graph_mixing_0" and not name.startswith("window")}
 
 
 def best(results: list[dict], size: int) -> dict:
