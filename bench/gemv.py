@@ -4,8 +4,8 @@ rotate through the copies, so the weights come from HBM; timing is a CUDA graph 
 
     python bench/gemv.py [--json PATH] [--formats Q8_0 Q4_K ...] [--shapes 7b tinyllama] [--configs warp block:8:1]
 
-A config is `warp` (the warp kernel) or `block:R:G:T` (the block kernel: R rows per group, G groups per block,
-0 = the backend's choice; at most T threads per block);
+A config is `warp` (the warp kernel), `block:R:G:T` (the register block kernel: R rows per group, G groups per
+block, 0 = the backend's choice; at most T threads per block) or `pipe:R:S:T` (the pipelined block kernel: S stages);
 `auto` is the backend's own choice per shape (see CudaDevice._gemv_shape).
 """
 
@@ -29,10 +29,12 @@ SHAPES = {  # (N, K): wq/wo, gate/up, down, output head
 
 def set_config(dev, config: str) -> None:
     kind, *rest = config.split(":")
+    nums = [int(v) for v in rest] + [0, 0, 0]
     dev.gemv_kernel = kind
-    dev.gemv_rows = int(rest[0]) if rest else 0
-    dev.gemv_groups_per_block = int(rest[1]) if len(rest) > 1 else 0
-    dev.gemv_max_threads = int(rest[2]) if len(rest) > 2 else 512
+    dev.gemv_rows = nums[0]
+    dev.gemv_groups_per_block = nums[1] if kind == "block" else 0
+    dev.gemv_stages = nums[1] if kind == "pipe" else 0
+    dev.gemv_max_threads = nums[2] or 512
 
 
 def _graph_time(dev, launch, n_launch: int, reps: int = 5, pdl: bool = False) -> float:
@@ -133,7 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", nargs="*", default=["Q8_0", "Q4_0", "Q4_K", "Q6_K", "F16"])
     ap.add_argument("--shapes", nargs="*", default=["7b"], choices=sorted(SHAPES))
-    ap.add_argument("--configs", nargs="*", default=["auto"], help="auto, warp, or block:R:G:T (see above)")
+    ap.add_argument("--configs", nargs="*", default=["auto"], help="auto, warp, block:R:G:T or pipe:R:S:T (see above)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--pdl", action="store_true", help="launch with programmatic dependent launch, as decode graphs do")
     args = ap.parse_args()

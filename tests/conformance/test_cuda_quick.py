@@ -64,6 +64,57 @@ def test_matmul_gemv_and_gemm_paths(dev, ref, fmt, T):
     assert nmse(*outs) < (5e-4 if T > 4 else 1e-9)
 
 
+# GEMV kernel settings (cuda_backend attributes): kernel, rows per group, pipeline stages, grid cap of the pipelined
+# kernel (a few blocks, so each walks many groups of rows through its pipeline).
+GEMV_KERNELS = {
+    "warp": dict(gemv_kernel="warp"),
+    "block": dict(gemv_kernel="block"),
+    "block-r4": dict(gemv_kernel="block", gemv_rows=4),
+    "pipe-s2": dict(gemv_kernel="pipe", gemv_stages=2, gemv_max_blocks=3),
+    "pipe-s3": dict(gemv_kernel="pipe", gemv_stages=3, gemv_max_blocks=5),
+    "pipe-r4-s4": dict(gemv_kernel="pipe", gemv_rows=4, gemv_stages=4, gemv_max_blocks=2),
+    "pipe-r16": dict(gemv_kernel="pipe", gemv_rows=16, gemv_stages=2),
+    "pipe-grid": dict(gemv_kernel="pipe"),  # the occupancy-sized grid
+}
+
+
+@pytest.fixture
+def gemv_kernel(dev, request):
+    """Set the backend's GEMV kernel choice for one test, restored after it."""
+    saved = {k: getattr(dev, k) for k in ("gemv_kernel", "gemv_rows", "gemv_stages", "gemv_max_blocks")}
+    for k, v in GEMV_KERNELS[request.param].items():
+        setattr(dev, k, v)
+    yield request.param
+    for k, v in saved.items():
+        setattr(dev, k, v)
+
+
+@pytest.mark.parametrize("gemv_kernel", list(GEMV_KERNELS), indirect=True)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("N,K", [(97, 512), (301, 2048), (40, 1536)])
+def test_gemv_kernels(dev, ref, gemv_kernel, fmt, N, K):
+    """Every GEMV kernel shape (the pipelined one where the format allows, else the one it falls back to), row counts
+    that leave partial groups, and grids that make each block walk several groups, against the reference."""
+    rng = np.random.default_rng(N + K)
+    qt = Q[fmt]
+    raw = quant.random_weight(qt, N, K, rng)
+    x = rng.standard_normal((1, K), dtype=np.float32)
+    outs = []
+    for d in (dev, ref):
+        w = d.load_weight("w", qt, raw, (N, K))
+        xt = d.upload(x)
+        buf = d.upload(np.full(N + 64, 7.0, np.float32))  # 64 sentinels after the N outputs
+        d.matmul(xt, w, d.view(buf, 0, (1, N)))
+        outs.append(d.download(buf))
+        d.free_weight(w)
+        d.free(xt)
+        d.free(buf)
+    got, want = outs
+    assert np.isfinite(got).all()
+    assert (got[N:] == 7.0).all(), "the GEMV wrote past its rows"
+    assert nmse(got[:N], want[:N]) < 1e-9
+
+
 def _fused_case(dev, fmt: str, neox: bool, bias: bool):
     """One decode layer recorded through replay() (fused, graph-captured) and the same ops unfused."""
     rng = np.random.default_rng(7)
@@ -137,7 +188,7 @@ def _fused_case(dev, fmt: str, neox: bool, bias: bool):
             dev.write(t["x"], x0[p : p + 1])
             dev.write(pos, np.array([p], np.int32))
             if mode == "fused":
-                dev.replay(("layer", fmt, neox, bias), layer)
+                dev.replay(("layer", fmt, neox, bias, dev.gemv_kernel, dev.gemv_rows, dev.gemv_stages), layer)
             else:
                 layer()
             outs.append(np.concatenate([dev.download(t[n]).ravel() for n in ("x", "q", "k", "v", "u")]))
@@ -153,7 +204,8 @@ def _fused_case(dev, fmt: str, neox: bool, bias: bool):
     "fmt,neox,bias",
     [("Q8_0", False, False), ("Q4_K", True, True), ("Q6_K", False, True), ("Q5_0", True, False), ("F16", False, False)],
 )
-def test_fused_decode_matches_unfused(dev, fmt, neox, bias):
+@pytest.mark.parametrize("gemv_kernel", ["warp", "block", "pipe-s3", "pipe-r4-s4"], indirect=True)
+def test_fused_decode_matches_unfused(dev, fmt, neox, bias, gemv_kernel):
     r = _fused_case(dev, fmt, neox, bias)
     assert len(dev._graphs) == 0  # the graph went away with the buffers it used
     assert nmse(r["fused"][0], r["plain"][0]) < 1e-8

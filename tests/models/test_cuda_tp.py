@@ -94,6 +94,14 @@ def _all_reduce_in_graphs(dev) -> bool:
     return any(name == "all_reduce" for key, plan in dev._plans.items() if key in dev._graphs for name, _ in plan)
 
 
+def _prefill_in_graphs(dev) -> bool:
+    from kiln.runtime.cuda_backend import _tokens
+
+    return any(
+        key in dev._graphs and any(_tokens(name, args) > 1 for name, args in plan) for key, plan in dev._plans.items()
+    )
+
+
 def test_tp2_greedy_matches_one_gpu(path, one_gpu):
     from kiln.tp import TensorParallelModel
 
@@ -110,7 +118,8 @@ def test_tp2_greedy_matches_one_gpu(path, one_gpu):
                 names = [name for name, _ in plan]
                 assert names.count("all_reduce") == 2 * layers
                 assert names.count("add") + names.count("gemv_res") == (2 * layers if r == 0 else 0)
-            assert d._prefill_plans  # the 3rd prefill replayed its recorded plan (the capture fails in CuPy)
+            # the 3rd prefill replayed its CUDA graph, NCCL inside (or its recorded plan where that capture fails)
+            assert _prefill_in_graphs(d) or d._prefill_plans
         ranks = tp._all(lambda r: tp.devices[r].download(tp.models[r]._acts[1].logits))
         assert np.array_equal(ranks[0], ranks[1])  # every rank sums to the same bits
         print(f"\n[2 GPUs, graphs: decode {runs[-1][2]:.0f} tok/s]")

@@ -66,6 +66,9 @@ _GEMM_DEFAULT = -1
 _GEMV_MAX_T = 4  # up to this many tokens, one GEMV launch per token beats dequantize + GEMM
 _WARPS = 4  # warps per GEMV block of the warp kernel (gemv.cu NWARPS)
 _GEMV_BLOCK_MIN_CHUNKS = 64  # rows of at least this many 16-byte chunks take the block GEMV kernel
+# Formats the pipelined GEMV kernel (gemv.cu BK 2) reads, with the 4-byte words each chunk adds to its 16 bytes.
+_ASYNC_WORDS = {"F32": 0, "F16": 0, "BF16": 0, "Q8_0": 1, "Q4_0": 1, "Q4_1": 1, "Q5_0": 2, "Q5_1": 2}
+_GEMV_STAGES = 3  # groups of rows per block of the pipelined GEMV: the one computed and two in flight
 _CUBLAS_WORKSPACE = 32 << 20  # cuBLAS's recommended workspace on Hopper
 _ATT_TILE = 32  # keys per tile of attn_prefill.cu
 _ATT_HEADS_PER_BLOCK = 2  # attn_decode.cu: query heads per block at most (H200 sweep, bench/NOTES.md)
@@ -205,6 +208,17 @@ def _load_libcuda():
         return None
 
 
+_LIBCUDA = None
+
+
+def _libcuda_any():
+    """libcuda through ctypes on any GPU (occupancy queries); _load_libcuda is the launch path's, Hopper and up."""
+    global _LIBCUDA
+    if _LIBCUDA is None:
+        _LIBCUDA = ctypes.CDLL("libcuda.so.1")
+    return _LIBCUDA
+
+
 class _NotRecordable(Exception):
     """A step did something other than ops (a download, a write) while being recorded: run it eagerly."""
 
@@ -260,6 +274,8 @@ class CudaDevice(OpRecorder, Device):
         self.sm_count = int(props["multiProcessorCount"])
         self.arch = f"sm_{props['major']}{props['minor']}"
         self.total_memory = int(props["totalGlobalMem"])
+        self.smem_optin = int(props.get("sharedMemPerBlockOptin", 48 * 1024))
+        self.cc = (int(props["major"]), int(props["minor"]))
         self.name = f"cuda:{index} {self.gpu_name}"
         weights = set(FORMATS)
         self.SUPPORTED_OPS = {
@@ -296,12 +312,16 @@ class CudaDevice(OpRecorder, Device):
         self.graphs_enabled = os.environ.get("KILN_CUDA_GRAPHS", "1") != "0"
         self.fuse_enabled = os.environ.get("KILN_CUDA_FUSE", "1") != "0"
         self._fuser = Fuser(_tid, self._gemv_ok)
-        # GEMV kernel shape (gemv.cu), for benchmarks: auto | warp | block; rows per group and groups per block
-        # (0: the backend's choice); most threads per block.
+        # GEMV kernel shape (gemv.cu), for benchmarks and tests: auto | warp | block (the register kernel) | pipe
+        # (the pipelined kernel wherever the format allows); rows per group, groups per block of the register
+        # kernel, pipeline stages (0: the backend's choice); most threads per block.
         self.gemv_kernel = os.environ.get("KILN_GEMV", "auto")
         self.gemv_rows = int(os.environ.get("KILN_GEMV_ROWS", "0"))
         self.gemv_groups_per_block = int(os.environ.get("KILN_GEMV_GPB", "0"))
         self.gemv_max_threads = int(os.environ.get("KILN_GEMV_THREADS", "512"))
+        self.gemv_stages = int(os.environ.get("KILN_GEMV_STAGES", "0"))
+        self.gemv_max_blocks = int(os.environ.get("KILN_GEMV_BLOCKS", "0"))  # pipelined kernel's grid at most (tests)
+        self._gemv_grid: dict[tuple, int] = {}  # pipelined GEMV kernel key -> blocks that fit on the GPU at once
         # Decode attention (attn_decode.cu): keys per tile (0: the largest that fits), key splits per KV head at most,
         # query heads per block at most (0: _ATT_HEADS_PER_BLOCK).
         self.attn_tile = int(os.environ.get("KILN_CUDA_ATTN_TILE", "0"))
@@ -605,12 +625,14 @@ class CudaDevice(OpRecorder, Device):
         else:
             self._gemm(x, weight, out, bias)
 
-    def _gemv_shape(self, fmt: str, K: int) -> tuple[int, int, int, int] | None:
-        """(threads, chunks per thread, rows per group, groups per block) of the block GEMV kernel, or None for the
-        warp kernel. Chosen from measurements on an H200 (bench/gemv.py, bench/NOTES.md): the block kernel wins
-        once a row has enough 16-byte chunks to keep a block busy, except for Q4_K/Q5_K, whose scale decoding
-        dominates; 8 rows per group (4 for the K-quants' larger blocks and for 64 activations per thread); rows of
-        two or more chunks per thread prefetch a second group in each block."""
+    def _gemv_shape(self, fmt: str, K: int) -> tuple[int, int, int, int, int] | None:
+        """(threads, chunks per thread, rows per group, groups per block, stages) of the block GEMV kernels, or None
+        for the warp kernel. stages > 0 is the pipelined kernel (BK 2: cp.async into shared memory, a grid of as many
+        blocks as fit, `stages` groups per block in the pipeline), else the register kernel (BK 1). Chosen from
+        measurements on an H200 (bench/gemv.py, bench/NOTES.md): the block kernels win once a row has enough 16-byte
+        chunks to keep a block busy, except for Q4_K/Q5_K, whose scale decoding dominates; 8 rows per group (4 for
+        the K-quants' larger blocks and for 64 activations per thread); rows of two or more chunks per thread
+        prefetch a second group in each block of the register kernel."""
         nch = K // _CHUNK.get(fmt, 32)
         if self.gemv_kernel == "warp":
             return None
@@ -621,7 +643,44 @@ class CudaDevice(OpRecorder, Device):
         # Rows per group times chunks per thread is what each thread keeps in flight, in registers.
         big = fmt in ("Q4_K", "Q5_K", "Q6_K") or _CHUNK.get(fmt, 32) * cpt > 32
         rows = self.gemv_rows or (4 if big else 8)
-        return threads, cpt, rows, self.gemv_groups_per_block or (2 if cpt > 1 else 1)
+        stages = self._gemv_stages(fmt, K, threads, cpt, rows) if self.gemv_kernel != "block" else 0
+        if stages:
+            return threads, cpt, rows, 0, stages
+        return threads, cpt, rows, self.gemv_groups_per_block or (2 if cpt > 1 else 1), 0
+
+    def _gemv_stages(self, fmt: str, K: int, threads: int, cpt: int, rows: int) -> int:
+        """Pipeline stages of the pipelined GEMV kernel for this shape, or 0 where it does not apply: formats other
+        than _ASYNC_WORDS', GPUs before sm_80 (no cp.async), 2-byte scales whose rows would not start 4-byte aligned,
+        or stages that do not fit in a block's shared memory."""
+        if fmt not in _ASYNC_WORDS or self.cc < (8, 0):
+            return 0
+        if fmt in ("Q8_0", "Q4_0", "Q5_0") and K % 64:
+            return 0
+        stages = self.gemv_stages or _GEMV_STAGES
+        while stages >= 2 and self._gemv_smem(fmt, threads, cpt, rows, stages) > self.smem_optin - 4096:
+            stages -= 1
+        return stages if stages >= 2 else 0
+
+    @staticmethod
+    def _gemv_smem(fmt: str, threads: int, cpt: int, rows: int, stages: int) -> int:
+        """Dynamic shared memory of the pipelined GEMV kernel (gemv.cu BK 2)."""
+        return stages * rows * cpt * threads * (16 + 4 * _ASYNC_WORDS[fmt])
+
+    def _gemv_pipe_grid(self, k: CudaKernel, threads: int, smem: int) -> int:
+        """Blocks of a pipelined GEMV kernel resident on the whole GPU at once (its grid): the driver's occupancy
+        for this block size and shared memory, set as the kernel's dynamic shared memory limit on first use."""
+        key = (k.name, id(k.fn), smem)
+        n = self._gemv_grid.get(key)
+        if n is None:
+            k.fn.max_dynamic_shared_size_bytes = smem
+            per_sm = ctypes.c_int(0)
+            err = _libcuda_any().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                ctypes.byref(per_sm), ctypes.c_void_p(k.fn.kernel.ptr), ctypes.c_int(threads), ctypes.c_size_t(smem)
+            )
+            if err or per_sm.value < 1:
+                raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor({k.name}) failed: {err}")
+            n = self._gemv_grid[key] = per_sm.value * self.sm_count
+        return n
 
     def _gemv(self, x_ptr, K: int, segs: list, mode: int = 0, norm=None, resid=None, rope=None) -> None:
         """One GEMV launch over up to three weight segments [(weight, bias, out_ptr)] (gemv.cu)."""
@@ -631,16 +690,22 @@ class CudaDevice(OpRecorder, Device):
         pairs = mode in (2, 3)
         units = rows[0] if mode == 2 else sum(rows) // 2 if mode == 3 else sum(rows)  # rows, or pairs of rows
         consts = dict(FMT=FORMATS[fmt], MODE=mode, NORM=int(norm is not None))
-        shape = self._gemv_shape(fmt, K)
+        shape, smem = self._gemv_shape(fmt, K), 0
         if shape is None:
             u = 4 if fmt in ("F32", "F16", "BF16", "Q8_0") else 2
             k = self._kernel("gemv.cu", "gemv", BK=0, R=2, U=u, **consts)
             grid, block = self._blocks(units if pairs else -(-units // 2), _WARPS), 32 * _WARPS
         else:
-            threads, cpt, r, per_block = shape
-            k = self._kernel("gemv.cu", "gemv", BK=1, NT=threads, CPT=cpt, R=r, **consts)
+            threads, cpt, r, per_block, stages = shape
             groups = -(-units // (r // 2 if pairs else r))
-            grid, block = -(-groups // per_block), threads
+            if stages:
+                k = self._kernel("gemv.cu", "gemv", BK=2, NT=threads, CPT=cpt, R=r, S=stages, **consts)
+                smem = self._gemv_smem(fmt, threads, cpt, r, stages)
+                grid = min(groups, self._gemv_pipe_grid(k, threads, smem), self.gemv_max_blocks or groups)
+                block = threads
+            else:
+                k = self._kernel("gemv.cu", "gemv", BK=1, NT=threads, CPT=cpt, R=r, **consts)
+                grid, block = -(-groups // per_block), threads
         args = [
             x_ptr,
             _ptr(norm[0].storage["v"]) if norm else np.uint64(0),
@@ -667,7 +732,7 @@ class CudaDevice(OpRecorder, Device):
             ]
         else:
             args += [np.uint64(0), np.uint64(0), np.int32(2), np.int32(0), np.uint64(0), np.uint64(0), np.int32(0)]
-        self._launch(k, grid, block, tuple(args))
+        self._launch(k, grid, block, tuple(args), smem)
 
     def _rope_table(self, theta: float, hd: int, n_ctx: int):
         """RoPE's float32 cos and sin [n_ctx, hd / 2, 2] for the fused QKV GEMV, made once per (theta, hd, n_ctx)

@@ -21,22 +21,6 @@
 #define UPT ((UNITS + THREADS - 1) / THREADS)                 // units per thread
 #define KSPLIT (UPT == 1 ? THREADS / UNITS : 1)               // threads sharing one unit, over every KSPLIT-th key
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-#if __CUDA_ARCH__ >= 800
-    u32 s;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-#else
-    *(uint4*)smem = *(const uint4*)gmem;
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ void unpack8(uint4 w, float* f) {
     const u32 a[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll

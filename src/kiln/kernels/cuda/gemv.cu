@@ -240,7 +240,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) gemv(GEMV_PARAMS) {
 #endif
 }
 
-#else  // BK: the block kernel
+#else  // BK: the block kernels
 
 #define LOG2R (R == 2 ? 1 : R == 4 ? 2 : R == 8 ? 3 : R == 16 ? 4 : 5)
 #define UPG (PAIRS ? R / 2 : R)  // units (rows, or pairs of rows) per group of R rows
@@ -260,6 +260,15 @@ __device__ __forceinline__ long n_units(int n0, int n1, int n2) {
 #define SLOT_UNIT(g, r) ((g) * UPG + (PAIRS ? (r) % UPG : (r)))
 #define SLOT_HALF(r) (PAIRS ? (r) / UPG : 0)
 
+// Where slot r of group gg reads its weights (rows past the end read row 0 and are not written).
+#define SLOT_PTRS(gg, r, qr, sr, hr)                                                                              \
+    {                                                                                                             \
+        int seg_;                                                                                                 \
+        long row_;                                                                                                \
+        if (!locate(SLOT_UNIT(gg, r), SLOT_HALF(r), n0, n1, n2, hd, neox, seg_, row_)) seg_ = 0, row_ = -1;      \
+        ROW_PTRS(seg_, row_, qr, sr, hr);                                                                         \
+    }
+
 // Each warp's R partial sums reduced over its 32 lanes, transposed: every lane ends with the warp total of one row,
 // row lane >> (5 - LOG2R), in acc[0]. Halving the row set at each exchange costs R - 1 + 5 - LOG2R shuffles.
 __device__ __forceinline__ void warp_sum_rows(float* acc, int lane) {
@@ -277,37 +286,12 @@ __device__ __forceinline__ void warp_sum_rows(float* acc, int lane) {
     for (int off = 16 >> LOG2R; off > 0; off >>= 1) acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], off);
 }
 
-extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
-    __shared__ float red[2][NT / 32][R];
-    __shared__ float scratch[32];
-    const int t = threadIdx.x, lane = t & 31, wid = t >> 5;
-    const long qrb = q_row_bytes(K), srb = s_row_bytes(K), hrw = h_row_words(K);
-    const int nch = n_chunks(K);
-    const long groups = (n_units(n0, n1, n2) + UPG - 1) / UPG;
-    long g = blockIdx.x;
-    if (g >= groups) return;
-
-    Raw raw[R][CPT];
-    auto load_group = [&](long gg) {
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            int seg;
-            long row;
-            if (!locate(SLOT_UNIT(gg, r), SLOT_HALF(r), n0, n1, n2, hd, neox, seg, row)) seg = 0, row = -1;
-            const u8 *qr, *sr;
-            const u32* hr;
-            ROW_PTRS(seg, row, qr, sr, hr);
-#pragma unroll
-            for (int i = 0; i < CPT; i++)
-                if (t + NT * i < nch) raw[r][i] = load_chunk(qr, sr, hr, t + NT * i);
-        }
-    };
-    load_group(g);  // weights only: before waiting for the previous kernel (PDL)
-    pdl_wait();
-    pdl_trigger();
-
-    // This thread's slice of x (normalised by the norm weight if NORM), kept for every row.
-    float xa[CPT][NA], xb[CPT][NB > 0 ? NB : 1], sa[CPT], sb[CPT], ss = 0.0f;
+// This thread's slice of x (normalised by the norm weight if NORM), kept in registers for every row of the block;
+// returns the RMSNorm scale (1 without NORM).
+__device__ __forceinline__ float load_x_slice(GEMV_PARAMS, float (*xa)[NA], float (*xb)[NB > 0 ? NB : 1], float* sa,
+                                              float* sb, float* scratch) {
+    const int t = threadIdx.x, nch = n_chunks(K);
+    float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < CPT; i++) {
         int c = t + NT * i;
@@ -320,10 +304,68 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
         }
     }
 #if NORM
-    const float scale = 1.0f / sqrtf(block_sum(ss, scratch) / (float)K + eps);
+    return 1.0f / sqrtf(block_sum(ss, scratch) / (float)K + eps);
 #else
-    const float scale = 1.0f;
+    return 1.0f;
 #endif
+}
+
+// The block's R partial sums of group g summed over its threads and written (one barrier: red[buf] is rewritten two
+// groups later, after the next group's barrier).
+__device__ __forceinline__ void finish_group(GEMV_PARAMS, float* acc, long g, int buf, float scale,
+                                             float (*red)[NT / 32][R]) {
+    const int t = threadIdx.x, lane = t & 31, wid = t >> 5;
+    warp_sum_rows(acc, lane);
+    if ((lane & (32 / R - 1)) == 0) red[buf][wid][lane >> (5 - LOG2R)] = acc[0];
+    __syncthreads();
+    if (t < UPG) {
+        float a = 0.0f, b = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NT / 32; w++) a += red[buf][w][t], b += PAIRS ? red[buf][w][t + UPG] : 0.0f;
+        long u = g * UPG + t;
+        int seg;
+        long row;
+        if (locate(u, 0, n0, n1, n2, hd, neox, seg, row)) {
+#if PAIRS
+            finish_pair(GEMV_ARGS, u, a * scale, b * scale);
+#else
+            finish_row(GEMV_ARGS, seg, row, a * scale);
+#endif
+        }
+    }
+}
+
+#if BK == 1
+// The register kernel: each thread holds its chunks of the R rows of one group in registers, the next group's loads
+// issued while the current one is reduced.
+extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
+    __shared__ float red[2][NT / 32][R];
+    __shared__ float scratch[32];
+    const int t = threadIdx.x;
+    const long qrb = q_row_bytes(K), srb = s_row_bytes(K), hrw = h_row_words(K);
+    const int nch = n_chunks(K);
+    const long groups = (n_units(n0, n1, n2) + UPG - 1) / UPG;
+    long g = blockIdx.x;
+    if (g >= groups) return;
+
+    Raw raw[R][CPT];
+    auto load_group = [&](long gg) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const u8 *qr, *sr;
+            const u32* hr;
+            SLOT_PTRS(gg, r, qr, sr, hr);
+#pragma unroll
+            for (int i = 0; i < CPT; i++)
+                if (t + NT * i < nch) raw[r][i] = load_chunk(qr, sr, hr, t + NT * i);
+        }
+    };
+    load_group(g);  // weights only: before waiting for the previous kernel (PDL)
+    pdl_wait();
+    pdl_trigger();
+
+    float xa[CPT][NA], xb[CPT][NB > 0 ? NB : 1], sa[CPT], sb[CPT];
+    const float scale = load_x_slice(GEMV_ARGS, xa, xb, sa, sb, scratch);
 
     for (int buf = 0; g < groups; g += gridDim.x, buf ^= 1) {
         float acc[R];
@@ -335,24 +377,77 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
                 if (t + NT * i < nch) acc[r] += dot_chunk(raw[r][i], t + NT * i, xa[i], xb[i], sa[i], sb[i]);
         }
         if (g + gridDim.x < groups) load_group(g + gridDim.x);  // in flight while this group is reduced
-        warp_sum_rows(acc, lane);
-        if ((lane & (32 / R - 1)) == 0) red[buf][wid][lane >> (5 - LOG2R)] = acc[0];
-        __syncthreads();  // red[buf] is rewritten two groups later, after the next barrier: no second barrier
-        if (t < UPG) {
-            float a = 0.0f, b = 0.0f;
-#pragma unroll
-            for (int w = 0; w < NT / 32; w++) a += red[buf][w][t], b += PAIRS ? red[buf][w][t + UPG] : 0.0f;
-            long u = g * UPG + t;
-            int seg;
-            long row;
-            if (locate(u, 0, n0, n1, n2, hd, neox, seg, row)) {
-#if PAIRS
-                finish_pair(GEMV_ARGS, u, a * scale, b * scale);
-#else
-                finish_row(GEMV_ARGS, seg, row, a * scale);
-#endif
-            }
-        }
+        finish_group(GEMV_ARGS, acc, g, buf, scale, red);
     }
 }
+
+#else  // BK 2
+// The pipelined kernel (formats of ASYNC_FMT): a grid of as many blocks as fit at once walks the groups; each thread
+// copies its chunks of the next S - 1 groups into its own shared-memory slots with cp.async while it computes the
+// current one, so S - 1 groups per block stay in flight without holding registers. Only the thread that copied a
+// slot reads it (no barrier for the data); finish_group's barrier orders the reads of a stage before its refill.
+// Dynamic shared memory: S stages x R rows x CPT x NT slots of 16 + 4 ASYNC_WORDS bytes.
+#define SLOTS (S * R * CPT * NT)
+#define SLOT(st, r, i) ((((st) * R + (r)) * CPT + (i)) * NT + threadIdx.x)
+
+extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
+    extern __shared__ uint4 slots[];
+    __shared__ float red[2][NT / 32][R];
+    __shared__ float scratch[32];
+    u32* words0 = (u32*)(slots + SLOTS);
+    u32* words1 = words0 + (ASYNC_WORDS > 1 ? SLOTS : 0);
+    const int t = threadIdx.x;
+    const long qrb = q_row_bytes(K), srb = s_row_bytes(K), hrw = h_row_words(K);
+    const int nch = n_chunks(K);
+    const long groups = (n_units(n0, n1, n2) + UPG - 1) / UPG;
+    if ((long)blockIdx.x >= groups) return;
+
+    auto issue = [&](long gg, int st) {  // one commit group per call, empty past the end (keeps the counts aligned)
+        if (gg < groups) {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const u8 *qr, *sr;
+                const u32* hr;
+                SLOT_PTRS(gg, r, qr, sr, hr);
+#pragma unroll
+                for (int i = 0; i < CPT; i++)
+                    if (t + NT * i < nch)
+                        load_chunk_async(qr, sr, hr, t + NT * i, slots + SLOT(st, r, i), words0 + SLOT(st, r, i),
+                                         words1 + SLOT(st, r, i));
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int st = 0; st < S - 1; st++) issue(blockIdx.x + (long)st * gridDim.x, st);  // weights: before PDL's wait
+    pdl_wait();
+    pdl_trigger();
+
+    float xa[CPT][NA], xb[CPT][NB > 0 ? NB : 1], sa[CPT], sb[CPT];
+    const float scale = load_x_slice(GEMV_ARGS, xa, xb, sa, sb, scratch);
+
+    int st = 0, buf = 0;
+    for (long g = blockIdx.x; g < groups; g += gridDim.x) {
+        cp_async_wait_group<S - 2>();                                 // this group's copies have landed
+        issue(g + (long)(S - 1) * gridDim.x, st == 0 ? S - 1 : st - 1);  // the stage read one group ago
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            acc[r] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < CPT; i++) {
+                int c = t + NT * i;
+                if (c < nch) {
+                    Raw w = chunk_from_smem(slots + SLOT(st, r, i), words0 + SLOT(st, r, i), words1 + SLOT(st, r, i), c);
+                    acc[r] += dot_chunk(w, c, xa[i], xb[i], sa[i], sb[i]);
+                }
+            }
+        }
+        finish_group(GEMV_ARGS, acc, g, buf, scale, red);
+        st = st == S - 1 ? 0 : st + 1;
+        buf ^= 1;
+    }
+    cp_async_wait();  // no copy may still target shared memory when the block exits
+}
+#endif
 #endif

@@ -256,6 +256,48 @@ __device__ __forceinline__ Raw load_chunk(const u8* __restrict__ qr, const u8* _
     return r;
 }
 
+// The pipelined GEMV (gemv.cu, BK 2) copies each chunk's fields into the loading thread's own shared-memory slots
+// with cp.async instead of registers: one 16-byte quant load (a) and up to two 4-byte words (the scale word holding
+// this chunk's f16 scale(s), and Q5's high bits). Formats with other fields (K-quants, Q6_K) keep the register kernels.
+// A 2-byte scale is fetched as its aligned 4-byte word; the host takes this kernel only where every row of s starts
+// 4-byte aligned (s_row_bytes % 4 == 0), so which half is this chunk's follows from c alone.
+#define ASYNC_FMT (FMT <= F_BF16 || FMT == F_Q8_0 || FMT == F_Q4_0 || FMT == F_Q4_1 || FMT == F_Q5_0 || FMT == F_Q5_1)
+#define ASYNC_WORDS (FMT == F_Q5_0 || FMT == F_Q5_1 ? 2 : FMT <= F_BF16 ? 0 : 1)
+
+#if ASYNC_FMT
+__device__ __forceinline__ void load_chunk_async(const u8* __restrict__ qr, const u8* __restrict__ sr,
+                                                 const u32* __restrict__ hr, int c, uint4* a, u32* w0, u32* w1) {
+    cp_async16(a, qr + 16L * c);
+#if FMT == F_Q8_0
+    cp_async4(w0, (const u32*)sr + (c >> 2));
+#elif FMT == F_Q4_0 || FMT == F_Q5_0
+    cp_async4(w0, (const u32*)sr + (c >> 1));
+#elif FMT == F_Q4_1 || FMT == F_Q5_1
+    cp_async4(w0, (const u32*)sr + c);
+#endif
+#if FMT == F_Q5_0 || FMT == F_Q5_1
+    cp_async4(w1, hr + c);
+#endif
+}
+
+// The Raw that load_chunk would have returned, from the slots load_chunk_async filled.
+__device__ __forceinline__ Raw chunk_from_smem(const uint4* a, const u32* w0, const u32* w1, int c) {
+    Raw r;
+    r.a = *a;
+#if FMT == F_Q8_0
+    r.w0 = (*w0 >> (16 * ((c >> 1) & 1))) & 0xFFFFu;
+#elif FMT == F_Q4_0 || FMT == F_Q5_0
+    r.w0 = (*w0 >> (16 * (c & 1))) & 0xFFFFu;
+#elif FMT == F_Q4_1 || FMT == F_Q5_1
+    r.w0 = *w0;
+#endif
+#if FMT == F_Q5_0 || FMT == F_Q5_1
+    r.w1 = *w1;
+#endif
+    return r;
+}
+#endif
+
 // Byte j of each of the 4 bytes of w, as floats minus `bias`, times x[0..3], summed.
 __device__ __forceinline__ float dot4(u32 w, const float* x, float bias) {
     return x[0] * (__int_as_float(__byte_perm(w, 0x4B000000u, 0x7540u)) - bias) +
