@@ -70,18 +70,20 @@ GEMV_KERNELS = {
     "warp": dict(gemv_kernel="warp"),
     "block": dict(gemv_kernel="block"),
     "block-r4": dict(gemv_kernel="block", gemv_rows=4),
+    "block-float": dict(gemv_kernel="block", gemv_xq=False),  # Q8_0 without the integer dots
     "pipe-s2": dict(gemv_kernel="pipe", gemv_stages=2, gemv_max_blocks=3),
     "pipe-s3": dict(gemv_kernel="pipe", gemv_stages=3, gemv_max_blocks=5),
     "pipe-r4-s4": dict(gemv_kernel="pipe", gemv_rows=4, gemv_stages=4, gemv_max_blocks=2),
     "pipe-r16": dict(gemv_kernel="pipe", gemv_rows=16, gemv_stages=2),
     "pipe-grid": dict(gemv_kernel="pipe"),  # the occupancy-sized grid
+    "auto": dict(gemv_kernel="auto"),
 }
 
 
 @pytest.fixture
 def gemv_kernel(dev, request):
     """Set the backend's GEMV kernel choice for one test, restored after it."""
-    saved = {k: getattr(dev, k) for k in ("gemv_kernel", "gemv_rows", "gemv_stages", "gemv_max_blocks")}
+    saved = {k: getattr(dev, k) for k in ("gemv_kernel", "gemv_rows", "gemv_stages", "gemv_max_blocks", "gemv_xq")}
     for k, v in GEMV_KERNELS[request.param].items():
         setattr(dev, k, v)
     yield request.param
@@ -188,7 +190,7 @@ def _fused_case(dev, fmt: str, neox: bool, bias: bool):
             dev.write(t["x"], x0[p : p + 1])
             dev.write(pos, np.array([p], np.int32))
             if mode == "fused":
-                dev.replay(("layer", fmt, neox, bias, dev.gemv_kernel, dev.gemv_rows, dev.gemv_stages), layer)
+                dev.replay(("layer", fmt, neox, bias, dev.gemv_kernel, dev.gemv_rows, dev.gemv_stages, dev.gemv_xq), layer)
             else:
                 layer()
             outs.append(np.concatenate([dev.download(t[n]).ravel() for n in ("x", "q", "k", "v", "u")]))

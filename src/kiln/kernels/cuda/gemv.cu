@@ -286,22 +286,48 @@ __device__ __forceinline__ void warp_sum_rows(float* acc, int lane) {
     for (int off = 16 >> LOG2R; off > 0; off >>= 1) acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], off);
 }
 
-// This thread's slice of x (normalised by the norm weight if NORM), kept in registers for every row of the block;
-// returns the RMSNorm scale (1 without NORM).
-__device__ __forceinline__ float load_x_slice(GEMV_PARAMS, float (*xa)[NA], float (*xb)[NB > 0 ? NB : 1], float* sa,
-                                              float* sb, float* scratch) {
+// This thread's slice of x (normalised by the norm weight if NORM), kept in registers for every row of the block:
+// floats, or with XQ_ON the integer digit planes of quantize_x16.
+struct XSlice {
+#if XQ_ON
+    u32 q[CPT][12];
+    float s[CPT];
+#else
+    float a[CPT][NA], b[CPT][NB > 0 ? NB : 1], sa[CPT], sb[CPT];
+#endif
+};
+
+__device__ __forceinline__ float dot_slice(const Raw& w, const XSlice& xs, int i, int c) {
+#if XQ_ON
+    return dot_chunk_xq(w, xs.q[i], xs.s[i]);
+#else
+    return dot_chunk(w, c, xs.a[i], xs.b[i], xs.sa[i], xs.sb[i]);
+#endif
+}
+
+// Fills xs; returns the RMSNorm scale (1 without NORM).
+__device__ __forceinline__ float load_x_slice(GEMV_PARAMS, XSlice& xs, float* scratch) {
     const int t = threadIdx.x, nch = n_chunks(K);
     float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < CPT; i++) {
         int c = t + NT * i;
-        sa[i] = sb[i] = 0.0f;
+#if XQ_ON
+        float v[NA], sum;
+        xs.s[i] = 0.0f;
         if (c < nch) {
-            load_x(x, nw, x_off_a(c), NA, xa[i], sa[i], ss);
+            load_x(x, nw, x_off_a(c), NA, v, sum, ss);
+            xs.s[i] = quantize_x16(v, xs.q[i]);
+        }
+#else
+        xs.sa[i] = xs.sb[i] = 0.0f;
+        if (c < nch) {
+            load_x(x, nw, x_off_a(c), NA, xs.a[i], xs.sa[i], ss);
 #if NB > 0
-            load_x(x, nw, x_off_a(c) + X_OFF_B, NB, xb[i], sb[i], ss);
+            load_x(x, nw, x_off_a(c) + X_OFF_B, NB, xs.b[i], xs.sb[i], ss);
 #endif
         }
+#endif
     }
 #if NORM
     return 1.0f / sqrtf(block_sum(ss, scratch) / (float)K + eps);
@@ -364,8 +390,8 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
     pdl_wait();
     pdl_trigger();
 
-    float xa[CPT][NA], xb[CPT][NB > 0 ? NB : 1], sa[CPT], sb[CPT];
-    const float scale = load_x_slice(GEMV_ARGS, xa, xb, sa, sb, scratch);
+    XSlice xs;
+    const float scale = load_x_slice(GEMV_ARGS, xs, scratch);
 
     for (int buf = 0; g < groups; g += gridDim.x, buf ^= 1) {
         float acc[R];
@@ -374,7 +400,7 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
             acc[r] = 0.0f;
 #pragma unroll
             for (int i = 0; i < CPT; i++)
-                if (t + NT * i < nch) acc[r] += dot_chunk(raw[r][i], t + NT * i, xa[i], xb[i], sa[i], sb[i]);
+                if (t + NT * i < nch) acc[r] += dot_slice(raw[r][i], xs, i, t + NT * i);
         }
         if (g + gridDim.x < groups) load_group(g + gridDim.x);  // in flight while this group is reduced
         finish_group(GEMV_ARGS, acc, g, buf, scale, red);
@@ -423,8 +449,8 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
     pdl_wait();
     pdl_trigger();
 
-    float xa[CPT][NA], xb[CPT][NB > 0 ? NB : 1], sa[CPT], sb[CPT];
-    const float scale = load_x_slice(GEMV_ARGS, xa, xb, sa, sb, scratch);
+    XSlice xs;
+    const float scale = load_x_slice(GEMV_ARGS, xs, scratch);
 
     int st = 0, buf = 0;
     for (long g = blockIdx.x; g < groups; g += gridDim.x) {
@@ -439,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
                 int c = t + NT * i;
                 if (c < nch) {
                     Raw w = chunk_from_smem(slots + SLOT(st, r, i), words0 + SLOT(st, r, i), words1 + SLOT(st, r, i), c);
-                    acc[r] += dot_chunk(w, c, xa[i], xb[i], sa[i], sb[i]);
+                    acc[r] += dot_slice(w, xs, i, c);
                 }
             }
         }
