@@ -190,7 +190,8 @@ def _fused_case(dev, fmt: str, neox: bool, bias: bool):
             dev.write(t["x"], x0[p : p + 1])
             dev.write(pos, np.array([p], np.int32))
             if mode == "fused":
-                dev.replay(("layer", fmt, neox, bias, dev.gemv_kernel, dev.gemv_rows, dev.gemv_stages, dev.gemv_xq), layer)
+                settings = (dev.gemv_kernel, dev.gemv_rows, dev.gemv_stages, dev.gemv_xq)
+                dev.replay(("layer", fmt, neox, bias, *settings), layer)
             else:
                 layer()
             outs.append(np.concatenate([dev.download(t[n]).ravel() for n in ("x", "q", "k", "v", "u")]))
