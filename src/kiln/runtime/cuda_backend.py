@@ -69,7 +69,6 @@ _GEMV_BLOCK_MIN_CHUNKS = 64  # rows of at least this many 16-byte chunks take th
 # Formats the pipelined GEMV kernel (gemv.cu BK 2) reads, with the 4-byte words each chunk adds to its 16 bytes.
 _ASYNC_WORDS = {"F32": 0, "F16": 0, "BF16": 0, "Q8_0": 1, "Q4_0": 1, "Q4_1": 1, "Q5_0": 2, "Q5_1": 2}
 _GEMV_STAGES = 3  # groups of rows per block of the pipelined GEMV: the one computed and two in flight
-_PIPE_ROWS_PER_SM = 48  # quantized GEMVs of at most this many rows per SM take the pipelined kernel (auto)
 _CUBLAS_WORKSPACE = 32 << 20  # cuBLAS's recommended workspace on Hopper
 _ATT_TILE = 32  # keys per tile of attn_prefill.cu
 _ATT_HEADS_PER_BLOCK = 2  # attn_decode.cu: query heads per block at most (H200 sweep, bench/NOTES.md)
@@ -627,14 +626,14 @@ class CudaDevice(OpRecorder, Device):
         else:
             self._gemm(x, weight, out, bias)
 
-    def _gemv_shape(self, fmt: str, K: int, rows: int) -> tuple[int, int, int, int, int] | None:
-        """(threads, chunks per thread, rows per group, groups per block, stages) of the block GEMV kernels for a GEMV
-        of `rows` rows, or None for the warp kernel. stages > 0 is the pipelined kernel (BK 2: cp.async into shared
-        memory, a grid of as many blocks as fit, `stages` groups per block in the pipeline), else the register kernel
-        (BK 1). Chosen from measurements on an H200 (bench/gemv.py, bench/NOTES.md): the block kernels win once a
-        row has enough 16-byte chunks to keep a block busy, except for Q4_K/Q5_K, whose scale decoding dominates;
-        the pipelined kernel for float weights, for long rows (two or more chunks per thread) and for matrices of
-        few rows (the register kernel's grid is then too small to hide its loads)."""
+    def _gemv_shape(self, fmt: str, K: int) -> tuple[int, int, int, int, int] | None:
+        """(threads, chunks per thread, rows per group, groups per block, stages) of the block GEMV kernels, or None
+        for the warp kernel. stages > 0 is the pipelined kernel (BK 2: cp.async into shared memory, a grid of as many
+        blocks as fit, `stages` groups of 4 rows per block in the pipeline), taken wherever its format allows; else
+        the register kernel (BK 1). Chosen from measurements on an H200 (bench/gemv.py, bench/NOTES.md): the block
+        kernels win once a row has enough 16-byte chunks to keep a block busy, except for Q4_K/Q5_K, whose scale
+        decoding dominates; end to end the pipelined kernel beat the register kernel on both Q8_0 models measured
+        (7B decode 373 against 305 tok/s, TinyLlama 1,395 against 1,356)."""
         nch = K // _CHUNK.get(fmt, 32)
         if self.gemv_kernel == "warp":
             return None
@@ -642,10 +641,7 @@ class CudaDevice(OpRecorder, Device):
             return None
         cpt = -(-nch // self.gemv_max_threads)
         threads = (-(-nch // cpt) + 31) // 32 * 32
-        pipe = self.gemv_kernel == "pipe" or (
-            self.gemv_kernel == "auto" and (fmt in _FLOAT or cpt > 1 or rows <= _PIPE_ROWS_PER_SM * self.sm_count)
-        )
-        stages = self._gemv_stages(fmt, K, threads, cpt, self.gemv_rows or 4) if pipe else 0
+        stages = self._gemv_stages(fmt, K, threads, cpt, self.gemv_rows or 4) if self.gemv_kernel != "block" else 0
         if stages:
             return threads, cpt, self.gemv_rows or 4, 0, stages
         # Rows per group times chunks per thread is what each thread keeps in flight, in registers.
@@ -695,7 +691,7 @@ class CudaDevice(OpRecorder, Device):
         pairs = mode in (2, 3)
         units = rows[0] if mode == 2 else sum(rows) // 2 if mode == 3 else sum(rows)  # rows, or pairs of rows
         consts = dict(FMT=FORMATS[fmt], MODE=mode, NORM=int(norm is not None))
-        shape, smem = self._gemv_shape(fmt, K, sum(rows)), 0
+        shape, smem = self._gemv_shape(fmt, K), 0
         if shape is None:
             u = 4 if fmt in ("F32", "F16", "BF16", "Q8_0") else 2
             k = self._kernel("gemv.cu", "gemv", BK=0, R=2, U=u, **consts)
