@@ -41,8 +41,8 @@ class Activations:
         self.T = T
         self.ids = dev.empty((T,), "i32")
         self.pos = dev.empty((T,), "i32")
-        self.x = dev.empty((T, cfg.d_model))  # residual stream
-        self.h = dev.empty((T, cfg.d_model))  # normed input of each block
+        self.x = dev.empty_for_all_reduce((T, cfg.d_model))  # residual stream
+        self.h = dev.empty_for_all_reduce((T, cfg.d_model))  # normed input of each block, then its output
         self.q = dev.empty((T, q_dim))
         self.k = dev.empty((T, kv_dim))
         self.v = dev.empty((T, kv_dim))

@@ -1,9 +1,9 @@
 """Tensor parallelism over 2 GPUs through NCCL against one GPU: greedy tokens for 32 tokens and the last logits, with
-the decode step (NCCL all-reduces included) captured in CUDA graphs and with graphs off; every rank ends with the same
-logits; the residual adds are folded into the all-reduces and a repeated prefill replays its graph (or plan);
-api.load(tensor_parallel=2) drives generate. The model is a random TinyLlama shape cut to 4 layers (32 heads,
-4 KV heads: 16 and 2 per rank); the embedded SmolLM2's 9 heads do not split in two.
-Skipped cleanly without CuPy, NCCL or a second GPU."""
+the decode step (NCCL all-reduces included, in NCCL's symmetric window) captured in CUDA graphs, and with graphs and
+the window off; every rank ends with the same logits; the residual adds are folded into the all-reduces and a
+repeated prefill replays its graph (or plan); api.load(tensor_parallel=2) drives generate. The model is a random
+TinyLlama shape cut to 4 layers (32 heads, 4 KV heads: 16 and 2 per rank); the embedded SmolLM2's 9 heads do not
+split in two. Skipped cleanly without CuPy, NCCL or a second GPU."""
 
 from __future__ import annotations
 
@@ -116,6 +116,9 @@ def test_tp2_greedy_matches_one_gpu(path, one_gpu):
                 assert names.count("add") + names.count("gemv_res") == (2 * layers if r == 0 else 0)
             # the 3rd prefill replayed its CUDA graph, NCCL inside (or its recorded plan where that capture fails)
             assert _prefill_in_graphs(d) or d._prefill_plans
+        if tp._group.windows is not None:  # NCCL >= 2.27: the all-reduced tensors live in its symmetric window
+            assert all(d._wlive for d in tp.devices)
+            assert all(d.memory_stats()["window_bytes"] > 0 for d in tp.devices)
         ranks = tp._all(lambda r: tp.devices[r].download(tp.models[r]._acts[1].logits))
         assert np.array_equal(ranks[0], ranks[1])  # every rank sums to the same bits
         print(f"\n[2 GPUs, graphs: decode {runs[-1][2]:.0f} tok/s]")
@@ -127,8 +130,10 @@ def test_tp2_eager_matches_one_gpu(path, one_gpu, monkeypatch):
     from kiln.tp import TensorParallelModel
 
     monkeypatch.setenv("KILN_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("KILN_TP_WINDOW", "0")  # and NCCL's usual all-reduce path
     tp = TensorParallelModel(path, 2, n_ctx=N_CTX)
     try:
+        assert tp._group.windows is None and not any(d._wlive for d in tp.devices)
         greedy(tp, PROMPT, 4)
         tokens, logits, tps = greedy(tp, PROMPT, N_GREEDY)
         assert tokens == one_gpu[0]

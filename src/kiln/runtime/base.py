@@ -133,6 +133,12 @@ class Device(ABC):
     @abstractmethod
     def empty(self, shape: tuple[int, ...], dtype: str = "f32") -> Tensor: ...
 
+    def empty_for_all_reduce(self, shape: tuple[int, ...]) -> Tensor:
+        """An f32 tensor that tensor-parallel ranks will all-reduce (the model's residual stream and block outputs):
+        a backend may place it where its collectives run fastest (kiln.tp: an NCCL symmetric window). Elsewhere,
+        empty()."""
+        return self.empty(shape)
+
     @abstractmethod
     def write(self, tensor: Tensor, array: np.ndarray) -> None:
         """Copy host data into an existing tensor (same number of elements)."""
