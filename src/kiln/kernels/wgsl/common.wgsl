@@ -11,26 +11,20 @@ fn half_at(w: u32, odd: u32) -> f32 {
     return select(v.x, v.y, odd == 1u);
 }
 
-// Unsigned integers below 2^23 as exact floats minus `bias`: each is put in the mantissa of 2^23 and 2^23 + bias
-// subtracted. Integer-to-float conversion instructions run at a fraction of the float rate on GPUs (a sixteenth on
-// NVIDIA's), and the quantized GEMVs convert every weight: this is two full-rate operations instead.
-fn exact4(v: vec4<u32>, bias: f32) -> vec4<f32> {
-    return bitcast<vec4<f32>>(v | vec4<u32>(0x4B000000u)) - vec4<f32>(8388608.0 + bias);
-}
-
 // Four bit fields (one per byte, starting at bit `shift` of each byte, `mask` wide) as floats.
 fn field4(w: u32, shift: u32, mask: u32) -> vec4<f32> {
-    return exact4((vec4<u32>(w) >> (vec4<u32>(0u, 8u, 16u, 24u) + shift)) & vec4<u32>(mask), 0.0);
+    return vec4<f32>((vec4<u32>(w) >> (vec4<u32>(0u, 8u, 16u, 24u) + shift)) & vec4<u32>(mask));
 }
 
 // Bits first..first+3 of w as floats 0/1.
 fn bits4(w: u32, first: u32) -> vec4<f32> {
-    return exact4((vec4<u32>(w) >> (vec4<u32>(0u, 1u, 2u, 3u) + first)) & vec4<u32>(1u), 0.0);
+    return vec4<f32>((vec4<u32>(w) >> (vec4<u32>(0u, 1u, 2u, 3u) + first)) & vec4<u32>(1u));
 }
 
-// Four signed bytes as floats (flipping the sign bits makes them the unsigned bytes v + 128).
+// Four signed bytes as floats.
 fn i8x4(w: u32) -> vec4<f32> {
-    return exact4((vec4<u32>(w ^ 0x80808080u) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(255u), 128.0);
+    let s = bitcast<vec4<i32>>(vec4<u32>(w << 24u, w << 16u, w << 8u, w));
+    return vec4<f32>(s >> vec4<u32>(24u));
 }
 
 fn byte_of(w: u32, i: u32) -> u32 {
