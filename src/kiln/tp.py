@@ -11,13 +11,12 @@ like the model's other ops, so a decode step, NCCL calls included, is captured i
 supports stream capture). The fusion pass meets the all-reduce between each row-parallel GEMV and its residual add,
 so that pair stays unfused. KILN_CUDA_GRAPHS=0 runs every step eagerly instead, which costs far more here than on one
 GPU: the rank threads hand the GIL back and forth at every launch (2 x H100, random Llama-7B Q8_0: 256 tok/s decode
-with graphs, 19 without; one GPU 197 and 62). A prefill size seen twice is captured too, as on one GPU
-(cuBLAS through the backend's own handle), but with NCCL calls inside that capture has not run on 2 GPUs yet: no 2-GPU
-machine was lent since it became possible. A prefill whose capture fails replays its recorded plan launch by launch,
-bound by the Python launch cost, doubled by the GIL (2 x H200, 7B Q8_0 pp512, before prefill capture: 11.2k tok/s on
-2 GPUs, 6.1k without the plan replay, 13.6k on one GPU).
-Decode on 2 x H200 (bench/results/h200x2-tp.json): 7B Q8_0 335 tok/s vs 263 on one GPU (1.28x), 70B Q4_0 50.2 vs
-31.1 (1.61x); the all-reduces take 21% and 10% of those steps.
+with graphs, 19 without; one GPU 197 and 62). A prefill size seen twice is captured too, NCCL calls included, as on
+one GPU (cuBLAS through the backend's own handle); a prefill whose capture fails replays its recorded plan launch by
+launch instead. The tensors the ranks all-reduce live in an NCCL symmetric window (_NcclWindows, NCCL >= 2.27;
+KILN_TP_WINDOW=0 turns it off), where NCCL runs its symmetric kernels: 4.1 instead of 6.7 us per 16 KB all-reduce.
+2 x H200 (bench/results/h200x2-tp-b.json): 7B Q8_0 decode 445 tok/s vs 367 on one GPU (1.21x; 409 without the window,
+564 with the all-reduces left out), prefill 22.3k vs 14.6k; 70B Q4_0 decode 72.8 vs 47.5 (1.53x).
 
 The residual add is folded into the all-reduce (fold_residual): rank 0 adds its partial sum into the residual stream
 x (the cuda backend fuses that add into the GEMV) and the other ranks write their partial sums straight into x, so one
