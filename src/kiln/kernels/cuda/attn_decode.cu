@@ -100,24 +100,7 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
         }
         __syncthreads();
         // Online softmax, a warp per head: what came before is rescaled by exp(m_old - m_new).
-        for (int g = warp; g < G; g += THREADS / 32) {
-            float mx = NEG_INF;
-            for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ps[g][j]);
-            mx = warp_max(mx);
-            float m_old = m_s[g], m_new = fmaxf(m_old, mx), sum = 0.0f;
-            for (int j = lane; j < n; j += 32) {
-                float e = expf(ps[g][j] - m_new);
-                ps[g][j] = e;
-                sum += e;
-            }
-            sum = warp_sum(sum);
-            if (lane == 0) {
-                float c = m_old == NEG_INF ? 0.0f : expf(m_old - m_new);
-                l_s[g] = l_s[g] * c + sum;
-                m_s[g] = m_new;
-                c_s[g] = c;
-            }
-        }
+        for (int g = warp; g < G; g += THREADS / 32) softmax_row_update(ps[g], n, m_s[g], l_s[g], c_s[g], lane);
         __syncthreads();
         // Values: unit (head g, dims c..c+7) of this thread, over keys part, part + KSPLIT, ...
 #pragma unroll

@@ -73,24 +73,7 @@ attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __
         }
         __syncthreads();
         // Online softmax, one warp per row: rescale what came before by exp(m_old - m_new).
-        for (int r = warp; r < ROWS; r += THREADS / 32) {
-            float mx = NEG_INF;
-            for (int j = lane; j < TILE; j += 32) mx = fmaxf(mx, ps[r][j]);
-            mx = warp_max(mx);
-            float m_old = m_s[r], m_new = fmaxf(m_old, mx), sum = 0.0f;
-            for (int j = lane; j < TILE; j += 32) {
-                float e = m_new == NEG_INF ? 0.0f : expf(ps[r][j] - m_new);
-                ps[r][j] = e;
-                sum += e;
-            }
-            sum = warp_sum(sum);
-            if (lane == 0) {
-                float c = m_old == NEG_INF ? 0.0f : expf(m_old - m_new);
-                l_s[r] = l_s[r] * c + sum;
-                m_s[r] = m_new;
-                c_s[r] = c;
-            }
-        }
+        for (int r = warp; r < ROWS; r += THREADS / 32) softmax_row_update(ps[r], TILE, m_s[r], l_s[r], c_s[r], lane);
         __syncthreads();
         // acc[r][d] = acc * c + sum_j p[r][j] * v[j][d]; each thread owns fixed (row, dim pair) entries.
 #pragma unroll

@@ -64,6 +64,27 @@ __device__ __forceinline__ void st_act(act_t* p, long i, float v) { p[i] = f2h(v
 
 #define NEG_INF __int_as_float(0xff800000u)
 
+// One row of an online softmax, by one warp: p[0..n) becomes exp(p - m_new) in place; lane 0 updates the row's
+// running max m and sum l and sets c = exp(m_old - m_new), the factor that rescales what came before (0 at the start).
+__device__ __forceinline__ void softmax_row_update(float* p, int n, float& m, float& l, float& c, int lane) {
+    float mx = NEG_INF;
+    for (int j = lane; j < n; j += 32) mx = fmaxf(mx, p[j]);
+    mx = warp_max(mx);
+    float m_old = m, m_new = fmaxf(m_old, mx), sum = 0.0f;
+    for (int j = lane; j < n; j += 32) {
+        float e = m_new == NEG_INF ? 0.0f : expf(p[j] - m_new);
+        p[j] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+        float cc = m_old == NEG_INF ? 0.0f : expf(m_old - m_new);
+        l = l * cc + sum;
+        m = m_new;
+        c = cc;
+    }
+}
+
 // Programmatic dependent launch (Hopper+): a kernel launched with the PDL attribute may start while the previous
 // kernel in the stream is still running; everything before pdl_wait() must not read that kernel's output (weights
 // only). pdl_trigger() lets the next kernel launch once every block of this one has started. Without the launch

@@ -269,6 +269,19 @@ __device__ __forceinline__ long n_units(int n0, int n1, int n2) {
         ROW_PTRS(seg_, row_, qr, sr, hr);                                                                         \
     }
 
+// BODY for every chunk this thread loads of group gg: R rows x CPT chunks, with r, i, c (the chunk) and the row's
+// qr, sr, hr in scope. Needs t, nch, qrb, srb, hrw.
+#define FOR_GROUP_CHUNKS(gg, BODY)                \
+    _Pragma("unroll") for (int r = 0; r < R; r++) { \
+        const u8 *qr, *sr;                        \
+        const u32* hr;                            \
+        SLOT_PTRS(gg, r, qr, sr, hr);             \
+        _Pragma("unroll") for (int i = 0; i < CPT; i++) { \
+            const int c = t + NT * i;             \
+            if (c < nch) { BODY; }                \
+        }                                         \
+    }
+
 // Each warp's R partial sums reduced over its 32 lanes, transposed: every lane ends with the warp total of one row,
 // row lane >> (5 - LOG2R), in acc[0]. Halving the row set at each exchange costs R - 1 + 5 - LOG2R shuffles.
 __device__ __forceinline__ void warp_sum_rows(float* acc, int lane) {
@@ -375,17 +388,7 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
     if (g >= groups) return;
 
     Raw raw[R][CPT];
-    auto load_group = [&](long gg) {
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const u8 *qr, *sr;
-            const u32* hr;
-            SLOT_PTRS(gg, r, qr, sr, hr);
-#pragma unroll
-            for (int i = 0; i < CPT; i++)
-                if (t + NT * i < nch) raw[r][i] = load_chunk(qr, sr, hr, t + NT * i);
-        }
-    };
+    auto load_group = [&](long gg) { FOR_GROUP_CHUNKS(gg, raw[r][i] = load_chunk(qr, sr, hr, c)); };
     load_group(g);  // weights only: before waiting for the previous kernel (PDL)
     pdl_wait();
     pdl_trigger();
@@ -430,17 +433,8 @@ extern "C" __global__ void __launch_bounds__(NT) gemv(GEMV_PARAMS) {
 
     auto issue = [&](long gg, int st) {  // one commit group per call, empty past the end (keeps the counts aligned)
         if (gg < groups) {
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const u8 *qr, *sr;
-                const u32* hr;
-                SLOT_PTRS(gg, r, qr, sr, hr);
-#pragma unroll
-                for (int i = 0; i < CPT; i++)
-                    if (t + NT * i < nch)
-                        load_chunk_async(qr, sr, hr, t + NT * i, slots + SLOT(st, r, i), words0 + SLOT(st, r, i),
-                                         words1 + SLOT(st, r, i));
-            }
+            FOR_GROUP_CHUNKS(gg, load_chunk_async(qr, sr, hr, c, slots + SLOT(st, r, i), words0 + SLOT(st, r, i),
+                                                  words1 + SLOT(st, r, i)));
         }
         cp_async_commit();
     };
