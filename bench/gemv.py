@@ -37,7 +37,7 @@ def set_config(dev, config: str) -> None:
     dev.gemv_max_threads = nums[2] or 512
 
 
-def _graph_time(dev, launch, n_launch: int, reps: int = 5, pdl: bool = False) -> float:
+def graph_time(dev, launch, n_launch: int, reps: int = 5, pdl: bool = False) -> float:
     """Seconds per launch: a graph of n_launch launches, replayed `reps` times, median."""
     import cupy
 
@@ -70,7 +70,7 @@ def copy_bandwidth(dev, nbytes: int = 1 << 30) -> float:
     with dev.stream:
         a = cupy.ones(nbytes // 4, np.float32)
         b = cupy.empty_like(a)
-    t = _graph_time(dev, lambda i: b.data.copy_from_device_async(a.data, nbytes, dev.stream), 10)
+    t = graph_time(dev, lambda i: b.data.copy_from_device_async(a.data, nbytes, dev.stream), 10)
     return 2 * nbytes / t / 1e9
 
 
@@ -97,7 +97,7 @@ def read_bandwidth(dev, nbytes: int = 1 << 30) -> float:
         out = cupy.zeros(1, np.uint32)
     k = cupy.RawKernel(_READ_SRC, "read_all")
     grid = dev.sm_count * 8
-    t = _graph_time(dev, lambda i: k((grid,), (512,), (a, out, np.uint64(nbytes // 16))), 10)
+    t = graph_time(dev, lambda i: k((grid,), (512,), (a, out, np.uint64(nbytes // 16))), 10)
     return nbytes / t / 1e9
 
 
@@ -113,7 +113,7 @@ def gemv_bandwidth(dev, fmt: str, N: int, K: int, l2_bytes: int, pdl: bool = Fal
         dev.matmul(x, weights[0], out)  # compile
         ref = quant.dequantize(raw, qt, K) @ dev.download(x)[0]
         err = float(np.abs(dev.download(out)[0] - ref).max() / np.abs(ref).max())
-        t = _graph_time(dev, lambda i: dev.matmul(x, weights[i % copies], out), 20 * copies, pdl=pdl)
+        t = graph_time(dev, lambda i: dev.matmul(x, weights[i % copies], out), 20 * copies, pdl=pdl)
     finally:
         for w in weights:
             dev.free_weight(w)

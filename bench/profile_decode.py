@@ -7,42 +7,15 @@ repeats between events), against the whole graph on the GPU and the whole step s
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections import defaultdict
 
 import numpy as np
+from gemv import graph_time  # bench/gemv.py, next to this script
 
 from kiln import gguf
 from kiln.model import Model
 from kiln.runtime import get_device
-
-
-def _time_graph(dev, run, reps: int = 20) -> float:
-    """Seconds per call of run() captured `reps` times in one graph (median of 5 replays)."""
-    import cupy
-
-    s = dev.stream
-    dev._capture_ptrs = []  # route launches as the backend does inside its own captures (PDL)
-    try:
-        with s:
-            s.begin_capture()
-            for _ in range(reps):
-                run()
-            g = s.end_capture()
-    finally:
-        dev._capture_ptrs = None
-    g.launch(s)
-    s.synchronize()
-    out = []
-    for _ in range(5):
-        a, b = cupy.cuda.Event(), cupy.cuda.Event()
-        a.record(s)
-        g.launch(s)
-        b.record(s)
-        b.synchronize()
-        out.append(cupy.cuda.get_elapsed_time(a, b) / 1e3 / reps)
-    return statistics.median(out)
 
 
 def main() -> None:
@@ -60,7 +33,7 @@ def main() -> None:
     plan = dev._plans[gkey]
     # whole step: GPU time of the graph, and wall time of step + argmax from Python
     with dev.stream:
-        gpu = _time_graph(dev, lambda: dev._run(plan))
+        gpu = graph_time(dev, lambda i: dev._run(plan), 20, pdl=True)
     t0 = time.perf_counter()
     for _ in range(50):
         logits = m.step([dev.argmax(logits)])
@@ -68,7 +41,7 @@ def main() -> None:
     per_op = defaultdict(lambda: [0, 0.0])
     with dev.stream:
         for name, a in plan:
-            t = _time_graph(dev, lambda name=name, a=a: getattr(dev, "_do_" + name)(*a), reps=10)
+            t = graph_time(dev, lambda i, name=name, a=a: getattr(dev, "_do_" + name)(*a), 10, pdl=True)
             per_op[name][0] += 1
             per_op[name][1] += t
     total = sum(t for _, t in per_op.values())
