@@ -2,8 +2,9 @@
 
 Weights stay in their GGUF block formats, repacked at upload (on the GPU) so every quant load is an aligned 16-byte
 load: scales split from quants for Q8_0/Q4_x/Q5_x/Q6_K, K-quant blocks as they are (kernels/cuda/quant.cuh).
-Decode (T = 1) multiplies with GEMV kernels that read those blocks directly; prefill dequantizes a matrix to f16
-and multiplies with cuBLAS on the tensor cores.
+Decode (T = 1) multiplies with GEMV kernels that read those blocks directly (gemv.cu: a warp kernel for short rows,
+else a block kernel that keeps its next groups of rows in flight in a cp.async pipeline; Q8_0 dots integer digits of
+x with __dp4a); prefill dequantizes a matrix to f16 and multiplies with cuBLAS on the tensor cores.
 
 Decode runs as a CUDA graph. `replay(key, step)` first records the step's ops instead of running them, fuses what
 it can (RMSNorm into the next GEMV; Q, K and V in one GEMV that also applies RoPE and writes the KV cache;

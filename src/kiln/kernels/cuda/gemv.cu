@@ -8,6 +8,9 @@
 //        the block walks groups of R rows (loading the next group while it reduces the current one), and the
 //        R partial sums of each thread are reduced across the block: a transposed butterfly in each warp (one
 //        row per lane group, log2(R) + 5 - log2(R) shuffles instead of 5 R), then shared memory.
+//   BK 2 (pipelined block kernel, the default where the format allows): BK 1's shape, but a grid of resident blocks
+//        that each keep S groups in a cp.async pipeline in shared memory instead of one group in registers.
+//   XQ: Q8_0 in the block kernels dots integer digit planes of x with __dp4a (quant.cuh).
 // Up to three weight segments (e.g. Wq, Wk, Wv) of the same format and K run in one launch.
 // MODE 0: plain, rows are segment 0, then 1, then 2; out_s[row] = acc + bias_s[row].
 // MODE 1: residual, one segment: out0[row] = acc; resid[row] += acc (matmul + add in one pass).
