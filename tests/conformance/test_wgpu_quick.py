@@ -55,21 +55,20 @@ def weights(dev, ref, qtype, rows, cols, rng, name="w"):
 @pytest.fixture
 def matmul_path(dev):
     """Set the GEMV shape / reduction / GEMM choice for one test, whatever this adapter would pick; restore after."""
-    saved = dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm, dev.use_subgroups, dev.gemv_unroll
+    saved = dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm, dev.use_subgroups
 
-    def use(tpr: int, rpw: int, gemm: bool, subgroups: bool = True, unroll: int = 1) -> None:
-        dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm, dev.gemv_unroll = tpr, rpw, gemm, unroll
+    def use(tpr: int, rpw: int, gemm: bool, subgroups: bool = True) -> None:
+        dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm = tpr, rpw, gemm
         dev.use_subgroups = subgroups and dev.has_subgroups
 
     yield use
-    dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm, dev.use_subgroups, dev.gemv_unroll = saved
+    dev.gemv_tpr, dev.gemv_rpw, dev.force_gemm, dev.use_subgroups = saved
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_matmul_gemv_and_gemm(dev, ref, qtype, matmul_path):
     """GEMV shapes (CPU adapters: 8 threads x 8 rows, and 8 x 32; GPUs: 32 x 4; 64 x 4, wider than any lavapipe
-    subgroup), both row reductions (subgroup, workgroup memory), two units per thread and iteration (2 threads, so
-    rows have pairs and a lone last unit), and the tiled GEMM, on any adapter."""
+    subgroup), both row reductions (subgroup, workgroup memory) and the tiled GEMM, on any adapter."""
     rng = np.random.default_rng(int(qtype))
     K, N = cols_for(qtype), 37
     w, w_ref = weights(dev, ref, qtype, N, K, rng)
@@ -82,14 +81,13 @@ def test_matmul_gemv_and_gemm(dev, ref, qtype, matmul_path):
         (35, 8, 8, False, True),
         (35, 64, 4, True, True),
     ]
-    for T, tpr, rpw, gemm, subgroups, unroll in [(*c, 1) for c in cases] + [(1, 2, 4, False, False, 2)]:
-        matmul_path(tpr, rpw, gemm, subgroups, unroll)
+    for T, tpr, rpw, gemm, subgroups in cases:
+        matmul_path(tpr, rpw, gemm, subgroups)
         x = rng.standard_normal((T, K), dtype=np.float32)
         out, out_ref = dev.empty((T, N)), ref.empty((T, N))
         dev.matmul(dev.upload(x), w, out)
         ref.matmul(ref.upload(x), w_ref, out_ref)
-        label = f"{qtype.name} T={T} gemm={gemm} {tpr}x{rpw} sg={subgroups} unroll={unroll}"
-        assert nmse(out.numpy(), out_ref.numpy()) < EXACT, label
+        assert nmse(out.numpy(), out_ref.numpy()) < EXACT, f"{qtype.name} T={T} gemm={gemm} {tpr}x{rpw} sg={subgroups}"
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
@@ -392,11 +390,10 @@ def test_fused_decode_layer(dev, ref, matmul_path, qtype, neox, bias, own_shape)
 FUSED_NMSE = 1e-6  # the fused norm scales after the dot product instead of before: rounding order only
 
 
-@pytest.mark.parametrize("tpr,rpw,subgroups,unroll", [(32, 8, False, 1), (64, 4, True, 1), (2, 4, False, 2)])
-def test_fused_decode_layer_gemv_shapes(dev, ref, matmul_path, tpr, rpw, subgroups, unroll):
-    """The GPU GEMV shape and one wider than any subgroup, with and without subgroup reductions, and two units per
-    thread and iteration (the fused norm's sum of squares too)."""
-    matmul_path(tpr, rpw, False, subgroups, unroll)
+@pytest.mark.parametrize("tpr,rpw,subgroups", [(32, 8, False), (64, 4, True)])
+def test_fused_decode_layer_gemv_shapes(dev, ref, matmul_path, tpr, rpw, subgroups):
+    """The GPU GEMV shape and one wider than any subgroup, with and without subgroup reductions."""
+    matmul_path(tpr, rpw, False, subgroups)
     err, plan = _fused_layer(dev, ref, Q.Q8_0, True, True, steps=2)
     assert plan == ["gemv_qkv", "attend", "gemv_res", "gemv_glu", "gemv_res"], plan
     assert err < FUSED_NMSE

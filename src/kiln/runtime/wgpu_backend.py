@@ -260,8 +260,6 @@ class WgpuDevice(OpRecorder, Device):
         shape = os.environ.get("KILN_WGPU_GEMV")  # THREADSxROWS, for experiments
         if shape:
             self.gemv_tpr, self.gemv_rpw = (int(v) for v in shape.lower().split("x"))
-        # Units of 32 weights each GEMV thread takes per loop iteration (1 or 2: two units' loads in flight at once).
-        self.gemv_unroll = int(os.environ.get("KILN_WGPU_GEMV_UNROLL", "1"))
         self.use_subgroups = self.has_subgroups  # GEMV reductions; tests turn it off to cover the other path
         # Prompts (T > 1) take the tiled GEMM on GPUs; on a CPU adapter T GEMVs in one dispatch are ~10x faster
         # (workgroup memory and barriers are expensive there). Tests set force_gemm to cover the GEMM anyway.
@@ -878,7 +876,6 @@ class WgpuDevice(OpRecorder, Device):
         weight parts `parts` (one per segment) with `rows` logical rows each; `bindings` are the epilogue's."""
         tpr, rpw = self.gemv_tpr, self.gemv_rpw
         defs = {"TPR": tpr, "RPW": rpw, "NR": rpw + int(norm is not None), "NW": len(parts), "MODE": mode}
-        defs["UNROLL"] = self.gemv_unroll
         if kv is not None:
             defs["kv"] = kv
         pipeline = self._pipeline("gemv", fmt=fmt, **defs)

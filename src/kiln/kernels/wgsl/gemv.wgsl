@@ -7,8 +7,7 @@
 // NORM (gemv_norm_on.wgsl): x is the un-normalised residual; each thread also sums x^2 over the units it loads
 // (the threads together see every column once), x is multiplied by the norm weight as it is loaded, and the row
 // sums are scaled by 1/sqrt(mean(x^2) + eps) at the end: RMSNorm + GEMV in one pass. That sum is reduced as an
-// extra row (NR = RPW + 1). UNROLL 2: each thread takes two units per iteration, so the weight loads of both are in
-// flight together. Header: TPR (a power of two), RPW (even), NR, NW, UNROLL; seg_dot is generated per NW.
+// extra row (NR = RPW + 1). Header: TPR (a power of two), RPW (even), NR, NW; seg_dot is generated per NW.
 
 struct Params {
     K: u32,      // row length
@@ -73,22 +72,12 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }
     let units = (p.K + UNIT - 1u) / UNIT;
     var acc: array<f32, NR>;  // constant trip counts below keep it in registers (no indexed private memory)
-    for (var u = lid; u < units; u += UNROLL * TPR) {
+    for (var u = lid; u < units; u += TPR) {
         var xv = x_unit(t, u * UNIT, p.K);
         acc[NR - 1u] += sumsq(xv);  // 0 without NORM (then NR - 1 is a real row: adding 0 changes nothing)
         xv = normed(xv, u * UNIT, p.K);
-        let u2 = u + TPR;
-        if (UNROLL == 2u && u2 < units) {  // a second unit whose weight loads are in flight with the first's
-            var xw = x_unit(t, u2 * UNIT, p.K);
-            acc[NR - 1u] += sumsq(xw);
-            xw = normed(xw, u2 * UNIT, p.K);
-            for (var r = 0u; r < RPW; r++) {
-                acc[r] += seg_dot(rows[r].x, rows[r].y, u, p.K, xv) + seg_dot(rows[r].x, rows[r].y, u2, p.K, xw);
-            }
-        } else {
-            for (var r = 0u; r < RPW; r++) {
-                acc[r] += seg_dot(rows[r].x, rows[r].y, u, p.K, xv);
-            }
+        for (var r = 0u; r < RPW; r++) {
+            acc[r] += seg_dot(rows[r].x, rows[r].y, u, p.K, xv);
         }
     }
     reduce_rows(lid, acc);  // reduce_sg.wgsl or reduce_wg.wgsl
