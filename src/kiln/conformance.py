@@ -319,27 +319,26 @@ def _run_attention(
     return {}
 
 
+def _elementwise(op, s: _Scope, first: np.ndarray, second: np.ndarray, inplace: bool) -> dict:
+    """op(first, second, out) into a fresh output, or in place into first (which is then the guarded output)."""
+    b = s.input(second)
+    if inplace:
+        a = s.output("out", first.shape, init=first)
+        op(a, b, a)
+    else:
+        op(s.input(first), b, s.output("out", first.shape))
+    return {}
+
+
 def _run_swiglu(dev, s: _Scope, *, T: int, n: int, inplace: bool) -> dict:
     gate = (s.rng.standard_normal((T, n)) * 4).astype(np.float32)
     gate.reshape(-1)[: min(8, gate.size)] = [-90, 90, -20, 20, 0, -1e-3, 1e-3, 5][: min(8, gate.size)]  # exp overflow
-    up = s.input(s.rng.standard_normal((T, n), dtype=np.float32))
-    if inplace:
-        g = s.output("out", (T, n), init=gate)
-        dev.swiglu(g, up, g)
-    else:
-        dev.swiglu(s.input(gate), up, s.output("out", (T, n)))
-    return {}
+    return _elementwise(dev.swiglu, s, gate, s.rng.standard_normal((T, n), dtype=np.float32), inplace)
 
 
 def _run_add(dev, s: _Scope, *, T: int, n: int, inplace: bool) -> dict:
     a = s.rng.standard_normal((T, n), dtype=np.float32)
-    b = s.input(s.rng.standard_normal((T, n), dtype=np.float32))
-    if inplace:
-        at = s.output("out", (T, n), init=a)
-        dev.add(at, b, at)
-    else:
-        dev.add(s.input(a), b, s.output("out", (T, n)))
-    return {}
+    return _elementwise(dev.add, s, a, s.rng.standard_normal((T, n), dtype=np.float32), inplace)
 
 
 def _run_copy_row(dev, s: _Scope, *, T: int, d: int, row: int) -> dict:
