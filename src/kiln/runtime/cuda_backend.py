@@ -701,7 +701,7 @@ class CudaDevice(OpRecorder, Device):
             threads, cpt, r, per_block, stages = shape
             groups = -(-units // (r // 2 if pairs else r))
             if fmt == "Q8_0":
-                consts["XQ"] = int(self.gemv_xq)
+                consts["XQ"] = int(self.gemv_xq and self.cc >= (6, 1))  # __dp4a needs sm_61
             if stages:
                 k = self._kernel("gemv.cu", "gemv", BK=2, NT=threads, CPT=cpt, R=r, S=stages, **consts)
                 smem = self._gemv_smem(fmt, threads, cpt, r, stages)
