@@ -37,15 +37,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
-import math
 import os
 import queue
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import numpy as np
 
 from . import gguf as gguf_mod
 from .errors import BackendUnavailable, ContextOverflow, KilnError
@@ -411,7 +408,6 @@ def _nccl_device_class() -> type:
             self.comm, self.rank, self.windows = comm, rank, windows
             # Tensors to all-reduce live in the rank's symmetric window (bump-allocated, then reused by size).
             self._wpool = BufferPool(self._window_take, lambda raw: None) if windows is not None else None
-            self._wlive: dict[int, tuple[Any, int]] = {}
             self._wnext = 0
             self.fold = _fold_enabled()
             if self.fold:
@@ -445,25 +441,13 @@ def _nccl_device_class() -> type:
         def empty_for_all_reduce(self, shape) -> Tensor:
             if self._wpool is None:
                 return self.empty(shape)
-            shape = tuple(int(s) for s in shape)
             try:
-                raw, size = self._wpool.take(4 * math.prod(shape))
+                tensor = self._empty_in(self._wpool, shape, "f32")
             except _WindowFull:  # every rank runs out at the same allocation: NCCL's default path for this one
                 self.windows.check_offset(self.rank, -1)
                 return self.empty(shape)
-            self.windows.check_offset(self.rank, raw.ptr - self.windows.base(self.rank))
-            tensor = Tensor(self, shape, "f32", cb.cupy.ndarray(shape, np.float32, memptr=raw))
-            self._wlive[id(tensor)] = (raw, size)
+            self.windows.check_offset(self.rank, tensor.storage.data.ptr - self.windows.base(self.rank))
             return tensor
-
-        def free(self, tensor: Tensor) -> None:
-            entry = self._wlive.pop(id(tensor), None)
-            if entry is None:
-                return super().free(tensor)
-            raw, size = entry
-            self._forget(raw.ptr, size)
-            self._wpool.give(raw, size)
-            tensor.storage = None
 
         def memory_stats(self) -> dict:
             stats = super().memory_stats()
@@ -502,7 +486,6 @@ def _nccl_device_class() -> type:
 
         def close(self) -> None:
             self._prefill_plans.clear()
-            self._wlive.clear()
             super().close()
 
         def _do_all_reduce(self, t: Tensor) -> None:

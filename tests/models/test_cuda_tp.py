@@ -117,7 +117,7 @@ def test_tp2_greedy_matches_one_gpu(path, one_gpu):
             # the 3rd prefill replayed its CUDA graph, NCCL inside (or its recorded plan where that capture fails)
             assert _prefill_in_graphs(d) or d._prefill_plans
         if tp._group.windows is not None:  # NCCL >= 2.27: the all-reduced tensors live in its symmetric window
-            assert all(d._wlive for d in tp.devices)
+            assert all(d._wpool.in_use > 0 for d in tp.devices)
             assert all(d.memory_stats()["window_bytes"] > 0 for d in tp.devices)
         ranks = tp._all(lambda r: tp.devices[r].download(tp.models[r]._acts[1].logits))
         assert np.array_equal(ranks[0], ranks[1])  # every rank sums to the same bits
@@ -133,7 +133,7 @@ def test_tp2_eager_matches_one_gpu(path, one_gpu, monkeypatch):
     monkeypatch.setenv("KILN_TP_WINDOW", "0")  # and NCCL's usual all-reduce path
     tp = TensorParallelModel(path, 2, n_ctx=N_CTX)
     try:
-        assert tp._group.windows is None and not any(d._wlive for d in tp.devices)
+        assert tp._group.windows is None and not any(d._wpool for d in tp.devices)
         greedy(tp, PROMPT, 4)
         tokens, logits, tps = greedy(tp, PROMPT, N_GREEDY)
         assert tokens == one_gpu[0]

@@ -194,29 +194,25 @@ class _CupyCublas:
         pass
 
 
+_LIBCUDA: Any = None
+
+
 def _load_libcuda():
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-        lib.cuLaunchKernelEx.restype = ctypes.c_int
-        lib.cuLaunchKernelEx.argtypes = [
-            ctypes.POINTER(_LaunchConfig),
-            ctypes.c_void_p,
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.c_void_p,
-        ]
-        return lib
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBCUDA = None
-
-
-def _libcuda_any():
-    """libcuda through ctypes on any GPU (occupancy queries); _load_libcuda is the launch path's, Hopper and up."""
+    """libcuda through ctypes (launches with attributes, occupancy queries), loaded once; None where it is missing."""
     global _LIBCUDA
     if _LIBCUDA is None:
-        _LIBCUDA = ctypes.CDLL("libcuda.so.1")
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            lib.cuLaunchKernelEx.restype = ctypes.c_int
+            lib.cuLaunchKernelEx.argtypes = [
+                ctypes.POINTER(_LaunchConfig),
+                ctypes.c_void_p,
+                ctypes.POINTER(ctypes.c_void_p),
+                ctypes.c_void_p,
+            ]
+            _LIBCUDA = lib
+        except (OSError, AttributeError):
+            return None
     return _LIBCUDA
 
 
@@ -293,7 +289,7 @@ class CudaDevice(OpRecorder, Device):
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.mempool = cupy.cuda.MemoryPool()
         self.pool = BufferPool(self.mempool.malloc, lambda p: None)
-        self._live: dict[int, tuple[Any, int]] = {}  # id(tensor) -> (MemoryPointer, bucket size)
+        self._live: dict[int, tuple[Any, int, BufferPool]] = {}  # id(tensor) -> (MemoryPointer, bucket size, pool)
         self.weight_bytes = 0
         self.scratch_bytes = 0
         self.peak = 0
@@ -358,11 +354,16 @@ class CudaDevice(OpRecorder, Device):
         return cupy.ndarray(shape, dtype, memptr=self.mempool.malloc(nbytes))
 
     def empty(self, shape, dtype="f32") -> Tensor:
+        return self._empty_in(self.pool, shape, dtype)
+
+    def _empty_in(self, pool: BufferPool, shape, dtype: str) -> Tensor:
+        """A tensor from `pool`: the device's own, or another a subclass keeps (kiln.tp: its NCCL window); free()
+        gives it back to the pool it came from."""
         shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
-        raw, size = self.pool.take(nbytes)
+        raw, size = pool.take(nbytes)
         tensor = Tensor(self, shape, dtype, cupy.ndarray(shape, DTYPES[dtype], memptr=raw))
-        self._live[id(tensor)] = (raw, size)
+        self._live[id(tensor)] = (raw, size, pool)
         self._track_peak()
         return tensor
 
@@ -394,9 +395,9 @@ class CudaDevice(OpRecorder, Device):
         return out
 
     def free(self, tensor: Tensor) -> None:
-        raw, size = self._live.pop(id(tensor))
+        raw, size, pool = self._live.pop(id(tensor))
         self._forget(raw.ptr, size)
-        self.pool.give(raw, size)
+        pool.give(raw, size)
         tensor.storage = None
 
     def memory_stats(self) -> dict:
@@ -441,8 +442,8 @@ class CudaDevice(OpRecorder, Device):
             self._cublas = None
         self._scratch.clear()
         self.scratch_bytes = 0
-        for raw, size in self._live.values():
-            self.pool.give(raw, size)
+        for raw, size, pool in self._live.values():
+            pool.give(raw, size)
         self._live.clear()
         self.pool.clear()
         self._modules.clear()
@@ -676,7 +677,7 @@ class CudaDevice(OpRecorder, Device):
         if n is None:
             k.fn.max_dynamic_shared_size_bytes = smem
             per_sm = ctypes.c_int(0)
-            err = _libcuda_any().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            err = _load_libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(
                 ctypes.byref(per_sm), ctypes.c_void_p(k.fn.kernel.ptr), ctypes.c_int(threads), ctypes.c_size_t(smem)
             )
             if err or per_sm.value < 1:
