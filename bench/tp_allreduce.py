@@ -39,53 +39,20 @@ SETTINGS = {  # name -> NCCL environment on top of the default
 }
 
 
-def _nccl_check(lib, name: str, *args) -> None:
-    rc = getattr(lib, name)(*args)
-    if rc != 0:
-        raise RuntimeError(f"{name} returned {rc}: {lib.ncclGetErrorString(rc).decode()}")
-
-
-def window_buffer(comm, device: int, nbytes: int):
-    """A float32 CuPy array on ncclMemAlloc memory registered in a symmetric window of `comm` (collective: every
-    rank calls it at once). Returns (array, release)."""
-    import ctypes
-
-    import cupy
-
-    lib = ctypes.CDLL("libnccl.so.2")  # the library CuPy already loaded
-    lib.ncclGetErrorString.restype = ctypes.c_char_p
-    ptr, win = ctypes.c_void_p(), ctypes.c_void_p()
-    _nccl_check(lib, "ncclMemAlloc", ctypes.byref(ptr), ctypes.c_size_t(nbytes))
-    _nccl_check(
-        lib,
-        "ncclCommWindowRegister",
-        ctypes.c_void_p(comm.comm),
-        ptr,
-        ctypes.c_size_t(nbytes),
-        ctypes.byref(win),
-        ctypes.c_int(1),  # NCCL_WIN_COLL_SYMMETRIC
-    )
-    mem = cupy.cuda.UnownedMemory(ptr.value, nbytes, None, device)
-    arr = cupy.ndarray((nbytes // 4,), cupy.float32, cupy.cuda.MemoryPointer(mem, 0))
-
-    def release() -> None:
-        _nccl_check(lib, "ncclCommWindowDeregister", ctypes.c_void_p(comm.comm), win)
-        _nccl_check(lib, "ncclMemFree", ptr)
-
-    return arr, release
-
-
 def measure(n_gpus: int, sizes: tuple[int, ...], k: int, reps: int) -> dict:
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-    from kiln.tp import _import_nccl
+    from kiln.tp import _import_nccl, _NcclWindows
 
     nccl = _import_nccl()
     import cupy
 
     comms = nccl.NcclCommunicator.initAll(list(range(n_gpus)))
+    windows = None  # kiln's own symmetric windows (kiln.tp._NcclWindows), one per rank
+    if os.environ.get("KILN_TP_BENCH_WINDOW") == "1":
+        windows = _NcclWindows(comms, list(range(n_gpus)), 4 * max(sizes))
     barrier = threading.Barrier(n_gpus)
-    out: dict = {"nccl": nccl.get_version(), "gpus": n_gpus, "k": k, "reps": reps, "sizes": {}}
+    out: dict = {"nccl": nccl.get_version(), "gpus": n_gpus, "k": k, "reps": reps, "sizes": {}, "window": bool(windows)}
     errors: list = []
 
     def rank(r: int) -> None:
@@ -93,9 +60,9 @@ def measure(n_gpus: int, sizes: tuple[int, ...], k: int, reps: int) -> dict:
             cupy.cuda.Device(r).use()
             s = cupy.cuda.Stream(non_blocking=True)
             window = None
-            if os.environ.get("KILN_TP_BENCH_WINDOW") == "1":
-                window, release = window_buffer(comms[r], r, 4 * max(sizes))
-                out["window"] = True
+            if windows is not None:
+                mem = cupy.cuda.UnownedMemory(windows.base(r), windows.nbytes, None, r)
+                window = cupy.ndarray((windows.nbytes // 4,), cupy.float32, cupy.cuda.MemoryPointer(mem, 0))
             for n in sizes:
                 if window is None:
                     buf = cupy.full(n, float(r + 1), cupy.float32)
@@ -146,10 +113,7 @@ def measure(n_gpus: int, sizes: tuple[int, ...], k: int, reps: int) -> dict:
                         "sum_ok": ok,
                     }
                 del graph
-            if window is not None:
-                s.synchronize()
-                barrier.wait()
-                release()
+            s.synchronize()
         except BaseException as e:  # reported, and the barrier freed for the other ranks
             errors.append(f"rank {r}: {type(e).__name__}: {e}")
             barrier.abort()
@@ -159,6 +123,8 @@ def measure(n_gpus: int, sizes: tuple[int, ...], k: int, reps: int) -> dict:
         t.start()
     for t in threads:
         t.join()
+    if windows is not None:
+        windows.release(comms)
     for c in comms:
         c.destroy()
     if errors:
@@ -188,7 +154,8 @@ def sweep(args) -> list[dict]:
     return results
 
 
-# What --best-env may pick for kiln to run with: not graph mixing off, not the window (kiln does not register one).
+# What --best-env may pick for kiln to run with: not graph mixing off, and not the window settings (not NCCL variables:
+# kiln registers its own window, KILN_TP_WINDOW).
 SAFE = {name for name in SETTINGS if name != "graph_mixing_0" and not name.startswith("window")}
 
 
