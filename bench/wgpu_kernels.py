@@ -1,8 +1,10 @@
 """Per-kernel throughput of the wgpu GEMVs: GB/s of weights read, for each GGUF format and matrix size.
 
-A step of 16 GEMVs is recorded once and re-encoded many times into one pass; the clock starts after the encoding, so
-the figure is the device's time per GEMV (each after a barrier, as in decode), not Python's. (The first H100 tables
-in bench/results/h100-wgpu-gemv.txt timed the host's recording too.) Prints a table and writes JSON (--out).
+A step of GEMVs is recorded once and re-encoded many times into one pass; the clock starts after the encoding, so
+the figure is the device's time per GEMV (each after a barrier, as in decode), not Python's. On GPUs the GEMVs
+rotate through copies of the weight totalling 256 MiB, so it is read from memory as in decode, not from the L2
+cache (tables before 2026-11-30's fourth session reused one copy: matrices under ~50 MB were partly L2 reads, and
+the first H100 tables in bench/results/h100-wgpu-gemv.txt timed the host's recording too). Prints a table and writes JSON (--out).
 
     python bench/wgpu_kernels.py                       # 7B-sized matrices on a GPU, small ones on a CPU adapter
     python bench/wgpu_kernels.py --sizes 4096x4096,11008x4096 --formats Q4_K,Q8_0 --out gemv.json
@@ -40,6 +42,7 @@ from kiln.runtime.wgpu_backend import WgpuDevice
 FORMATS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 GPU_SIZES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 CPU_SIZES = [(1024, 1024), (2816, 1024)]  # lavapipe runs on the host: keep runs short
+COPIES_BYTES = 256 << 20  # GEMV weights replicated past this (over 4x any current GPU's L2 cache): see time_gemv
 ATTN_HEADS = [(32, 4, 64), (9, 3, 64), (32, 32, 128)]  # query heads, KV heads, head dim: TinyLlama, SmolLM2, 7B
 
 
@@ -99,20 +102,26 @@ def device_time(dev: WgpuDevice, key: tuple, step, calls: int, min_seconds: floa
 
 
 def time_gemv(dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int, min_seconds: float) -> dict:
-    """Device time of one GEMV: a recorded step of BATCH GEMVs (see device_time)."""
+    """Device time of one GEMV: a recorded step of GEMVs (see device_time). On GPUs the weight is replicated past
+    COPIES_BYTES and the GEMVs rotate through the copies, so the weights come from memory, not from the L2 cache
+    (as in a decode step, where each weight is read once per token)."""
     rng = np.random.default_rng(0)
-    weight = dev.load_weight("w", qtype, quant.random_weight(qtype, rows, cols, rng), (rows, cols))
+    raw = quant.random_weight(qtype, rows, cols, rng)
+    nbytes = rows * quant.row_bytes(qtype, cols)
+    copies = 1 if dev.cpu_adapter else max(2, -(-COPIES_BYTES // nbytes))
+    weights = [dev.load_weight(f"w{i}", qtype, raw, (rows, cols)) for i in range(copies)]
     x = dev.upload(rng.standard_normal((1, cols), dtype=np.float32))
     out = dev.empty((1, rows))
-    batch, key = 16, ("gemv-bench", qtype.name, rows, cols, dev.gemv_tpr, dev.gemv_rpw, 1)
+    batch = max(16, copies)
+    key = ("gemv-bench", qtype.name, rows, cols, dev.gemv_tpr, dev.gemv_rpw, 1)
 
     def step():
-        for _ in range(batch):
-            dev.matmul(x, weight, out)
+        for i in range(batch):
+            dev.matmul(x, weights[i % copies], out)
 
     best, reps = device_time(dev, key, step, batch, min_seconds)
-    nbytes = rows * quant.row_bytes(qtype, cols)
-    dev.free_weight(weight)
+    for w in weights:
+        dev.free_weight(w)
     dev.free(x)
     dev.free(out)
     return {
@@ -120,6 +129,7 @@ def time_gemv(dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int
         "rows": rows,
         "cols": cols,
         "weight_bytes": nbytes,
+        "weight_copies": copies,
         "dispatches": reps,
         "us_per_gemv": best * 1e6,
         "gb_per_s": nbytes / best / 1e9,
@@ -236,6 +246,43 @@ def time_overhead(dev: WgpuDevice, n: int = 400) -> dict:
     return {"dispatches": n, "host_encode_us": best_enc / n * 1e6, "device_us_per_dispatch": best_dev / n * 1e6}
 
 
+def time_timeline(path: str, prompt: int = 512, device: int | None = None, steps: int = 5) -> dict:
+    """Device time per kernel of one decode step (WgpuDevice.timeline: a timestamp after every dispatch), the
+    fastest of `steps` runs per dispatch; prints the totals by kernel and the first layer's dispatches in order."""
+    from kiln import gguf
+    from kiln.model import Model
+
+    dev = WgpuDevice(device, timestamps=True)
+    f = gguf.load(path)
+    model = Model(f, dev, n_ctx=prompt + 8)
+    model.prefill([int(i) % f.config.vocab_size for i in range(1, prompt + 1)])
+    for _ in range(2):  # the first step records the plan, the second replays it
+        model.tokens = model.tokens[:prompt]
+        dev.argmax(model.step([1]))
+    runs = [dev.timeline() for _ in range(steps)]
+    names = [name for name, _ in runs[0]]
+    us = np.min([[t for _, t in run] for run in runs], axis=0)
+    totals: dict[str, list] = {}
+    for name, t in zip(names, us):
+        totals.setdefault(name, [0, 0.0])
+        totals[name][0] += 1
+        totals[name][1] += float(t)
+    print(f"{os.path.basename(path)} on {dev.name}: {len(names)} dispatches, {us.sum():.1f} us of device time")
+    for name, (count, total) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:<16} x{count:<4} {total:9.1f} us  {total / count:7.2f} us each")
+    layer = names.index("gemv_qkv") if "gemv_qkv" in names else 0
+    print("  first layer:", ", ".join(f"{n} {t:.1f}" for n, t in zip(names[layer : layer + 6], us[layer : layer + 6])))
+    model.close()
+    dev.close()
+    return {
+        "model": os.path.basename(path),
+        "device": dev.name,
+        "us_total": float(us.sum()),
+        "by_kernel": {k: {"count": c, "us": t} for k, (c, t) in totals.items()},
+        "dispatches": [[n, float(t)] for n, t in zip(names, us)],
+    }
+
+
 def time_decode(path: str, tokens: int = 64, prompt: int = 512, shapes=(), attns=()) -> list[dict]:
     """Decode tokens/s of one model under each setting, from a cache holding `prompt` rows. Each setting's first
     logits and greedy tokens are checked against the first setting's (unfused: the ops one by one)."""
@@ -289,7 +336,7 @@ def time_decode(path: str, tokens: int = 64, prompt: int = 512, shapes=(), attns
         same = next((i for i, (a, b) in enumerate(zip(seq, base[1])) if a != b), len(seq))
         row = {
             **st,
-            "shape": f"{st['shape'][0]}x{st['shape'][1]}",
+            "shape": "auto" if st["shape"][0] is None else f"{st['shape'][0]}x{st['shape'][1]}",
             "model": os.path.basename(path),
             "tok_s": tokens / total,
             "ms_per_token": total / tokens * 1e3,
@@ -327,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--decode-attn", default=None, help="attention [KERNEL:]SPLITSxCHUNK or KERNEL,... to decode with as well"
     )
+    ap.add_argument("--timeline", nargs="*", default=[], help="GGUF models to time each decode kernel of")
     ap.add_argument("--attn", action="store_true", help="time decode attention (see time_attention)")
     ap.add_argument("--attn-heads", default=None, help="QHEADSxKVHEADSxHEADDIM,... (default: ATTN_HEADS)")
     ap.add_argument("--attn-nkv", default=None, help="KV lengths, e.g. 128,512,2048 (default by adapter type)")
@@ -337,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     report: dict = {"backend": "wgpu", "kernel": "gemv"}
+    if args.timeline:
+        report["timeline"] = [time_timeline(path, args.decode_prompt, args.device) for path in args.timeline]
     if args.decode:
         report["decode"] = [
             row
@@ -386,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cols % quant.GGML_QUANT_SIZES[qtype][0]:
                     continue
                 r = time_gemv(dev, qtype, rows, cols, args.min_seconds)
-                r["shape"] = f"{dev.gemv_tpr}x{dev.gemv_rpw}"
+                r["shape"] = "x".join(map(str, dev._gemv_shape(cols, rows)))
                 results.append(r)
                 print(
                     f"{name:<6} {r['shape']:>6} {rows:>6}x{cols:<6} {r['weight_bytes'] / 1e6:>8.2f} "

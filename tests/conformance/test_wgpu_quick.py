@@ -67,8 +67,8 @@ def matmul_path(dev):
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_matmul_gemv_and_gemm(dev, ref, qtype, matmul_path):
-    """GEMV shapes (CPU adapters: 8 threads x 8 rows, and 8 x 32; GPUs: 32 x 4; 64 x 4, wider than any lavapipe
-    subgroup), both row reductions (subgroup, workgroup memory) and the tiled GEMM, on any adapter."""
+    """GEMV shapes (CPU adapters: 8 threads x 8 rows, and 8 x 32; GPUs' 32 or 64 threads x 2 or 4 rows; 64 is
+    wider than any lavapipe subgroup), both row reductions (subgroup, workgroup memory) and the tiled GEMM, on any adapter."""
     rng = np.random.default_rng(int(qtype))
     K, N = cols_for(qtype), 37
     w, w_ref = weights(dev, ref, qtype, N, K, rng)
@@ -78,6 +78,8 @@ def test_matmul_gemv_and_gemm(dev, ref, qtype, matmul_path):
         (1, 8, 32, False, True),
         (1, 32, 4, False, True),
         (1, 64, 4, False, True),
+        (1, 32, 2, False, True),
+        (1, 64, 2, False, False),
         (35, 8, 8, False, True),
         (35, 64, 4, True, True),
     ]
@@ -390,9 +392,10 @@ def test_fused_decode_layer(dev, ref, matmul_path, qtype, neox, bias, own_shape)
 FUSED_NMSE = 1e-6  # the fused norm scales after the dot product instead of before: rounding order only
 
 
-@pytest.mark.parametrize("tpr,rpw,subgroups", [(32, 8, False), (64, 4, True)])
+@pytest.mark.parametrize("tpr,rpw,subgroups", [(32, 8, False), (64, 4, True), (None, None, True)])
 def test_fused_decode_layer_gemv_shapes(dev, ref, matmul_path, tpr, rpw, subgroups):
-    """The GPU GEMV shape and one wider than any subgroup, with and without subgroup reductions."""
+    """GPU GEMV shapes, one wider than any subgroup, with and without subgroup reductions; None: a shape per
+    matrix, as GPUs choose (_gemv_shape)."""
     matmul_path(tpr, rpw, False, subgroups)
     err, plan = _fused_layer(dev, ref, Q.Q8_0, True, True, steps=2)
     assert plan == ["gemv_qkv", "attend", "gemv_res", "gemv_glu", "gemv_res"], plan
@@ -575,3 +578,11 @@ def test_decode_step_encoded_ahead_matches(dev):
     finally:
         dev.preencode_enabled = saved
     dev.free_weight(w)
+
+
+def test_gemv_shape_by_size(dev, matmul_path):
+    """With no fixed shape (GPUs), long rows take 64 threads and small matrices 2 rows per workgroup."""
+    matmul_path(None, None, False)
+    assert dev._gemv_shape(2048, 2048) == (64, 4)
+    assert dev._gemv_shape(576, 1536) == (32, 2)
+    assert dev._gemv_shape(576, 49152) == (32, 4)

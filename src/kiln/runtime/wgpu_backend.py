@@ -43,6 +43,10 @@ try:
     import wgpu
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"wgpu-py is not installed ({e})") from None
+try:  # wgpu-native's C API, for modules without runtime checks (see _shader_module)
+    from wgpu.backends.wgpu_native import _api as _wgpu_native
+except ImportError:  # pragma: no cover - another wgpu-py backend
+    _wgpu_native = None
 
 _KERNELS = resources.files("kiln") / "kernels" / "wgsl"
 
@@ -87,6 +91,42 @@ _ATTN_SHAPES = {"v1": ((16, 64), (1, 256)), "v2": ((32, 32), (4, 64)), "v3": ((3
 _ATTN2_WG = 128  # attn_decode2 / attn_decode3 threads per workgroup
 _ATTN3_MAX_U = 16  # attn_decode3: most keys per row per tile (registers)
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "Unknown": 3, "CPU": 4}
+
+
+# naga's runtime checks (KILN_WGPU_CHECKS): an index clamp on every storage access, a counter on every loop.
+_CHECKS = {"all": ("BoundsChecks", "ForceLoopBounding"), "bounds": ("BoundsChecks",), "loops": ("ForceLoopBounding",)}
+
+
+def _runtime_checks(adapter_type: str) -> int | None:
+    """The checks kiln's own kernels compile with (None: wgpu's default, all of them). Those kernels are proven in
+    bounds by the conformance suite's sentinels instead. CPU adapters keep every check: without the loop counters
+    LLVM unrolls the kernels' loops and lavapipe compiles a GEMV for half a minute."""
+    choice = os.environ.get("KILN_WGPU_CHECKS") or ("all" if adapter_type == "CPU" else "none")
+    if choice not in (*_CHECKS, "none"):
+        raise ValueError(f"KILN_WGPU_CHECKS={choice!r}: use one of all, bounds, loops, none")
+    if choice == "all" or _wgpu_native is None:
+        return None
+    lib = _wgpu_native.lib
+    return sum((getattr(lib, f"WGPUShaderRuntimeChecks_{c}") for c in _CHECKS.get(choice, ())), 0)
+
+
+def _shader_module(device, label: str, code: str, checks: int | None):
+    """A WGSL module compiled with the given naga runtime checks (None: wgpu's default, every check)."""
+    if checks is None:
+        return device.create_shader_module(label=label, code=code)
+    api = _wgpu_native
+    source = api.new_struct_p("WGPUShaderSourceWGSL *", code=api.to_c_string_view(code))
+    source[0].chain.next = api.ffi.NULL
+    source[0].chain.sType = api.lib.WGPUSType_ShaderSourceWGSL
+    descriptor = api.new_struct_p(
+        "WGPUShaderModuleDescriptor *",
+        nextInChain=api.ffi.cast("WGPUChainedStruct *", source),
+        label=api.to_c_string_view(label),
+    )
+    handle = api.libf.wgpuDeviceCreateShaderModuleTrusted(device._internal, descriptor, checks)
+    if handle == api.ffi.NULL:
+        raise RuntimeError(f"shader module creation failed: {label}")
+    return api.GPUShaderModule(label, handle, device)
 
 
 def _ceil4(n: int) -> int:
@@ -228,7 +268,8 @@ class WgpuKernel:
 class WgpuDevice(OpRecorder, Device):
     backend = "wgpu"
 
-    def __init__(self, index: int | None = None):
+    def __init__(self, index: int | None = None, timestamps: bool = False):
+        """index: the adapter (None: the preferred one). timestamps: request the features timeline() needs."""
         super().__init__()
         # Mesa's EGL prints "XDG_RUNTIME_DIR is invalid" per adapter probe on headless machines; give it a folder.
         os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
@@ -245,6 +286,11 @@ class WgpuDevice(OpRecorder, Device):
         self.index = index
         self.adapter = adapter = self.adapters[index]
         features = [f for f in ("shader-f16", _subgroup_feature(adapter.features)) if f and f in adapter.features]
+        if timestamps:
+            missing = {"timestamp-query", "timestamp-query-inside-passes"} - set(adapter.features)
+            if missing:
+                raise UnsupportedOp(f"wgpu: {adapter.info['device']} lacks {sorted(missing)} (needed for timestamps)")
+            features += ["timestamp-query", "timestamp-query-inside-passes"]
         limits = {k: adapter.limits[k] for k in _LIMITS if k in adapter.limits}
         self.device = adapter.request_device_sync(required_features=features, required_limits=limits)
         self.has_f16 = "shader-f16" in features
@@ -253,11 +299,11 @@ class WgpuDevice(OpRecorder, Device):
         # GEMV shape: threads per workgroup (a power of two) and rows per workgroup sharing each x load. A CPU
         # adapter runs a workgroup as SIMD loops where every load is a gather: few threads, many rows (x reuse).
         self.cpu_adapter = adapter.info["adapter_type"] == "CPU"
-        # GPUs: one subgroup (32 threads) x 4 rows. H200 (Vulkan) decode: 1.17-1.3x faster than 32 x 8, as fast as
-        # 64 x 4, and 1.2x faster than 128 x 2 on TinyLlama (bench/NOTES.md, WebGPU on the H200).
-        # lavapipe: 8 x 8 decodes as fast as 8 x 32 and compiles the fused kernels faster (CI time).
-        self.gemv_tpr, self.gemv_rpw = (8, 8) if self.cpu_adapter else (32, 4)
-        shape = os.environ.get("KILN_WGPU_GEMV")  # THREADSxROWS, for experiments
+        self._checks = _runtime_checks(adapter.info["adapter_type"])  # naga's runtime checks for kiln's kernels
+        # lavapipe: 8 x 8 decodes as fast as 8 x 32 and compiles the fused kernels faster (CI time). GPUs: None,
+        # a shape per matrix (_gemv_shape). KILN_WGPU_GEMV=THREADSxROWS fixes one, for experiments.
+        self.gemv_tpr, self.gemv_rpw = (8, 8) if self.cpu_adapter else (None, None)
+        shape = os.environ.get("KILN_WGPU_GEMV")
         if shape:
             self.gemv_tpr, self.gemv_rpw = (int(v) for v in shape.lower().split("x"))
         self.use_subgroups = self.has_subgroups  # GEMV reductions; tests turn it off to cover the other path
@@ -546,9 +592,10 @@ class WgpuDevice(OpRecorder, Device):
         key = (kernel, entry, fmt, self.use_subgroups, tuple(sorted(defs.items())))
         pipeline = self._pipelines.get(key)
         if pipeline is None:
-            module = self.device.create_shader_module(label=kernel, code=self._source(kernel, fmt, defs))
+            module = _shader_module(self.device, kernel, self._source(kernel, fmt, defs), self._checks)
+            name = f"{kernel}_{_GEMV_MODES[defs['MODE']]}" if "MODE" in defs else kernel  # timeline() reads it
             pipeline = self.device.create_compute_pipeline(
-                label=f"{kernel}:{entry}", layout="auto", compute={"module": module, "entry_point": entry}
+                label=f"{name}:{entry}", layout="auto", compute={"module": module, "entry_point": entry}
             )
             self._pipelines[key] = pipeline
         return pipeline
@@ -634,6 +681,38 @@ class WgpuDevice(OpRecorder, Device):
         cp.end()
         self._ready = (key, encoder.finish())
 
+    def timeline(self) -> list[tuple[str, float]]:
+        """(kernel, microseconds of device time) for each dispatch of the last replayed decode step, run once more
+        with a timestamp after every dispatch; the first entry's time runs from the pass's start. Needs
+        WgpuDevice(timestamps=True). What the timestamps measure is up to the driver: on Vulkan they are written
+        when the work before them has finished, so a dispatch's time includes waiting at its barrier."""
+        recorded = self._steps.get(self._last_step)
+        if recorded is None:
+            raise RuntimeError("timeline(): no decode step has been replayed yet")
+        n = len(recorded) + 1
+        queries = self.device.create_query_set(type="timestamp", count=n)
+        resolved = self.device.create_buffer(size=8 * n, usage=wgpu.BufferUsage.QUERY_RESOLVE | _STORAGE)
+        try:
+            self.flush()
+            encoder = self.device.create_command_encoder()
+            cp = encoder.begin_compute_pass()
+            cp._write_timestamp(queries, 0)
+            for i, (pipeline, group, groups) in enumerate(recorded):
+                cp.set_pipeline(pipeline)
+                cp.set_bind_group(0, group)
+                cp.dispatch_workgroups(*groups)
+                cp._write_timestamp(queries, i + 1)
+            cp.end()
+            encoder.resolve_query_set(queries, 0, n, resolved, 0)
+            self.queue.submit([encoder.finish()])
+            ticks = self._read_bytes(resolved, 0, 8 * n).view(np.uint64).astype(np.float64)
+        finally:
+            resolved.destroy()
+            queries.destroy()
+        period_ns = _wgpu_native.libf.wgpuQueueGetTimestampPeriod(self.queue._internal) if _wgpu_native else 1.0
+        us = np.diff(ticks) * period_ns / 1e3
+        return [(pipeline.label.split(":")[0], float(t)) for (pipeline, _, _), t in zip(recorded, us)]
+
     def _forget_steps(self) -> None:
         """Drop the recorded steps (a buffer they bind may be freed or reused) and any step encoded ahead."""
         self._steps.clear()
@@ -690,7 +769,7 @@ class WgpuDevice(OpRecorder, Device):
         key = ("user", name, source, tuple(sorted(constants.items())))
         pipeline = self._pipelines.get(key)
         if pipeline is None:
-            module = self.device.create_shader_module(label=name, code=source)
+            module = _shader_module(self.device, name, source, None)  # user kernels: every check
             stage = {"module": module, "entry_point": "main"}
             if constants:
                 stage["constants"] = {k: float(v) if not isinstance(v, bool) else v for k, v in constants.items()}
@@ -724,7 +803,7 @@ class WgpuDevice(OpRecorder, Device):
         """One gemv.wgsl dispatch can take x with these weights: f32 x, one part each (no row split), the same
         format and K, and few enough storage bindings for this adapter (12 besides the weights' arrays)."""
         w0 = weights[0]
-        if x.dtype != "f32" or self.gemv_rpw % 2 or len(x.shape) != 2:
+        if x.dtype != "f32" or (self.gemv_rpw or 2) % 2 or len(x.shape) != 2:  # QKV: RoPE pairs in a workgroup
             return False
         arrays = 0
         for w in weights:
@@ -856,6 +935,14 @@ class WgpuDevice(OpRecorder, Device):
                 (-(-part.rows // 64), -(-T // 32), 1),
             )
 
+    def _gemv_shape(self, K: int, rows: int) -> tuple[int, int]:
+        """GEMV threads per row and rows per workgroup: the fixed shape if one is set, else by size. H200 (Vulkan)
+        decode: 64 threads on rows of 2048+ columns (more loads in flight; 1.05x on TinyLlama), 2 rows per
+        workgroup for matrices under 2048 rows (twice the workgroups; 1.25x on SmolLM2); bench/NOTES.md."""
+        if self.gemv_tpr:
+            return self.gemv_tpr, self.gemv_rpw
+        return (64 if K >= 2048 else 32), (4 if rows >= 2048 else 2)
+
     def _gemv(
         self,
         mode: int,
@@ -874,7 +961,7 @@ class WgpuDevice(OpRecorder, Device):
     ) -> None:
         """One dispatch of gemv.wgsl: mode 0 plain, 1 residual, 2 SwiGLU, 3 QKV (gemv_out_<mode>.wgsl) over the
         weight parts `parts` (one per segment) with `rows` logical rows each; `bindings` are the epilogue's."""
-        tpr, rpw = self.gemv_tpr, self.gemv_rpw
+        tpr, rpw = self._gemv_shape(x.shape[1], sum(rows))
         defs = {"TPR": tpr, "RPW": rpw, "NR": rpw + int(norm is not None), "NW": len(parts), "MODE": mode}
         if kv is not None:
             defs["kv"] = kv
