@@ -4,7 +4,8 @@ A step of GEMVs is recorded once and re-encoded many times into one pass; the cl
 the figure is the device's time per GEMV (each after a barrier, as in decode), not Python's. On GPUs the GEMVs
 rotate through copies of the weight totalling 256 MiB, so it is read from memory as in decode, not from the L2
 cache (tables before 2026-11-30's fourth session reused one copy: matrices under ~50 MB were partly L2 reads, and
-the first H100 tables in bench/results/h100-wgpu-gemv.txt timed the host's recording too). Prints a table and writes JSON (--out).
+the first H100 tables in bench/results/h100-wgpu-gemv.txt timed the host's recording too). Prints a table and
+writes JSON (--out).
 
     python bench/wgpu_kernels.py                       # 7B-sized matrices on a GPU, small ones on a CPU adapter
     python bench/wgpu_kernels.py --sizes 4096x4096,11008x4096 --formats Q4_K,Q8_0 --out gemv.json

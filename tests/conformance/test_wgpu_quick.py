@@ -68,7 +68,8 @@ def matmul_path(dev):
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_matmul_gemv_and_gemm(dev, ref, qtype, matmul_path):
     """GEMV shapes (CPU adapters: 8 threads x 8 rows, and 8 x 32; GPUs' 32 or 64 threads x 2 or 4 rows; 64 is
-    wider than any lavapipe subgroup), both row reductions (subgroup, workgroup memory) and the tiled GEMM, on any adapter."""
+    wider than any lavapipe subgroup), both row reductions (subgroup, workgroup memory) and the tiled GEMM, on any
+    adapter."""
     rng = np.random.default_rng(int(qtype))
     K, N = cols_for(qtype), 37
     w, w_ref = weights(dev, ref, qtype, N, K, rng)
@@ -586,3 +587,25 @@ def test_gemv_shape_by_size(dev, matmul_path):
     assert dev._gemv_shape(2048, 2048) == (64, 4)
     assert dev._gemv_shape(576, 1536) == (32, 2)
     assert dev._gemv_shape(576, 49152) == (32, 4)
+
+
+@pytest.mark.parametrize("checks", ["bounds", "none"])
+def test_runtime_checks_switch(dev, ref, monkeypatch, checks):
+    """KILN_WGPU_CHECKS: kiln's kernels compiled without naga's loop counters (GPUs' default) or without any check
+    give the same results; a wrong value is one clear error."""
+    monkeypatch.setenv("KILN_WGPU_CHECKS", checks)
+    other = wgpu_backend.WgpuDevice(dev.index)
+    try:
+        assert other._checks is not None
+        rng = np.random.default_rng(5)
+        w, w_ref = weights(other, ref, Q.Q8_0, 37, 96, rng)
+        x = rng.standard_normal((1, 96), dtype=np.float32)
+        out, out_ref = other.empty((1, 37)), ref.empty((1, 37))
+        other.matmul(other.upload(x), w, out)
+        ref.matmul(ref.upload(x), w_ref, out_ref)
+        assert nmse(out.numpy(), out_ref.numpy()) < EXACT
+    finally:
+        other.close()
+    monkeypatch.setenv("KILN_WGPU_CHECKS", "some")
+    with pytest.raises(ValueError, match="KILN_WGPU_CHECKS"):
+        wgpu_backend.WgpuDevice(dev.index)

@@ -98,10 +98,12 @@ _CHECKS = {"all": ("BoundsChecks", "ForceLoopBounding"), "bounds": ("BoundsCheck
 
 
 def _runtime_checks(adapter_type: str) -> int | None:
-    """The checks kiln's own kernels compile with (None: wgpu's default, all of them). Those kernels are proven in
-    bounds by the conformance suite's sentinels instead. CPU adapters keep every check: without the loop counters
-    LLVM unrolls the kernels' loops and lavapipe compiles a GEMV for half a minute."""
-    choice = os.environ.get("KILN_WGPU_CHECKS") or ("all" if adapter_type == "CPU" else "none")
+    """The naga checks kiln's own kernels compile with (None: wgpu's default, all of them). On GPUs they keep the
+    bounds checks but not the loop counters, a guard against infinite loops that kiln's loops (bounded by their
+    parameters, proven by the conformance suite) do not need and that keeps the driver from unrolling them: H200
+    decode 1.4x, prompts 8x (bench/NOTES.md). CPU adapters keep every check: without the counters LLVM unrolls
+    the loops and lavapipe compiles a GEMV for half a minute. KILN_WGPU_CHECKS overrides (all/bounds/loops/none)."""
+    choice = os.environ.get("KILN_WGPU_CHECKS") or ("all" if adapter_type == "CPU" else "bounds")
     if choice not in (*_CHECKS, "none"):
         raise ValueError(f"KILN_WGPU_CHECKS={choice!r}: use one of all, bounds, loops, none")
     if choice == "all" or _wgpu_native is None:
@@ -285,6 +287,7 @@ class WgpuDevice(OpRecorder, Device):
             raise BackendUnavailable(f"wgpu: no adapter {index}; found {len(self.adapters)} (see `kiln devices`)")
         self.index = index
         self.adapter = adapter = self.adapters[index]
+        self._checks = _runtime_checks(adapter.info["adapter_type"])  # naga's runtime checks for kiln's kernels
         features = [f for f in ("shader-f16", _subgroup_feature(adapter.features)) if f and f in adapter.features]
         if timestamps:
             missing = {"timestamp-query", "timestamp-query-inside-passes"} - set(adapter.features)
@@ -299,7 +302,6 @@ class WgpuDevice(OpRecorder, Device):
         # GEMV shape: threads per workgroup (a power of two) and rows per workgroup sharing each x load. A CPU
         # adapter runs a workgroup as SIMD loops where every load is a gather: few threads, many rows (x reuse).
         self.cpu_adapter = adapter.info["adapter_type"] == "CPU"
-        self._checks = _runtime_checks(adapter.info["adapter_type"])  # naga's runtime checks for kiln's kernels
         # lavapipe: 8 x 8 decodes as fast as 8 x 32 and compiles the fused kernels faster (CI time). GPUs: None,
         # a shape per matrix (_gemv_shape). KILN_WGPU_GEMV=THREADSxROWS fixes one, for experiments.
         self.gemv_tpr, self.gemv_rpw = (8, 8) if self.cpu_adapter else (None, None)
