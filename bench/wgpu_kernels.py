@@ -102,14 +102,16 @@ def device_time(dev: WgpuDevice, key: tuple, step, calls: int, min_seconds: floa
     return best, reps * calls
 
 
-def time_gemv(dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int, min_seconds: float) -> dict:
+def time_gemv(
+    dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int, min_seconds: float, copies_bytes: int
+) -> dict:
     """Device time of one GEMV: a recorded step of GEMVs (see device_time). On GPUs the weight is replicated past
-    COPIES_BYTES and the GEMVs rotate through the copies, so the weights come from memory, not from the L2 cache
-    (as in a decode step, where each weight is read once per token)."""
+    copies_bytes (default COPIES_BYTES; 0: one copy) and the GEMVs rotate through the copies, so the weights come
+    from memory, not from the L2 cache (as in a decode step, where each weight is read once per token)."""
     rng = np.random.default_rng(0)
     raw = quant.random_weight(qtype, rows, cols, rng)
     nbytes = rows * quant.row_bytes(qtype, cols)
-    copies = 1 if dev.cpu_adapter else max(2, -(-COPIES_BYTES // nbytes))
+    copies = 1 if dev.cpu_adapter or not copies_bytes else max(2, -(-copies_bytes // nbytes))
     weights = [dev.load_weight(f"w{i}", qtype, raw, (rows, cols)) for i in range(copies)]
     x = dev.upload(rng.standard_normal((1, cols), dtype=np.float32))
     out = dev.empty((1, rows))
@@ -367,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=None, help="ROWSxCOLS,... (default: by adapter type)")
     ap.add_argument("--min-seconds", type=float, default=0.3, help="time each case for at least this long")
     ap.add_argument("--shapes", default=None, help="GEMV shapes THREADSxROWS,... (default: the adapter's own)")
+    ap.add_argument(
+        "--copies-mb", type=int, default=COPIES_BYTES >> 20, help="GEMV weight copies total (0: one, L2-hot)"
+    )
     ap.add_argument("--overhead", action="store_true", help="time the cost of one dispatch")
     ap.add_argument("--decode", nargs="*", default=[], help="GGUF models to profile decode steps of")
     ap.add_argument("--decode-prompt", type=int, default=512, help="cache rows filled before the decode steps")
@@ -436,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             for rows, cols in sizes:
                 if cols % quant.GGML_QUANT_SIZES[qtype][0]:
                     continue
-                r = time_gemv(dev, qtype, rows, cols, args.min_seconds)
+                r = time_gemv(dev, qtype, rows, cols, args.min_seconds, args.copies_mb << 20)
                 r["shape"] = "x".join(map(str, dev._gemv_shape(cols, rows)))
                 results.append(r)
                 print(
