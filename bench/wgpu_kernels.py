@@ -102,37 +102,38 @@ def device_time(dev: WgpuDevice, key: tuple, step, calls: int, min_seconds: floa
     return best, reps * calls
 
 
-def time_gemv(
-    dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int, min_seconds: float, copies_bytes: int
-) -> dict:
-    """Device time of one GEMV: a recorded step of GEMVs (see device_time). On GPUs the weight is replicated past
-    copies_bytes (default COPIES_BYTES; 0: one copy) and the GEMVs rotate through the copies, so the weights come
-    from memory, not from the L2 cache (as in a decode step, where each weight is read once per token)."""
-    rng = np.random.default_rng(0)
-    raw = quant.random_weight(qtype, rows, cols, rng)
+def gemv_copies(dev: WgpuDevice, qtype: GGMLQuantizationType, rows: int, cols: int, copies_bytes: int) -> list:
+    """A random weight, replicated on GPUs past copies_bytes (0: one copy) so that GEMVs rotating through the
+    copies read it from memory, not from the L2 cache (as in a decode step, where each weight is read once)."""
+    raw = quant.random_weight(qtype, rows, cols, np.random.default_rng(0))
     nbytes = rows * quant.row_bytes(qtype, cols)
     copies = 1 if dev.cpu_adapter or not copies_bytes else max(2, -(-copies_bytes // nbytes))
-    weights = [dev.load_weight(f"w{i}", qtype, raw, (rows, cols)) for i in range(copies)]
-    x = dev.upload(rng.standard_normal((1, cols), dtype=np.float32))
+    return [dev.load_weight(f"w{i}", qtype, raw, (rows, cols)) for i in range(copies)]
+
+
+def time_gemv(dev: WgpuDevice, weights: list, min_seconds: float) -> dict:
+    """Device time of one GEMV: a recorded step of GEMVs rotating through `weights` (see device_time)."""
+    rows, cols = weights[0].shape
+    qtype = weights[0].qtype
+    x = dev.upload(np.random.default_rng(1).standard_normal((1, cols), dtype=np.float32))
     out = dev.empty((1, rows))
-    batch = max(16, copies)
-    key = ("gemv-bench", qtype.name, rows, cols, dev.gemv_tpr, dev.gemv_rpw, 1)
+    batch = max(16, len(weights))
+    key = ("gemv-bench", qtype.name, rows, cols, len(weights), dev.gemv_tpr, dev.gemv_rpw, 1)
 
     def step():
         for i in range(batch):
-            dev.matmul(x, weights[i % copies], out)
+            dev.matmul(x, weights[i % len(weights)], out)
 
     best, reps = device_time(dev, key, step, batch, min_seconds)
-    for w in weights:
-        dev.free_weight(w)
     dev.free(x)
     dev.free(out)
+    nbytes = rows * quant.row_bytes(qtype, cols)
     return {
         "format": qtype.name,
         "rows": rows,
         "cols": cols,
         "weight_bytes": nbytes,
-        "weight_copies": copies,
+        "weight_copies": len(weights),
         "dispatches": reps,
         "us_per_gemv": best * 1e6,
         "gb_per_s": nbytes / best / 1e9,
@@ -435,13 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{dev.name}\n{'format':<6} {'shape':>6} {'rows x cols':>13} {'MB':>8} {'us/GEMV':>10} {'GB/s':>8}")
     for name in [f for f in args.formats.split(",") if f != "none"]:
         qtype = GGMLQuantizationType[name]
-        for shape in shapes:
-            if shape is not None:
-                dev.gemv_tpr, dev.gemv_rpw = shape
-            for rows, cols in sizes:
-                if cols % quant.GGML_QUANT_SIZES[qtype][0]:
-                    continue
-                r = time_gemv(dev, qtype, rows, cols, args.min_seconds, args.copies_mb << 20)
+        for rows, cols in sizes:
+            if cols % quant.GGML_QUANT_SIZES[qtype][0]:
+                continue
+            weights = gemv_copies(dev, qtype, rows, cols, args.copies_mb << 20)
+            for shape in shapes:
+                if shape is not None:
+                    dev.gemv_tpr, dev.gemv_rpw = shape
+                r = time_gemv(dev, weights, args.min_seconds)
                 r["shape"] = "x".join(map(str, dev._gemv_shape(cols, rows)))
                 results.append(r)
                 print(
@@ -449,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['us_per_gemv']:>10.1f} {r['gb_per_s']:>8.2f}",
                     flush=True,
                 )
+            for w in weights:
+                dev.free_weight(w)
     report["results"] = results
     if args.out:
         with open(args.out, "w") as f:
