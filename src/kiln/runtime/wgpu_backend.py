@@ -579,6 +579,7 @@ class WgpuDevice(OpRecorder, Device):
             norm = "on" if defs["NR"] > defs["RPW"] else "off"
             parts.append((_KERNELS / f"gemv_norm_{norm}.wgsl").read_text())
             parts.append((_KERNELS / ("reduce_sg.wgsl" if self.use_subgroups else "reduce_wg.wgsl")).read_text())
+            parts.append((_KERNELS / "reduce_tree.wgsl").read_text())
             parts.append((_KERNELS / f"gemv_out_{_GEMV_MODES[defs['MODE']]}.wgsl").read_text())
         if kernel.startswith("attn_"):
             parts.append((_KERNELS / "attn_params.wgsl").read_text())

@@ -26,7 +26,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> x: array<vec4<f32>>;
 
 var<workgroup> partial: array<f32, TPR * NR>;
 
@@ -66,7 +66,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         n = p.n1;
     }
     let first = (g - g0) * RPW;  // first logical row of this workgroup in its segment
-    var rows: array<u32, RPW>;  // weight row of each logical row (its segment: row_seg); rows past the end: a real row
+    var rows: array<vec2<u32>, RPW>;  // (segment, weight row) of each logical row; rows past the end: a real row
     for (var r = 0u; r < RPW; r++) {
         rows[r] = wrow(seg, first + r, n);
     }
@@ -77,7 +77,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         acc[NR - 1u] += sumsq(xv);  // 0 without NORM (then NR - 1 is a real row: adding 0 changes nothing)
         xv = normed(xv, u * UNIT, p.K);
         for (var r = 0u; r < RPW; r++) {
-            acc[r] += seg_dot(row_seg(seg, first + r), rows[r], u, p.K, xv);
+            acc[r] += seg_dot(rows[r].x, rows[r].y, u, p.K, xv);
         }
     }
     reduce_rows(lid, acc);  // reduce_sg.wgsl or reduce_wg.wgsl

@@ -3,14 +3,9 @@
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<storage, read_write> up_out: array<f32>;
 
-// Segment of logical row l: gate and up alternate. Kept a runtime value on purpose: with the segment of each
-// unrolled row known, NVIDIA's driver hoists all four rows' loads and the fused kernel ran 2x slower (H200).
-fn row_seg(seg: u32, l: u32) -> u32 {
-    return l % 2u;
-}
-
-fn wrow(seg: u32, l: u32, n: u32) -> u32 {
-    return min(l, n - 1u) / 2u;
+fn wrow(seg: u32, l: u32, n: u32) -> vec2<u32> {
+    let lc = min(l, n - 1u);
+    return vec2<u32>(lc % 2u, lc / 2u);
 }
 
 fn store(lid: u32, t: u32, seg: u32, first: u32, n: u32, scale: f32) {

@@ -3,13 +3,8 @@
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> b0: array<f32>;
 
-// Segment of logical row l: the only one.
-fn row_seg(seg: u32, l: u32) -> u32 {
-    return 0u;
-}
-
-fn wrow(seg: u32, l: u32, n: u32) -> u32 {
-    return min(l, n - 1u);
+fn wrow(seg: u32, l: u32, n: u32) -> vec2<u32> {
+    return vec2<u32>(0u, min(l, n - 1u));
 }
 
 fn store(lid: u32, t: u32, seg: u32, first: u32, n: u32, scale: f32) {

@@ -22,14 +22,8 @@ fn pair_row(l: u32) -> u32 {
     return select(base + 2u * j + l % 2u, base + j + (l % 2u) * half, p.neox != 0u);
 }
 
-// Segment of logical row l: the workgroup's own (q, k or v), the same in every iteration, so the driver can take
-// the branch between weights out of the loop.
-fn row_seg(seg: u32, l: u32) -> u32 {
-    return seg;
-}
-
-fn wrow(seg: u32, l: u32, n: u32) -> u32 {
-    return pair_row(min(l, n - 1u));
+fn wrow(seg: u32, l: u32, n: u32) -> vec2<u32> {
+    return vec2<u32>(seg, pair_row(min(l, n - 1u)));
 }
 
 fn bias_at(seg: u32, row: u32) -> f32 {

@@ -1,16 +1,4 @@
-// GEMV row reduction without subgroups, a tree through workgroup memory: leaves row r's total in partial[r * TPR],
-// visible to all threads.
+// GEMV row reduction without subgroups: the workgroup-memory tree (reduce_tree.wgsl).
 fn reduce_rows(lid: u32, acc: array<f32, NR>) {
-    for (var r = 0u; r < NR; r++) {
-        partial[r * TPR + lid] = acc[r];
-    }
-    workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            for (var r = 0u; r < NR; r++) {
-                partial[r * TPR + lid] += partial[r * TPR + lid + s];
-            }
-        }
-        workgroupBarrier();
-    }
+    reduce_tree(lid, acc);
 }
