@@ -16,7 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
+
+
+def _json_array(text: str) -> list:
+    """The JSON array in llama-bench's stdout; some split modes print device lines after it (-sm tensor)."""
+    match = re.search(r"^\[", text, re.MULTILINE)  # the array opens on a line of its own
+    if match is None:
+        raise ValueError("no JSON array")
+    rows, _ = json.JSONDecoder().raw_decode(text[match.start() :])
+    return rows
 
 
 def run(
@@ -57,8 +67,8 @@ def run(
             why = "(the -v rerun timed out)"
         return {**res, "error": proc.stderr[-2000:], "verbose_log_tail": why}
     try:
-        rows = json.loads(proc.stdout)
-    except json.JSONDecodeError:
+        rows = _json_array(proc.stdout)
+    except ValueError:
         return {**res, "error": "no JSON from llama-bench: " + proc.stdout[-1000:] + proc.stderr[-1000:]}
     for row in rows:
         if row.get("n_prompt") and not row.get("n_gen"):
