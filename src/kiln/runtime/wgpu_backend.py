@@ -15,6 +15,11 @@ its own buffers and dispatch. Each format's kernels/wgsl/w_<format>.wgsl is past
 read weights and defines `unit_dot` (GEMV: a block's dot product with x, from vec4 loads) and `load8` (GEMM,
 embed: eight dequantized weights), both dequantizing exactly as quant.py does.
 
+kiln's kernels compile through wgpu-native's "trusted" shader-module entry point with some of naga's runtime
+checks off (_runtime_checks): on GPUs the bounds checks stay and the loop-bounding counters go (H200: decode 1.4x,
+prompts 8x), CPU adapters keep every check. Kernels compiled through compile() keep them all. timeline() times each
+dispatch of a decode step with GPU timestamps (bench/wgpu_kernels.py --timeline).
+
 Kernel sources are WGSL files plus a generated header (`enable f16`, `alias act = f32;`, `const HD: u32 = 64u;`):
 one file serves every activation/KV type and shape it is specialised for.
 """
