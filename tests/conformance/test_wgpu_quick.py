@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as Q
 from helpers import nmse  # noqa: E402
 
 from kiln import quant
-from kiln.errors import BackendUnavailable
+from kiln.errors import BackendUnavailable, UnsupportedOp
 from kiln.runtime.base import DTYPES
 from kiln.runtime.numpy_backend import NumpyDevice
 
@@ -264,6 +264,9 @@ def test_user_kernel(dev):
     out = dev.zeros((100,))
     dev.launch(kernel, 2, [dev.upload(a), out], params=(100, 0.5))
     assert np.array_equal(out.numpy(), a * 3 + 0.5)
+    trusted = dev.compile("axpb", source, trusted=True, SCALE=2.0)  # kiln's own kernels' runtime checks
+    dev.launch(trusted, 2, [dev.upload(a), out], params=(100, 0.0))
+    assert np.array_equal(out.numpy(), a * 2)
 
 
 def test_describe_and_supported_ops(dev):
@@ -609,3 +612,36 @@ def test_runtime_checks_switch(dev, ref, monkeypatch, checks):
     monkeypatch.setenv("KILN_WGPU_CHECKS", "some")
     with pytest.raises(ValueError, match="KILN_WGPU_CHECKS"):
         wgpu_backend.WgpuDevice(dev.index)
+
+
+def test_timeline_times_each_dispatch(dev):
+    """timeline(): one (kernel, microseconds) per dispatch of the last replayed decode step, from GPU timestamps;
+    a device without the timestamp features says so when asked for them."""
+    try:
+        other = wgpu_backend.WgpuDevice(dev.index, timestamps=True)
+    except UnsupportedOp as e:
+        pytest.skip(str(e))
+    try:
+        with pytest.raises(RuntimeError, match="no decode step"):
+            other.timeline()
+        rng = np.random.default_rng(3)
+        raw = quant.random_weight(Q.Q8_0, 40, 64, rng)
+        w = other.load_weight("w", Q.Q8_0, raw, (40, 64))
+        x, h, out = (
+            other.upload(rng.standard_normal((1, 64), dtype=np.float32)),
+            other.empty((1, 40)),
+            other.empty((1, 40)),
+        )
+
+        def step():
+            other.matmul(x, w, h)
+            other.add(h, h, out)
+
+        other.replay(("timeline", 1), step)
+        other.replay(("timeline", 1), step)
+        times = other.timeline()
+        assert [name for name, _ in times] == ["gemv_plain", "elementwise"]
+        assert all(us >= 0 for _, us in times)
+        assert np.allclose(out.numpy(), 2 * h.numpy())
+    finally:
+        other.close()

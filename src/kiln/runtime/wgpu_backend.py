@@ -767,16 +767,18 @@ class WgpuDevice(OpRecorder, Device):
         return t
 
     # --- user kernels -------------------------------------------------------------------------------------------
-    def compile(self, name: str, source: str, **constants: Any) -> WgpuKernel:
+    def compile(self, name: str, source: str, trusted: bool = False, **constants: Any) -> WgpuKernel:
         """Compile WGSL `source` (entry point `main`); constants set its `override` declarations.
 
-        Cached by (name, source, constants). Bind tensors with @group(0) @binding(0..n-1) in launch order, and
-        the params struct (if any) as a `var<uniform>` at @binding(n).
+        Cached by (name, source, trusted, constants). Bind tensors with @group(0) @binding(0..n-1) in launch order,
+        and the params struct (if any) as a `var<uniform>` at @binding(n). trusted=True compiles with the runtime
+        checks kiln's own kernels use (on GPUs: no loop-bounding counters, see _runtime_checks): only for a kernel
+        whose loops are known to end; the default keeps every check wgpu adds.
         """
-        key = ("user", name, source, tuple(sorted(constants.items())))
+        key = ("user", name, source, trusted, tuple(sorted(constants.items())))
         pipeline = self._pipelines.get(key)
         if pipeline is None:
-            module = _shader_module(self.device, name, source, None)  # user kernels: every check
+            module = _shader_module(self.device, name, source, self._checks if trusted else None)
             stage = {"module": module, "entry_point": "main"}
             if constants:
                 stage["constants"] = {k: float(v) if not isinstance(v, bool) else v for k, v in constants.items()}
