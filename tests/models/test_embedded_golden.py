@@ -15,8 +15,8 @@ PROMPTS = GOLDENS["prompts"]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return kiln.load(backend="numpy", n_ctx=512)
+def model(embedded_path):
+    return kiln.load(embedded_path, backend="numpy", n_ctx=512)
 
 
 def greedy_ids(model, prompt_ids: list[int], n: int) -> list[int]:
