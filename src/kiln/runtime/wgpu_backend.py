@@ -48,7 +48,7 @@ try:
     import wgpu
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"wgpu-py is not installed ({e})") from None
-try:  # wgpu-native's C API, for modules without runtime checks (see _shader_module)
+try:  # wgpu-py's wgpu-native layer (internals: pyproject pins wgpu 0.32.x), for _shader_module and timeline()
     from wgpu.backends.wgpu_native import _api as _wgpu_native
 except ImportError:  # pragma: no cover - another wgpu-py backend
     _wgpu_native = None
