@@ -5,7 +5,8 @@ the figure is the device's time per GEMV (each after a barrier, as in decode), n
 rotate through copies of the weight totalling 256 MiB, so it is read from memory as in decode, not from the L2
 cache (tables before 2026-11-30's fourth session reused one copy: matrices under ~50 MB were partly L2 reads, and
 the first H100 tables in bench/results/h100-wgpu-gemv.txt timed the host's recording too). Prints a table and
-writes JSON (--out).
+writes JSON (--out). On the H200, cases timed after many others' copies were allocated and freed in the same process
+ran 2-3x slower (cause not found): for tables, run one format per process, as bench/NOTES.md's were.
 
     python bench/wgpu_kernels.py                       # 7B-sized matrices on a GPU, small ones on a CPU adapter
     python bench/wgpu_kernels.py --sizes 4096x4096,11008x4096 --formats Q4_K,Q8_0 --out gemv.json
