@@ -704,10 +704,8 @@ class WgpuDevice(OpRecorder, Device):
             encoder = self.device.create_command_encoder()
             cp = encoder.begin_compute_pass()
             cp._write_timestamp(queries, 0)
-            for i, (pipeline, group, groups) in enumerate(recorded):
-                cp.set_pipeline(pipeline)
-                cp.set_bind_group(0, group)
-                cp.dispatch_workgroups(*groups)
+            for i, dispatch in enumerate(recorded):
+                self._encode(cp, [dispatch])
                 cp._write_timestamp(queries, i + 1)
             cp.end()
             encoder.resolve_query_set(queries, 0, n, resolved, 0)

@@ -14,18 +14,10 @@
 // Header: HD, NV = HD / 4, GQ, TILE (divides WG), WG, NS (splits = grid x), HS = WG / TILE, SPT = ceil(GQ / HS),
 // E = GQ * NV (output vec4s per workgroup), PE = ceil(E / WG), KG = max(1, WG / E), LT = ceil(TILE * NV / WG).
 
-const NEG: f32 = -1.0e30;  // finite "minus infinity": exp(NEG - m) is 0 without inf - inf = NaN
+// Bindings, NEG and is_last: attn_last_split.wgsl (shared with attn_decode3).
+
 const KS: u32 = NV + 1u;   // padded K row (vec4s)
 const PS: u32 = TILE + 1u; // padded score row
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> q: array<act>;
-@group(0) @binding(2) var<storage, read_write> k_cache: array<vec4<kv>>;
-@group(0) @binding(3) var<storage, read_write> v_cache: array<vec4<kv>>;
-@group(0) @binding(4) var<storage, read_write> pos: array<i32>;
-@group(0) @binding(5) var<storage, read_write> y: array<act>;
-@group(0) @binding(6) var<storage, read_write> part: array<atomic<u32>>;   // f32 bits: acc, then (max, sum) pairs
-@group(0) @binding(7) var<storage, read_write> ticket: array<atomic<u32>>; // per (t, KV head); left at 0
 
 var<workgroup> qs: array<vec4<f32>, E>;
 var<workgroup> ks: array<vec4<kv>, TILE * KS>;
@@ -38,7 +30,6 @@ var<workgroup> red: array<vec4<f32>, WG>;
 var<workgroup> w_m: array<f32, NS * GQ>;
 var<workgroup> w_l: array<f32, NS * GQ>;
 var<workgroup> n_keys: u32;
-var<workgroup> is_last: u32;
 
 // K and V rows j0.. of the tile into workgroup memory; rows past `hi` repeat row hi - 1 (finite, weighted 0).
 fn load_tile(lid: u32, base: u32, j0: u32, hi: u32) {

@@ -21,24 +21,15 @@
 // EW = min(E, WG), KG = max(1, WG / E) (merge thread groups), NW (workgroup vec4s).
 // The entry point (attn_decode3_sg.wgsl or attn_decode3_wg.wgsl) calls attend() and supplies row_sum_sg().
 
-const NEG: f32 = -1.0e30;  // finite "minus infinity": exp(NEG - m) is 0 without inf - inf = NaN
-const MB: u32 = 4u;        // splits per batch of merge loads
+// Bindings, NEG and is_last: attn_last_split.wgsl (shared with attn_decode2).
 
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> q: array<act>;
-@group(0) @binding(2) var<storage, read_write> k_cache: array<vec4<kv>>;
-@group(0) @binding(3) var<storage, read_write> v_cache: array<vec4<kv>>;
-@group(0) @binding(4) var<storage, read_write> pos: array<i32>;
-@group(0) @binding(5) var<storage, read_write> y: array<act>;
-@group(0) @binding(6) var<storage, read_write> part: array<atomic<u32>>;   // f32 bits: acc, then (max, sum) pairs
-@group(0) @binding(7) var<storage, read_write> ticket: array<atomic<u32>>; // per (t, KV head); left at 0
+const MB: u32 = 4u;        // splits per batch of merge loads
 
 var<workgroup> wsh: array<vec4<f32>, NW>;  // fallback row sums; then the row merge; then the split merge
 var<workgroup> rm: array<f32, R * GQ>;     // each row's max and sum per head
 var<workgroup> rl: array<f32, R * GQ>;
 var<workgroup> sg_bad: atomic<u32>;
 var<workgroup> info: u32;                  // key count | (subgroups unusable) << 31
-var<workgroup> is_last: u32;
 
 // Sum of x over the LPK lanes of row `row` through workgroup memory (all threads call it; FB vec4s per barrier).
 // Two buffers alternate (*par): a buffer is rewritten only after the next call's barrier, when all have read it.
