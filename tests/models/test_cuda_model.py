@@ -32,18 +32,8 @@ def cuda():
     dev.close()
 
 
-def _embedded() -> str:
-    try:
-        path = api.default_model_path()
-    except KilnError as e:
-        pytest.skip(str(e))
-    if not os.path.exists(path):
-        pytest.skip(f"embedded model missing: {path}")
-    return path
-
-
-def test_embedded_greedy_tokens_match_numpy(cuda):
-    path = _embedded()
+def test_embedded_greedy_tokens_match_numpy(cuda, embedded_path):
+    path = embedded_path
     f = gguf.load(path)
     models = {"cuda": Model(f, cuda, n_ctx=256), "numpy": Model(f, NumpyDevice(), n_ctx=256)}
     tok = api.load(path, backend="numpy").tokenizer
