@@ -585,11 +585,18 @@ def test_decode_step_encoded_ahead_matches(dev):
 
 
 def test_gemv_shape_by_size(dev, matmul_path):
-    """With no fixed shape (GPUs), long rows take 64 threads and small matrices 2 rows per workgroup."""
+    """With no fixed shape (GPUs): plain and residual GEMVs take more threads on longer rows, 8 rows on tall
+    matrices with long rows and 2 on small ones; the SwiGLU GEMV one subgroup of 32 threads (mode 2); QKV mode 3."""
     matmul_path(None, None, False)
     assert dev._gemv_shape(2048, 2048) == (64, 4)
+    assert dev._gemv_shape(5632, 2048, 1) == (128, 4)
+    assert dev._gemv_shape(2048, 32000) == (64, 8)
     assert dev._gemv_shape(576, 1536) == (32, 2)
     assert dev._gemv_shape(576, 49152) == (32, 4)
+    assert dev._gemv_shape(2048, 11264, 2) == (32, 4)
+    assert dev._gemv_shape(4096, 22016, 2) == (32, 8)
+    assert dev._gemv_shape(2048, 2560, 3) == (64, 4)
+    assert dev._gemv_shape(4096, 12288, 3) == (32, 4)
 
 
 @pytest.mark.parametrize("checks", ["bounds", "none"])

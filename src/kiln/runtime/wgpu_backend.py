@@ -942,13 +942,20 @@ class WgpuDevice(OpRecorder, Device):
                 (-(-part.rows // 64), -(-T // 32), 1),
             )
 
-    def _gemv_shape(self, K: int, rows: int) -> tuple[int, int]:
-        """GEMV threads per row and rows per workgroup: the fixed shape if one is set, else by size. H200 (Vulkan)
-        decode: 64 threads on rows of 2048+ columns (more loads in flight; 1.05x on TinyLlama), 2 rows per
-        workgroup for matrices under 2048 rows (twice the workgroups; 1.25x on SmolLM2); bench/NOTES.md."""
+    def _gemv_shape(self, K: int, rows: int, mode: int = 0) -> tuple[int, int]:
+        """GEMV threads per row and rows per workgroup: the fixed shape if one is set, else by kind (mode) and size,
+        from sweeps on an H200 (Vulkan; bench/NOTES.md): the SwiGLU GEMV is fastest with one subgroup of 32 threads
+        and more rows as rows get longer (TinyLlama 32 -> 24 us, 7B 78 -> 64 us against 64 x 4); plain and residual
+        GEMVs take more threads on longer rows (7B down 33 -> 28 us) and 8 rows on tall matrices with long rows;
+        small matrices 2 rows per workgroup (twice the workgroups)."""
         if self.gemv_tpr:
             return self.gemv_tpr, self.gemv_rpw
-        return (64 if K >= 2048 else 32), (4 if rows >= 2048 else 2)
+        if mode == 2:  # glu
+            return 32, (2 if K < 1024 else 4 if K < 4096 else 8)
+        rpw = 8 if rows >= 8192 and K >= 2048 and mode != 3 else 4 if rows >= 2048 else 2
+        if mode == 3:  # qkv
+            return (64 if 2048 <= K < 4096 else 32), rpw
+        return (32 if K < 2048 else 64 if K < 4096 else 128), rpw
 
     def _gemv(
         self,
@@ -968,7 +975,7 @@ class WgpuDevice(OpRecorder, Device):
     ) -> None:
         """One dispatch of gemv.wgsl: mode 0 plain, 1 residual, 2 SwiGLU, 3 QKV (gemv_out_<mode>.wgsl) over the
         weight parts `parts` (one per segment) with `rows` logical rows each; `bindings` are the epilogue's."""
-        tpr, rpw = self._gemv_shape(x.shape[1], sum(rows))
+        tpr, rpw = self._gemv_shape(x.shape[1], sum(rows), mode)
         defs = {"TPR": tpr, "RPW": rpw, "NR": rpw + int(norm is not None), "NW": len(parts), "MODE": mode}
         if kv is not None:
             defs["kv"] = kv

@@ -49,8 +49,8 @@ fn x_unit(t: u32, k: u32, K: u32) -> array<vec4<f32>, 8> {
 }
 
 @compute @workgroup_size(TPR)
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>,
-        @builtin(num_workgroups) nwg: vec3<u32>) {
+fn main(lanes: Lanes, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let lid = lanes.lid;
     let g = wid.x + wid.z * nwg.x;
     let t = wid.y;
     var seg = 0u;
@@ -80,10 +80,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             acc[r] += seg_dot(rows[r].x, rows[r].y, u, p.K, xv);
         }
     }
-    reduce_rows(lid, acc);  // reduce_sg.wgsl or reduce_wg.wgsl
+    reduce_rows(lanes, acc);  // reduce_sg.wgsl or reduce_wg.wgsl (Lanes: the thread's ids they need)
     var scale = 1.0;
     if (NR > RPW) {
-        scale = 1.0 / sqrt(partial[(NR - 1u) * TPR] / f32(p.K) + p.eps);
+        scale = 1.0 / sqrt(row_sum(NR - 1u) / f32(p.K) + p.eps);
     }
     store(lid, t, seg, first, n, scale);
 }

@@ -11,8 +11,8 @@ fn wrow(seg: u32, l: u32, n: u32) -> vec2<u32> {
 fn store(lid: u32, t: u32, seg: u32, first: u32, n: u32, scale: f32) {
     let pairs = min(RPW, n - min(first, n)) / 2u;
     for (var i = lid; i < pairs; i += TPR) {
-        let g = partial[2u * i * TPR] * scale;
-        let u = partial[(2u * i + 1u) * TPR] * scale;
+        let g = row_sum(2u * i) * scale;
+        let u = row_sum(2u * i + 1u) * scale;
         let row = first / 2u + i;
         y[row] = g / (1.0 + exp(-g)) * u;
         up_out[row] = u;

@@ -45,8 +45,8 @@ fn store(lid: u32, t: u32, seg: u32, first: u32, n: u32, scale: f32) {
     for (var i = lid; i < pairs; i += TPR) {
         let ra = pair_row(first + 2u * i);
         let rb = pair_row(first + 2u * i + 1u);
-        var a = partial[2u * i * TPR] * scale + bias_at(seg, ra);
-        var b = partial[(2u * i + 1u) * TPR] * scale + bias_at(seg, rb);
+        var a = row_sum(2u * i) * scale + bias_at(seg, ra);
+        var b = row_sum(2u * i + 1u) * scale + bias_at(seg, rb);
         if (seg < 2u) {
             let fp = f32(pp);
             let f = turns[((first / 2u) + i) % (p.hd / 2u)];

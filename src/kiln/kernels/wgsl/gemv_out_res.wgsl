@@ -10,7 +10,7 @@ fn wrow(seg: u32, l: u32, n: u32) -> vec2<u32> {
 fn store(lid: u32, t: u32, seg: u32, first: u32, n: u32, scale: f32) {
     let cnt = min(RPW, n - min(first, n));
     for (var r = lid; r < cnt; r += TPR) {
-        var v = partial[r * TPR] * scale;
+        var v = row_sum(r) * scale;
         if ((p.bias & 1u) != 0u) {
             v += b0[first + r];
         }

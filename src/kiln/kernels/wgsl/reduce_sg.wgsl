@@ -1,23 +1,32 @@
-// GEMV row reduction with subgroups (NR rows: RPW, plus a fused norm's sum of squares): when one subgroup spans
-// the whole workgroup (a CPU adapter's 8 lanes, a GPU warp of 32), one subgroupAdd per row and no barrier tree;
-// otherwise the workgroup-memory tree. Leaves row r's total in partial[r * TPR]. No assumption about how
-// invocations map to subgroup lanes.
-var<workgroup> sg_width: u32;
+// GEMV row reduction with subgroups: each subgroup adds its lanes' values of every row (subgroupAdd) and one of its
+// lanes stores the sums at partial[r * TPR + subgroup_id]; row_sum(r) then adds the row's num_subgroups entries.
+// One barrier whatever the workgroup size (a tree over TPR threads takes log2(TPR) + 1). No assumption about how
+// invocations map to subgroups.
+struct Lanes {
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) n_sg: u32,
+}
 
-fn reduce_rows(lid: u32, acc: array<f32, NR>) {
-    let width = subgroupAdd(1u);  // active lanes of this invocation's subgroup
-    if (lid == 0u) {
-        sg_width = width;
-    }
-    if (workgroupUniformLoad(&sg_width) >= TPR) {
-        for (var r = 0u; r < NR; r++) {
-            let total = subgroupAdd(acc[r]);
-            if (lid == 0u) {
-                partial[r * TPR] = total;
-            }
+var<workgroup> n_sums: u32;
+
+fn reduce_rows(l: Lanes, acc: array<f32, NR>) {
+    for (var r = 0u; r < NR; r++) {
+        let total = subgroupAdd(acc[r]);
+        if (subgroupBroadcastFirst(l.lid) == l.lid) {  // one lane per subgroup
+            partial[r * TPR + l.sg] = total;
         }
-        workgroupBarrier();
-        return;
     }
-    reduce_tree(lid, acc);
+    if (l.lid == 0u) {
+        n_sums = l.n_sg;
+    }
+    workgroupBarrier();
+}
+
+fn row_sum(r: u32) -> f32 {
+    var s = partial[r * TPR];
+    for (var k = 1u; k < n_sums; k++) {
+        s += partial[r * TPR + k];
+    }
+    return s;
 }

@@ -1,4 +1,12 @@
 // GEMV row reduction without subgroups: the workgroup-memory tree (reduce_tree.wgsl).
-fn reduce_rows(lid: u32, acc: array<f32, NR>) {
-    reduce_tree(lid, acc);
+struct Lanes {
+    @builtin(local_invocation_index) lid: u32,
+}
+
+fn reduce_rows(l: Lanes, acc: array<f32, NR>) {
+    reduce_tree(l.lid, acc);
+}
+
+fn row_sum(r: u32) -> f32 {
+    return partial[r * TPR];
 }
