@@ -246,13 +246,36 @@ def _weight_copies(text: str, n: int) -> str:
     return "\n".join(out)
 
 
-def _seg_dot(n: int) -> str:
-    """seg_dot(s, ...) = unit_dot_<s>(...): which weight a GEMV row reads (segments are uniform per row)."""
-    lines = ["fn seg_dot(s: u32, row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {"]
-    for i in range(n - 1):
-        lines.append(f"    if (s == {i}u) {{\n        return unit_dot_{i}(row, u, K, xv);\n    }}")
-    lines += [f"    return unit_dot_{n - 1}(row, u, K, xv);", "}"]
-    return "\n".join(lines)
+def _rows_dot(n: int, mode: int) -> str:
+    """rows_dot: adds each GEMV row's dot product with one x unit to acc, calling the weight copy (unit_dot_<s>) the
+    row reads with no branch per row, so the rows' weight loads can go out together: the SwiGLU GEMV's rows
+    alternate gate, up (segment r % 2, fixed once the driver unrolls the loop); the other GEMVs' segment is the
+    same for every row of a workgroup (one branch per unit, around all rows)."""
+    head = (
+        "fn rows_dot(seg: u32, rows: array<vec2<u32>, RPW>, u: u32, K: u32, xv: array<vec4<f32>, 8>,\n"
+        "            acc: ptr<function, array<f32, NR>>) {"
+    )
+    if mode == 2:
+        body = [
+            "    for (var r = 0u; r < RPW; r += 2u) {",
+            "        (*acc)[r] += unit_dot_0(rows[r].y, u, K, xv);",
+            "        (*acc)[r + 1u] += unit_dot_1(rows[r + 1u].y, u, K, xv);",
+            "    }",
+        ]
+    else:
+        body = []
+        for s in range(n):
+            cond = "" if s == n - 1 else f"if (seg == {s}u) "
+            body += [
+                f"    {cond}{{",
+                "        for (var r = 0u; r < RPW; r++) {",
+                f"            (*acc)[r] += unit_dot_{s}(rows[r].y, u, K, xv);",
+                "        }",
+                "        return;" if s < n - 1 else "",
+                "    }",
+            ]
+        body = [line for line in body if line]
+    return "\n".join([head, *body, "}"])
 
 
 @dataclass
@@ -580,7 +603,7 @@ class WgpuDevice(OpRecorder, Device):
                 snippet += "\n" + (_KERNELS / "k_scales.wgsl").read_text()
             parts.append(_weight_copies(snippet, defs["NW"]) if kernel == "gemv" else snippet)
         if kernel == "gemv":
-            parts.append(_seg_dot(defs["NW"]))
+            parts.append(_rows_dot(defs["NW"], defs["MODE"]))
             norm = "on" if defs["NR"] > defs["RPW"] else "off"
             parts.append((_KERNELS / f"gemv_norm_{norm}.wgsl").read_text())
             parts.append((_KERNELS / ("reduce_sg.wgsl" if self.use_subgroups else "reduce_wg.wgsl")).read_text())

@@ -7,7 +7,7 @@
 // NORM (gemv_norm_on.wgsl): x is the un-normalised residual; each thread also sums x^2 over the units it loads
 // (the threads together see every column once), x is multiplied by the norm weight as it is loaded, and the row
 // sums are scaled by 1/sqrt(mean(x^2) + eps) at the end: RMSNorm + GEMV in one pass. That sum is reduced as an
-// extra row (NR = RPW + 1). Header: TPR (a power of two), RPW (even), NR, NW; seg_dot is generated per NW.
+// extra row (NR = RPW + 1). Header: TPR (a power of two), RPW (even), NR, NW; rows_dot is generated per NW and mode.
 
 struct Params {
     K: u32,      // row length
@@ -76,9 +76,7 @@ fn main(lanes: Lanes, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         var xv = x_unit(t, u * UNIT, p.K);
         acc[NR - 1u] += sumsq(xv);  // 0 without NORM (then NR - 1 is a real row: adding 0 changes nothing)
         xv = normed(xv, u * UNIT, p.K);
-        for (var r = 0u; r < RPW; r++) {
-            acc[r] += seg_dot(rows[r].x, rows[r].y, u, p.K, xv);
-        }
+        rows_dot(seg, rows, u, p.K, xv, &acc);
     }
     reduce_rows(lanes, acc);  // reduce_sg.wgsl or reduce_wg.wgsl (Lanes: the thread's ids they need)
     var scale = 1.0;
