@@ -396,7 +396,7 @@ def test_fused_decode_layer(dev, ref, matmul_path, qtype, neox, bias, own_shape)
 FUSED_NMSE = 1e-6  # the fused norm scales after the dot product instead of before: rounding order only
 
 
-@pytest.mark.parametrize("tpr,rpw,subgroups", [(32, 8, False), (64, 4, True), (None, None, True)])
+@pytest.mark.parametrize("tpr,rpw,subgroups", [(32, 8, False), (64, 4, True), (64, 8, True), (None, None, True)])
 def test_fused_decode_layer_gemv_shapes(dev, ref, matmul_path, tpr, rpw, subgroups):
     """GPU GEMV shapes, one wider than any subgroup, with and without subgroup reductions; None: a shape per
     matrix, as GPUs choose (_gemv_shape)."""
@@ -586,17 +586,19 @@ def test_decode_step_encoded_ahead_matches(dev):
 
 def test_gemv_shape_by_size(dev, matmul_path):
     """With no fixed shape (GPUs): plain and residual GEMVs take more threads on longer rows, 8 rows on tall
-    matrices with long rows and 2 on small ones; the SwiGLU GEMV one subgroup of 32 threads (mode 2); QKV mode 3."""
+    matrices with long rows and 2 on small ones; the SwiGLU (mode 2) and QKV (mode 3) GEMVs as measured."""
     matmul_path(None, None, False)
     assert dev._gemv_shape(2048, 2048) == (64, 4)
     assert dev._gemv_shape(5632, 2048, 1) == (128, 4)
     assert dev._gemv_shape(2048, 32000) == (64, 8)
     assert dev._gemv_shape(576, 1536) == (32, 2)
     assert dev._gemv_shape(576, 49152) == (32, 4)
-    assert dev._gemv_shape(2048, 11264, 2) == (32, 4)
+    assert dev._gemv_shape(576, 3072, 2) == (32, 2)
+    assert dev._gemv_shape(2048, 11264, 2) == (64, 8)
     assert dev._gemv_shape(4096, 22016, 2) == (32, 8)
+    assert dev._gemv_shape(576, 960, 3) == (32, 2)
     assert dev._gemv_shape(2048, 2560, 3) == (64, 4)
-    assert dev._gemv_shape(4096, 12288, 3) == (32, 4)
+    assert dev._gemv_shape(4096, 12288, 3) == (64, 8)
 
 
 @pytest.mark.parametrize("checks", ["bounds", "none"])

@@ -967,17 +967,18 @@ class WgpuDevice(OpRecorder, Device):
 
     def _gemv_shape(self, K: int, rows: int, mode: int = 0) -> tuple[int, int]:
         """GEMV threads per row and rows per workgroup: the fixed shape if one is set, else by kind (mode) and size,
-        from sweeps on an H200 (Vulkan; bench/NOTES.md): the SwiGLU GEMV is fastest with one subgroup of 32 threads
-        and more rows as rows get longer (TinyLlama 32 -> 24 us, 7B 78 -> 64 us against 64 x 4); plain and residual
+        from sweeps on an H200 (Vulkan; bench/NOTES.md). Against one 64 x 4 shape for all: the SwiGLU GEMV 24.5 ->
+        19.6 us (TinyLlama, 64 x 8) and 78 -> 52 us (7B, 32 x 8); QKV on 7B 50 -> 36 us (64 x 8); plain and residual
         GEMVs take more threads on longer rows (7B down 33 -> 28 us) and 8 rows on tall matrices with long rows;
         small matrices 2 rows per workgroup (twice the workgroups)."""
         if self.gemv_tpr:
             return self.gemv_tpr, self.gemv_rpw
+        small = rows < 2048
         if mode == 2:  # glu
-            return 32, (2 if K < 1024 else 4 if K < 4096 else 8)
-        rpw = 8 if rows >= 8192 and K >= 2048 and mode != 3 else 4 if rows >= 2048 else 2
+            return (32, 2) if K < 1024 else (64, 8) if K < 4096 else (32, 8)
         if mode == 3:  # qkv
-            return (64 if 2048 <= K < 4096 else 32), rpw
+            return (32, 2 if small else 4) if K < 2048 else (64, 4) if K < 4096 else (64, 8)
+        rpw = 2 if small else 8 if rows >= 8192 and K >= 2048 else 4
         return (32 if K < 2048 else 64 if K < 4096 else 128), rpw
 
     def _gemv(
