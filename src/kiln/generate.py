@@ -22,21 +22,22 @@ def generate_step(
     logits_processors: Sequence[LogitsProcessor] = (),
     want_logits: bool = False,
 ) -> Iterator[tuple[int, np.ndarray | None]]:
-    """Prefill the prompt, then yield (token, logits) forever; the caller decides when to stop.
+    """Prefill the prompt, then yield (token, logits) until the context is full; the caller decides when to stop.
 
-    Greedy decoding without processors takes the argmax on the device, so logits never cross to the host.
+    Greedy decoding without processors stays on the device (Model.greedy): logits never cross to the host, and
+    each token reaches the next step there, so the device need not wait for the host between tokens.
     """
     logits_t = model.prefill(list(prompt_ids))
+    if sampler is None and not logits_processors and not want_logits:
+        for token in model.greedy(logits_t):
+            yield token, None
+        return
     tokens = list(prompt_ids)
-    on_device = sampler is None and not logits_processors and not want_logits
     while True:
-        if on_device:
-            token, logits = model.dev.argmax(logits_t), None
-        else:
-            logits = model.dev.download(logits_t)[0].astype(np.float32)
-            for proc in logits_processors:
-                logits = proc(tokens, logits)
-            token = sampler(logits) if sampler else int(np.argmax(logits))
+        logits = model.dev.download(logits_t)[0].astype(np.float32)
+        for proc in logits_processors:
+            logits = proc(tokens, logits)
+        token = sampler(logits) if sampler else int(np.argmax(logits))
         yield token, logits
         tokens.append(token)
         if len(model.tokens) >= model.n_ctx:

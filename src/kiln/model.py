@@ -5,6 +5,7 @@ backend ops of runtime/base.py. Shapes in comments: T tokens in the batch, d mod
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,9 +145,13 @@ class Model:
             raise ContextOverflow(f"{start + T} tokens do not fit the context of {self.n_ctx} tokens")
         a = self.acts(T)
         self.dev.write(a.ids, np.asarray(ids, np.int32))
-        self.dev.write(a.pos, np.arange(start, start + T, dtype=np.int32))
-        self.dev.replay((self.uid, "forward", T), lambda: self._forward(a, n_kv=start + T))
+        self._run(a, start)
         return a.logits
+
+    def _run(self, a: Activations, start: int) -> None:
+        """The step of a.T tokens at positions start.. whose ids are already in a.ids on the device."""
+        self.dev.write(a.pos, np.arange(start, start + a.T, dtype=np.int32))
+        self.dev.replay((self.uid, "forward", a.T), lambda: self._forward(a, n_kv=start + a.T))
 
     def _forward(self, a: Activations, n_kv: int) -> None:
         dev, c = self.dev, self.cfg
@@ -210,6 +215,23 @@ class Model:
         logits = self.forward(ids, len(self.tokens))
         self.tokens.extend(ids)
         return logits
+
+    def greedy(self, logits: Tensor) -> Iterator[int]:
+        """Greedy tokens from `logits` on, until the context is full. Each token reaches the next step on the device
+        (Device.argmax_into), so where the backend allows, the device runs step t + 1 while the host waits for
+        token t: one step runs ahead of the tokens taken. A token is in self.tokens once the step that reads it has
+        started; when the caller stops, the token computed ahead is dropped (the cache row it wrote lies past
+        self.tokens and is written again later)."""
+        a = self.acts(1)
+        pending = self.dev.argmax_into(logits, a.ids)
+        while len(self.tokens) < self.n_ctx:
+            self._run(a, len(self.tokens))
+            ahead = self.dev.argmax_into(a.logits, a.ids)
+            token = self.dev.read_token(pending)
+            self.tokens.append(token)
+            yield token
+            pending = ahead
+        yield self.dev.read_token(pending)
 
     def reset(self) -> None:
         self.tokens = []

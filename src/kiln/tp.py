@@ -41,7 +41,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import gguf as gguf_mod
@@ -626,6 +626,15 @@ class TensorParallelModel:
         if len(self.tokens) + len(ids) > self.n_ctx:
             raise ContextOverflow(f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self.n_ctx} tokens")
         return self._all(lambda r: self.models[r].step(ids))[0]
+
+    def greedy(self, logits: Tensor) -> Iterator[int]:
+        """Model.greedy's tokens, one step after another: every rank's step takes its ids from the host."""
+        while True:
+            token = self.dev.argmax(logits)
+            yield token
+            if len(self.tokens) >= self.n_ctx:
+                return
+            logits = self.step([token])
 
     def reset(self) -> None:
         for m in self.models:

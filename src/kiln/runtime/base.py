@@ -268,3 +268,15 @@ class Device(ABC):
     def argmax(self, x: Tensor) -> int:
         """Index of the largest value of a [1, N] tensor (greedy decoding without downloading logits)."""
         return int(np.argmax(self.download(x)))
+
+    def argmax_into(self, x: Tensor, ids: Tensor) -> Any:
+        """Start the argmax of a [1, N] tensor: its index goes into ids[0] on the device, as the next step's input,
+        and comes back to the host later through read_token(handle), so a backend can run that step while the host
+        waits for the token (Model.greedy). This default takes the argmax at once and writes ids from the host."""
+        token = self.argmax(x)
+        self.write(ids, np.array([token], np.int32))
+        return token
+
+    def read_token(self, handle: Any) -> int:
+        """The index an argmax_into call left in ids (waits for the device where it has not finished)."""
+        return int(handle)

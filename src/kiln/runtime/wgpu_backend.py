@@ -377,6 +377,8 @@ class WgpuDevice(OpRecorder, Device):
         self._scratch: dict[tuple, Tensor] = {}  # internal tensors (attention partials, argmax result, ...)
         self._rope_tables: dict[tuple, Any] = {}
         self._staging = None
+        self._token_staging: list = []  # argmax_into's two staging buffers, used in turn
+        self._token_turn = 0
         self._encoder = self._pass = None
         self.dispatches = 0  # recorded dispatches, for tests and benchmarks
         # replay(): the decode step's dispatches (pipeline, bind group, workgroups), recorded once and re-encoded
@@ -474,20 +476,29 @@ class WgpuDevice(OpRecorder, Device):
         if self._staging is None or self._staging.size < size:
             if self._staging is not None:
                 self._staging.destroy()
-            self._staging = self.device.create_buffer(
-                size=self.pool.bucket(size), usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST
-            )
+            self._staging = self._map_buffer(self.pool.bucket(size))
+        self._submit_copy(buf, offset, self._staging, size)
+        return self._read_mapped(self._staging, size)[:nbytes]
+
+    def _map_buffer(self, size: int):
+        return self.device.create_buffer(size=size, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+
+    def _submit_copy(self, buf, offset: int, staging, size: int) -> None:
+        """Submit the recorded work and a copy of [offset, offset + size) into `staging`; then, while the device
+        runs them, encode the next decode step (_preencode)."""
         encoder = self._end_pass() or self.device.create_command_encoder()
-        encoder.copy_buffer_to_buffer(buf, offset, self._staging, 0, size)
+        encoder.copy_buffer_to_buffer(buf, offset, staging, 0, size)
         self.queue.submit([*self._pending, encoder.finish()])
         self._pending = []
-        self._preencode()  # while the device runs this step, encode the next one
-        self._staging.map_sync(wgpu.MapMode.READ, 0, size)
+        self._preencode()
+
+    @staticmethod
+    def _read_mapped(staging, size: int) -> np.ndarray:
+        staging.map_sync(wgpu.MapMode.READ, 0, size)  # waits for the submitted copy
         try:
-            data = np.frombuffer(self._staging.read_mapped(0, size), np.uint8)
+            return np.frombuffer(staging.read_mapped(0, size), np.uint8).copy()
         finally:
-            self._staging.unmap()
-        return data[:nbytes]
+            staging.unmap()
 
     def _owns(self, tensor: Tensor) -> bool:
         entry = self._live.get(id(tensor))
@@ -1261,6 +1272,26 @@ class WgpuDevice(OpRecorder, Device):
         )
         return int(self.download(result)[0])
 
+    def argmax_into(self, x: Tensor, ids: Tensor) -> Any:
+        """The argmax kernel writes the index straight into ids (the next step's input) and a copy goes to one of
+        two small staging buffers, read by read_token: the next step is submitted before the host waits."""
+        self.require_op("argmax", x.dtype)
+        self._dispatch(
+            self._pipeline("argmax", act=x.dtype, WG=self.argmax_wg),
+            [self._bind_params(x.size), self._bind(1, x), self._bind(2, ids)],
+            (1, 1, 1),
+        )
+        if not self._token_staging:
+            self._token_staging = [self._map_buffer(256) for _ in range(2)]
+        staging = self._token_staging[self._token_turn]
+        self._token_turn ^= 1  # two in turn: the previous token may not have been read yet
+        buf, offset, _ = ids.storage
+        self._submit_copy(buf, offset, staging, 4)
+        return staging
+
+    def read_token(self, handle: Any) -> int:
+        return int(self._read_mapped(handle, 4).view(np.uint32)[0])
+
     # --- lifetime -----------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Destroy every buffer this device made and drop its pipelines and bind groups."""
@@ -1283,6 +1314,9 @@ class WgpuDevice(OpRecorder, Device):
         if self._staging is not None:
             self._staging.destroy()
             self._staging = None
+        for buf in self._token_staging:
+            buf.destroy()
+        self._token_staging = []
         self._rope_tables.clear()
         self._bind_groups.clear()
         self._forget_steps()

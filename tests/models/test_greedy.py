@@ -1,0 +1,84 @@
+"""Model.greedy (tokens fed to the next step on the device, one step run ahead) against the plain loop of argmax and
+step on every backend that runs here: same tokens, same cache bookkeeping, same end at a full context."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from helpers import nmse
+
+from kiln import gguf
+from kiln.errors import BackendUnavailable
+from kiln.model import Model
+from kiln.runtime.numpy_backend import NumpyDevice
+
+PROMPT = [1, 504, 345, 314, 289]
+
+
+@pytest.fixture(params=["numpy", "wgpu"])
+def device(request):
+    if request.param == "numpy":
+        yield NumpyDevice()
+        return
+    from kiln.runtime import wgpu_backend
+
+    try:
+        dev = wgpu_backend.WgpuDevice()
+    except BackendUnavailable as e:
+        pytest.skip(f"no WebGPU adapter: {e}")
+    yield dev
+    dev.close()
+
+
+@pytest.fixture
+def model(tiny_models, device):
+    m = Model(gguf.load(tiny_models(Q.Q8_0)), device, n_ctx=32)
+    yield m
+    m.close()
+
+
+def host_loop(model: Model, n: int) -> list[int]:
+    """The reference: argmax on the host's request, then a step with that id."""
+    model.reset()
+    logits, out = model.prefill(PROMPT), []
+    for _ in range(n):
+        out.append(model.dev.argmax(logits))
+        logits = model.step([out[-1]])
+    return out
+
+
+def test_greedy_tokens_equal_the_host_loop(model):
+    want = host_loop(model, 12)
+    model.reset()
+    got = list(itertools.islice(model.greedy(model.prefill(PROMPT)), 12))
+    assert got == want
+    assert model.tokens == PROMPT + got  # each token taken has been fed to a step
+
+
+def test_cache_is_consistent_after_stopping_early(model, tiny_models, device):
+    """The step run ahead of the last token taken writes a cache row past model.tokens: a later prompt that reuses
+    the prefix must give the logits of a fresh model."""
+    model.reset()
+    tokens = model.greedy(model.prefill(PROMPT))
+    got = list(itertools.islice(tokens, 6))
+    tokens.close()
+    follow = PROMPT + got[:4] + [7, 9]
+    logits = model.dev.download(model.prefill(follow))[0]
+    fresh = Model(gguf.load(tiny_models(Q.Q8_0)), NumpyDevice(), n_ctx=32)
+    want = fresh.dev.download(fresh.prefill(follow))[0]
+    fresh.close()
+    assert nmse(logits, want) < 1e-6
+
+
+def test_greedy_ends_when_the_context_is_full(model):
+    """As the host loop in generate_step: the last token is yielded although no step can take it."""
+    room = model.n_ctx - len(PROMPT)
+    model.reset()
+    got = list(model.greedy(model.prefill(PROMPT)))
+    assert len(got) == room + 1
+    assert len(model.tokens) == model.n_ctx
+    assert got[:room] == host_loop(model, room)
+    assert np.all(np.asarray(got) >= 0)
