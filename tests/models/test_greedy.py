@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from helpers import nmse
+from helpers import cuda_device_or_skip, nmse
 
 from kiln import gguf
 from kiln.errors import BackendUnavailable
@@ -18,17 +18,20 @@ from kiln.runtime.numpy_backend import NumpyDevice
 PROMPT = [1, 504, 345, 314, 289]
 
 
-@pytest.fixture(params=["numpy", "wgpu"])
+@pytest.fixture(params=["numpy", "wgpu", "cuda"])
 def device(request):
     if request.param == "numpy":
-        yield NumpyDevice()
-        return
-    from kiln.runtime import wgpu_backend
+        dev = NumpyDevice()
+    elif request.param == "cuda":
+        pytest.importorskip("cupy")
+        dev = cuda_device_or_skip()
+    else:
+        from kiln.runtime import wgpu_backend
 
-    try:
-        dev = wgpu_backend.WgpuDevice()
-    except BackendUnavailable as e:
-        pytest.skip(f"no WebGPU adapter: {e}")
+        try:
+            dev = wgpu_backend.WgpuDevice()
+        except BackendUnavailable as e:
+            pytest.skip(f"no WebGPU adapter: {e}")
     yield dev
     dev.close()
 
