@@ -304,8 +304,10 @@ class CudaDevice(OpRecorder, Device):
         self._cublas: _Cublas | _CupyCublas | None = None  # created on first use (_cublas_handle)
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
-        self._host_i32 = cupy.cuda.alloc_pinned_memory(4)
-        self._argmax_host = np.frombuffer(self._host_i32, np.int32, 1)
+        self._host_i32 = cupy.cuda.alloc_pinned_memory(8)  # argmax indices: two words, used in turn
+        self._argmax_host = np.frombuffer(self._host_i32, np.int32, 2)
+        self._token_events = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(2)]
+        self._token_turn = 0
         self.graphs_enabled = os.environ.get("KILN_CUDA_GRAPHS", "1") != "0"
         self.fuse_enabled = os.environ.get("KILN_CUDA_FUSE", "1") != "0"
         self._fuser = Fuser(_tid, self._gemv_ok)
@@ -925,6 +927,22 @@ class CudaDevice(OpRecorder, Device):
         self._launch(k, self._blocks(n16), 256, (src, _ptr(out), np.int32(n16)))
 
     def argmax(self, x: Tensor) -> int:
+        return self.read_token(self._argmax_to_host(x, 0))
+
+    def argmax_into(self, x: Tensor, ids: Tensor) -> Any:
+        """The index goes to ids on the device and to one of two pinned host words (in turn: the previous token may
+        not have been read yet); read_token waits for its event, so the next step is launched before the host
+        waits."""
+        self._token_turn ^= 1
+        return self._argmax_to_host(x, self._token_turn, ids)
+
+    def read_token(self, handle: Any) -> int:
+        slot, event = handle
+        event.synchronize()
+        return int(self._argmax_host[slot])
+
+    def _argmax_to_host(self, x: Tensor, slot: int, ids: Tensor | None = None) -> tuple:
+        """Launch the argmax of x, copy its index into ids (if given) and into pinned host word `slot`."""
         if self._rec is not None:
             raise _NotRecordable("argmax")
         n = x.size
@@ -946,11 +964,12 @@ class CudaDevice(OpRecorder, Device):
                     np.uint64(base + 4),
                 ),
             )
-        cupy.cuda.runtime.memcpyAsync(
-            self._host_i32.ptr, base + 4, 4, cupy.cuda.runtime.memcpyDeviceToHost, self.stream.ptr
-        )
-        self.stream.synchronize()
-        return int(self._argmax_host[0])
+        copy = cupy.cuda.runtime.memcpyAsync
+        if ids is not None:
+            copy(int(_ptr(ids)), base + 4, 4, cupy.cuda.runtime.memcpyDeviceToDevice, self.stream.ptr)
+        copy(self._host_i32.ptr + 4 * slot, base + 4, 4, cupy.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
+        self._token_events[slot].record(self.stream)
+        return slot, self._token_events[slot]
 
     # --- fused decode ops (from the fusion pass) ----------------------------------------------------------------
     def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, theta, hd, neox, kc, vc) -> None:
