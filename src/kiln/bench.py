@@ -1,8 +1,9 @@
 """`kiln bench`: prefill and decode speed of a GGUF on one backend, measured like llama.cpp's llama-bench.
 
 pp: prefill of P random prompt tokens into an empty cache (tok/s = P / time until the logits are ready).
-tg: greedy decoding of N tokens from an empty cache, one token per step, the argmax taken on the device (tok/s =
-N / time). Each is repeated R times after a warm-up run (which compiles kernels and captures CUDA graphs); the table
+tg: greedy decoding of N tokens from an empty cache, one step per token, as generation runs it (Model.greedy: the
+argmax is taken on the device and fed to the next step there; tok/s = N / time until the N-th token is on the
+host). Each is repeated R times after a warm-up run (which compiles kernels and captures CUDA graphs); the table
 shows mean ± standard deviation. Decode is memory-bound, so the table also shows the bandwidth it achieves: the bytes
 of weights one token reads (every matrix once; the embedding table only when it is also the output head) times
 tokens per second.
