@@ -978,7 +978,7 @@ class WgpuDevice(OpRecorder, Device):
 
     def _gemv_shape(self, K: int, rows: int, mode: int = 0) -> tuple[int, int]:
         """GEMV threads per row and rows per workgroup: the fixed shape if one is set, else by kind (mode) and size,
-        from sweeps on an H200 (Vulkan; bench/NOTES.md). Against one 64 x 4 shape for all: the SwiGLU GEMV 24.5 ->
+        from sweeps on an H200 (Vulkan; bench/NOTES.md). Against one 64 x 4 shape for all: the SwiGLU GEMV 32.0 ->
         19.6 us (TinyLlama, 64 x 8) and 78 -> 52 us (7B, 32 x 8); QKV on 7B 50 -> 36 us (64 x 8); plain and residual
         GEMVs take more threads on longer rows (7B down 33 -> 28 us) and 8 rows on tall matrices with long rows;
         small matrices 2 rows per workgroup (twice the workgroups)."""
