@@ -220,8 +220,8 @@ class Model:
         """Greedy tokens from `logits` on, until the context is full. Each token reaches the next step on the device
         (Device.argmax_into), so where the backend allows, the device runs step t + 1 while the host waits for
         token t: one step runs ahead of the tokens taken. A token is in self.tokens once the step that reads it has
-        started; when the caller stops, the token computed ahead is dropped (the cache row it wrote lies past
-        self.tokens and is written again later)."""
+        started, so self.tokens and the cache agree whenever the caller stops; the token that step computes is then
+        dropped."""
         a = self.acts(1)
         pending = self.dev.argmax_into(logits, a.ids)
         while len(self.tokens) < self.n_ctx:

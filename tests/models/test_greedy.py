@@ -62,8 +62,8 @@ def test_greedy_tokens_equal_the_host_loop(model):
 
 
 def test_cache_is_consistent_after_stopping_early(model, tiny_models, device):
-    """The step run ahead of the last token taken writes a cache row past model.tokens: a later prompt that reuses
-    the prefix must give the logits of a fresh model."""
+    """When the caller stops, the step that read the last token taken is still running and its output is dropped:
+    a later prompt that reuses the cached prefix must give the logits of a fresh model."""
     model.reset()
     tokens = model.greedy(model.prefill(PROMPT))
     got = list(itertools.islice(tokens, 6))
