@@ -33,3 +33,14 @@ def cuda_device_or_skip():
         return CudaDevice()
     except (KilnError, ImportError) as e:
         pytest.skip(f"no CUDA device: {e}")
+
+
+def wgpu_device_or_skip():
+    """A WgpuDevice on the first adapter; the test skips where wgpu-py or a WebGPU adapter is missing."""
+    wgpu_backend = pytest.importorskip("kiln.runtime.wgpu_backend", reason="wgpu-py is not installed")
+    from kiln.errors import BackendUnavailable
+
+    try:
+        return wgpu_backend.WgpuDevice()
+    except BackendUnavailable as e:
+        pytest.skip(f"no WebGPU adapter: {e}")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from helpers import nmse  # noqa: E402
+from helpers import nmse, wgpu_device_or_skip  # noqa: E402
 
 from kiln import quant
-from kiln.errors import BackendUnavailable, UnsupportedOp
+from kiln.errors import UnsupportedOp
 from kiln.runtime.base import DTYPES
 from kiln.runtime.numpy_backend import NumpyDevice
 
@@ -26,10 +26,7 @@ FORMATS = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K,
 
 @pytest.fixture(scope="module")
 def dev():
-    try:
-        device = wgpu_backend.WgpuDevice()
-    except BackendUnavailable as e:
-        pytest.skip(f"no WebGPU adapter: {e}")
+    device = wgpu_device_or_skip()
     yield device
     device.close()
 

@@ -8,10 +8,9 @@ import itertools
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from helpers import cuda_device_or_skip, nmse
+from helpers import cuda_device_or_skip, greedy, nmse, wgpu_device_or_skip
 
 from kiln import gguf
-from kiln.errors import BackendUnavailable
 from kiln.model import Model
 from kiln.runtime.numpy_backend import NumpyDevice
 
@@ -26,12 +25,7 @@ def device(request):
         pytest.importorskip("cupy")
         dev = cuda_device_or_skip()
     else:
-        from kiln.runtime import wgpu_backend
-
-        try:
-            dev = wgpu_backend.WgpuDevice()
-        except BackendUnavailable as e:
-            pytest.skip(f"no WebGPU adapter: {e}")
+        dev = wgpu_device_or_skip()
     yield dev
     dev.close()
 
@@ -43,18 +37,8 @@ def model(tiny_models, device):
     m.close()
 
 
-def host_loop(model: Model, n: int) -> list[int]:
-    """The reference: argmax on the host's request, then a step with that id."""
-    model.reset()
-    logits, out = model.prefill(PROMPT), []
-    for _ in range(n):
-        out.append(model.dev.argmax(logits))
-        logits = model.step([out[-1]])
-    return out
-
-
 def test_greedy_tokens_equal_the_host_loop(model):
-    want = host_loop(model, 12)
+    want, _ = greedy(model, PROMPT, 12)  # the host loop: argmax on the host's request, then a step
     model.reset()
     got = list(itertools.islice(model.greedy(model.prefill(PROMPT)), 12))
     assert got == want
@@ -83,5 +67,5 @@ def test_greedy_ends_when_the_context_is_full(model):
     got = list(model.greedy(model.prefill(PROMPT)))
     assert len(got) == room + 1
     assert len(model.tokens) == model.n_ctx
-    assert got[:room] == host_loop(model, room)
+    assert got[:room] == greedy(model, PROMPT, room)[0]
     assert np.all(np.asarray(got) >= 0)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import nmse  # noqa: E402
+from helpers import nmse, wgpu_device_or_skip  # noqa: E402
 
 from kiln import gguf
-from kiln.errors import BackendUnavailable, KilnError
+from kiln.errors import KilnError
 from kiln.model import Model
 from kiln.runtime.numpy_backend import NumpyDevice
 
@@ -48,10 +48,7 @@ def prompts(model_file):
 
 @pytest.fixture(scope="module")
 def wgpu_model(model_file):
-    try:
-        dev = wgpu_backend.WgpuDevice()
-    except BackendUnavailable as e:
-        pytest.skip(f"no WebGPU adapter: {e}")
+    dev = wgpu_device_or_skip()
     model = Model(model_file, dev, n_ctx=128)
     yield model
     model.close()

@@ -13,9 +13,9 @@ import os
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from helpers import wgpu_device_or_skip
 
 from kiln import gguf, quant
-from kiln.errors import BackendUnavailable
 from kiln.model import Model
 
 wgpu = pytest.importorskip("wgpu", reason="wgpu-py is not installed")
@@ -60,10 +60,7 @@ def assert_rss_flat(before: int | None, after: int | None) -> None:
 
 @pytest.fixture
 def dev():
-    try:
-        device = wgpu_backend.WgpuDevice()
-    except BackendUnavailable as e:
-        pytest.skip(f"no WebGPU adapter: {e}")
+    device = wgpu_device_or_skip()
     yield device
     device.close()
 
@@ -157,10 +154,7 @@ def test_device_close_releases_every_object(tiny_models):
     gc.collect()
     before = object_counts()
     for _ in range(3):
-        try:
-            dev = wgpu_backend.WgpuDevice()
-        except BackendUnavailable as e:
-            pytest.skip(f"no WebGPU adapter: {e}")
+        dev = wgpu_device_or_skip()
         model = Model(file, dev, n_ctx=32)
         dev.argmax(model.prefill([1, 2, 3]))
         model.close()
