@@ -622,6 +622,8 @@ class WgpuDevice(OpRecorder, Device):
             parts.append((_KERNELS / f"gemv_out_{_GEMV_MODES[defs['MODE']]}.wgsl").read_text())
         if kernel.startswith("attn_"):
             parts.append((_KERNELS / "attn_params.wgsl").read_text())
+        if kernel in ("attn_decode", "attn_decode2", "attn_decode3"):
+            parts.append((_KERNELS / "attn_decode_inputs.wgsl").read_text())
         if kernel in ("attn_decode2", "attn_decode3"):
             parts.append((_KERNELS / "attn_last_split.wgsl").read_text())
         if kernel == "attn_decode3":  # its entry point: with subgroup shuffles or without

@@ -9,13 +9,8 @@
 // head), CHUNK (keys per chunk), DIRECT (1: a single split writes the normalised output itself, no attn_combine).
 
 const WG: u32 = 64u;
-const NEG: f32 = -1.0e30;  // finite "minus infinity": exp(NEG - m) is 0 without inf - inf = NaN
 
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> q: array<act>;
-@group(0) @binding(2) var<storage, read_write> k_cache: array<vec4<kv>>;
-@group(0) @binding(3) var<storage, read_write> v_cache: array<vec4<kv>>;
-@group(0) @binding(4) var<storage, read_write> pos: array<i32>;
+// Bindings 0-4 and NEG: attn_decode_inputs.wgsl.
 @group(0) @binding(5) var<storage, read_write> partial: array<f32>;
 
 var<workgroup> qs: array<vec4<f32>, GQ * NV>;

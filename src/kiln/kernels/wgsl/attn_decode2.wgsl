@@ -14,7 +14,7 @@
 // Header: HD, NV = HD / 4, GQ, TILE (divides WG), WG, NS (splits = grid x), HS = WG / TILE, SPT = ceil(GQ / HS),
 // E = GQ * NV (output vec4s per workgroup), PE = ceil(E / WG), KG = max(1, WG / E), LT = ceil(TILE * NV / WG).
 
-// Bindings, NEG and is_last: attn_last_split.wgsl (shared with attn_decode3).
+// Inputs and NEG: attn_decode_inputs.wgsl; outputs and is_last: attn_last_split.wgsl (shared with attn_decode3).
 
 const KS: u32 = NV + 1u;   // padded K row (vec4s)
 const PS: u32 = TILE + 1u; // padded score row

@@ -21,7 +21,7 @@
 // EW = min(E, WG), KG = max(1, WG / E) (merge thread groups), NW (workgroup vec4s).
 // The entry point (attn_decode3_sg.wgsl or attn_decode3_wg.wgsl) calls attend() and supplies row_sum_sg().
 
-// Bindings, NEG and is_last: attn_last_split.wgsl (shared with attn_decode2).
+// Inputs and NEG: attn_decode_inputs.wgsl; outputs and is_last: attn_last_split.wgsl (shared with attn_decode2).
 
 const MB: u32 = 4u;        // splits per batch of merge loads
 

@@ -1,13 +1,6 @@
-// Shared by the one-dispatch decode attention kernels, attn_decode2 and attn_decode3: their bindings, and the end of
-// a split. After a split has written its partial, the last split of (t, KV head) to finish merges all of them (the
-// kernel's own `merge`).
-const NEG: f32 = -1.0e30;  // finite "minus infinity": exp(NEG - m) is 0 without inf - inf = NaN
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> q: array<act>;
-@group(0) @binding(2) var<storage, read_write> k_cache: array<vec4<kv>>;
-@group(0) @binding(3) var<storage, read_write> v_cache: array<vec4<kv>>;
-@group(0) @binding(4) var<storage, read_write> pos: array<i32>;
+// Shared by the one-dispatch decode attention kernels, attn_decode2 and attn_decode3: their output bindings (the
+// inputs: attn_decode_inputs.wgsl), and the end of a split. After a split has written its partial, the last split of
+// (t, KV head) to finish merges all of them (the kernel's own `merge`).
 @group(0) @binding(5) var<storage, read_write> y: array<act>;
 @group(0) @binding(6) var<storage, read_write> part: array<atomic<u32>>;   // f32 bits: acc, then (max, sum) pairs
 @group(0) @binding(7) var<storage, read_write> ticket: array<atomic<u32>>; // per (t, KV head); left at 0
