@@ -263,18 +263,9 @@ def _rows_dot(n: int, mode: int) -> str:
             "    }",
         ]
     else:
-        body = []
-        for s in range(n):
-            cond = "" if s == n - 1 else f"if (seg == {s}u) "
-            body += [
-                f"    {cond}{{",
-                "        for (var r = 0u; r < RPW; r++) {",
-                f"            (*acc)[r] += unit_dot_{s}(rows[r].y, u, K, xv);",
-                "        }",
-                "        return;" if s < n - 1 else "",
-                "    }",
-            ]
-        body = [line for line in body if line]
+        loop = "for (var r = 0u; r < RPW; r++) {{ (*acc)[r] += unit_dot_{}(rows[r].y, u, K, xv); }}"
+        body = [f"    if (seg == {s}u) {{\n        {loop.format(s)}\n        return;\n    }}" for s in range(n - 1)]
+        body.append(f"    {loop.format(n - 1)}")
     return "\n".join([head, *body, "}"])
 
 
@@ -1264,25 +1255,24 @@ class WgpuDevice(OpRecorder, Device):
         self.require_op("copy_row", x.dtype)
         self._elementwise("copy_row", x.dtype, x.size // x.shape[0], x, None, out, row)
 
-    def argmax(self, x: Tensor) -> int:
+    def _argmax_to(self, x: Tensor, out: Tensor) -> None:
+        """Record the argmax kernel: the index of x's largest value into out[0] (a u32 or i32 tensor)."""
         self.require_op("argmax", x.dtype)
-        result = self._internal(("argmax",), (1,), "u32")
         self._dispatch(
             self._pipeline("argmax", act=x.dtype, WG=self.argmax_wg),
-            [self._bind_params(x.size), self._bind(1, x), self._bind(2, result)],
+            [self._bind_params(x.size), self._bind(1, x), self._bind(2, out)],
             (1, 1, 1),
         )
+
+    def argmax(self, x: Tensor) -> int:
+        result = self._internal(("argmax",), (1,), "u32")
+        self._argmax_to(x, result)
         return int(self.download(result)[0])
 
     def argmax_into(self, x: Tensor, ids: Tensor) -> Any:
         """The argmax kernel writes the index straight into ids (the next step's input) and a copy goes to one of
         two small staging buffers, read by read_token: the next step is submitted before the host waits."""
-        self.require_op("argmax", x.dtype)
-        self._dispatch(
-            self._pipeline("argmax", act=x.dtype, WG=self.argmax_wg),
-            [self._bind_params(x.size), self._bind(1, x), self._bind(2, ids)],
-            (1, 1, 1),
-        )
+        self._argmax_to(x, ids)
         if not self._token_staging:
             self._token_staging = [self._map_buffer(256) for _ in range(2)]
         staging = self._token_staging[self._token_turn]
