@@ -304,9 +304,10 @@ class CudaDevice(OpRecorder, Device):
         self._cublas: _Cublas | _CupyCublas | None = None  # created on first use (_cublas_handle)
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
-        self._host_i32 = cupy.cuda.alloc_pinned_memory(8)  # argmax indices: two words, used in turn
-        self._argmax_host = np.frombuffer(self._host_i32, np.int32, 2)
-        self._token_events = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(2)]
+        # argmax indices: argmax_into's two words, used in turn, and argmax's own (slot 2), each with an event
+        self._host_i32 = cupy.cuda.alloc_pinned_memory(12)
+        self._argmax_host = np.frombuffer(self._host_i32, np.int32, 3)
+        self._token_events = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(3)]
         self._token_turn = 0
         self.graphs_enabled = os.environ.get("KILN_CUDA_GRAPHS", "1") != "0"
         self.fuse_enabled = os.environ.get("KILN_CUDA_FUSE", "1") != "0"
@@ -927,7 +928,7 @@ class CudaDevice(OpRecorder, Device):
         self._launch(k, self._blocks(n16), 256, (src, _ptr(out), np.int32(n16)))
 
     def argmax(self, x: Tensor) -> int:
-        return self.read_token(self._argmax_to_host(x, 0))
+        return self.read_token(self._argmax_to_host(x, 2))  # not a word a pending argmax_into may still hold
 
     def argmax_into(self, x: Tensor, ids: Tensor) -> Any:
         """The index goes to ids on the device and to one of two pinned host words (in turn: the previous token may
