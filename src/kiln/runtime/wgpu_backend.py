@@ -117,6 +117,48 @@ def _runtime_checks(adapter_type: str) -> int | None:
     return sum((getattr(lib, f"WGPUShaderRuntimeChecks_{c}") for c in _CHECKS.get(choice, ())), 0)
 
 
+class _IndexedReads:
+    """Submissions that return wgpu-native's submission index, and 4-byte reads that wait for one submission only.
+
+    wgpu-py's map_sync waits on its poll thread, whose blocking poll waits for *all* submitted work while holding the
+    device's fence, which queue submits also take. Reading greedy token t, with step t + 1 already submitted, then
+    returned only once step t + 1 had finished too (seen on lavapipe: the queue was empty after every read), and the
+    GPU idled while the host took the token and submitted step t + 2. Waiting for the copy's own submission lets
+    step t + 1 run on meanwhile. None where wgpu-py is not on wgpu-native (read_token then maps the usual way)."""
+
+    def __init__(self, device, queue):
+        api = self._api = _wgpu_native
+        self._device, self._queue = device._internal, queue._internal
+        statuses = self._statuses = []
+
+        @api.ffi.callback("void(WGPUMapAsyncStatus, WGPUStringView, void *, void *)")
+        def on_mapped(status, _message, _userdata1, _userdata2):
+            statuses.append(status)
+
+        self._info = api.new_struct(
+            "WGPUBufferMapCallbackInfo", mode=api.lib.WGPUCallbackMode_AllowProcessEvents, callback=on_mapped
+        )
+
+    def submit(self, command_buffers: list) -> int:
+        handles = self._api.new_array("WGPUCommandBuffer[]", [b._internal for b in command_buffers])
+        return self._api.libf.wgpuQueueSubmitForIndex(self._queue, len(command_buffers), handles)
+
+    def read_word(self, staging, index: int) -> int:
+        """The first 4 bytes of MAP_READ buffer `staging`, once submission `index` (which fills it) has finished."""
+        api, libf = self._api, self._api.libf
+        self._statuses.clear()
+        libf.wgpuBufferMapAsync(staging._internal, api.lib.WGPUMapMode_Read, 0, 4, self._info)
+        libf.wgpuDevicePoll(self._device, True, api.ffi.new("WGPUSubmissionIndex *", index))  # runs the callback
+        if not self._statuses:  # not expected: the map resolves in the poll that sees its submission finish
+            libf.wgpuDevicePoll(self._device, True, api.ffi.NULL)
+        if self._statuses != [api.lib.WGPUMapAsyncStatus_Success]:
+            raise RuntimeError(f"wgpu: mapping the token buffer failed (status {self._statuses})")
+        try:
+            return int(api.ffi.cast("uint32_t *", libf.wgpuBufferGetConstMappedRange(staging._internal, 0, 4))[0])
+        finally:
+            libf.wgpuBufferUnmap(staging._internal)
+
+
 def _shader_module(device, label: str, code: str, checks: int | None):
     """A WGSL module compiled with the given naga runtime checks (None: wgpu's default, every check)."""
     if checks is None:
@@ -369,6 +411,7 @@ class WgpuDevice(OpRecorder, Device):
         self._rope_tables: dict[tuple, Any] = {}
         self._staging = None
         self._token_staging: list = []  # argmax_into's two staging buffers, used in turn
+        self._indexed = _IndexedReads(self.device, self.queue) if _wgpu_native else None
         self._token_turn = 0
         self._encoder = self._pass = None
         self.dispatches = 0  # recorded dispatches, for tests and benchmarks
@@ -474,14 +517,15 @@ class WgpuDevice(OpRecorder, Device):
     def _map_buffer(self, size: int):
         return self.device.create_buffer(size=size, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
 
-    def _submit_copy(self, buf, offset: int, staging, size: int) -> None:
+    def _submit_copy(self, buf, offset: int, staging, size: int) -> int | None:
         """Submit the recorded work and a copy of [offset, offset + size) into `staging`; then, while the device
-        runs them, encode the next decode step (_preencode)."""
+        runs them, encode the next decode step (_preencode). Returns the submission's index (_IndexedReads)."""
         encoder = self._end_pass() or self.device.create_command_encoder()
         encoder.copy_buffer_to_buffer(buf, offset, staging, 0, size)
-        self.queue.submit([*self._pending, encoder.finish()])
-        self._pending = []
+        buffers, self._pending = [*self._pending, encoder.finish()], []
+        index = self._indexed.submit(buffers) if self._indexed else self.queue.submit(buffers)
         self._preencode()
+        return index
 
     @staticmethod
     def _read_mapped(staging, size: int) -> np.ndarray:
@@ -1278,11 +1322,13 @@ class WgpuDevice(OpRecorder, Device):
         staging = self._token_staging[self._token_turn]
         self._token_turn ^= 1  # two in turn: the previous token may not have been read yet
         buf, offset, _ = ids.storage
-        self._submit_copy(buf, offset, staging, 4)
-        return staging
+        return staging, self._submit_copy(buf, offset, staging, 4)
 
     def read_token(self, handle: Any) -> int:
-        return int(self._read_mapped(handle, 4).view(np.uint32)[0])
+        staging, index = handle
+        if self._indexed:
+            return self._indexed.read_word(staging, index)
+        return int(self._read_mapped(staging, 4).view(np.uint32)[0])
 
     # --- lifetime -----------------------------------------------------------------------------------------------
     def close(self) -> None:
