@@ -11,20 +11,35 @@ fn half_at(w: u32, odd: u32) -> f32 {
     return select(v.x, v.y, odd == 1u);
 }
 
-// Four bit fields (one per byte, starting at bit `shift` of each byte, `mask` wide) as floats.
+// Integers below 2^23 as floats without an int-to-float conversion: 2^23 + v is the float whose mantissa is v.
+// NVIDIA GPUs issue conversions at 1/8 of the float rate (16 per clock per SM on Hopper): with one per weight they
+// bounded the quantized GEMVs; the OR and the subtraction here run at the full rate, and the result is exact.
+fn u2f4(v: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(v | vec4<u32>(0x4B000000u)) - 8388608.0;
+}
+
+// Four bit fields (one per byte, starting at bit `shift` of each byte, `mask` wide), as integers and as floats.
+fn fields4(w: u32, shift: u32, mask: u32) -> vec4<u32> {
+    return (vec4<u32>(w) >> (vec4<u32>(0u, 8u, 16u, 24u) + shift)) & vec4<u32>(mask);
+}
+
 fn field4(w: u32, shift: u32, mask: u32) -> vec4<f32> {
-    return vec4<f32>((vec4<u32>(w) >> (vec4<u32>(0u, 8u, 16u, 24u) + shift)) & vec4<u32>(mask));
+    return u2f4(fields4(w, shift, mask));
 }
 
-// Bits first..first+3 of w as floats 0/1.
-fn bits4(w: u32, first: u32) -> vec4<f32> {
-    return vec4<f32>((vec4<u32>(w) >> (vec4<u32>(0u, 1u, 2u, 3u) + first)) & vec4<u32>(1u));
+// Bits first..first+3 of w as integers 0/1.
+fn bits4(w: u32, first: u32) -> vec4<u32> {
+    return (vec4<u32>(w) >> (vec4<u32>(0u, 1u, 2u, 3u) + first)) & vec4<u32>(1u);
 }
 
-// Four signed bytes as floats.
+// 4-bit fields lo with their high bits hi above them (Q5 and Q6 formats), as floats.
+fn join4(lo: vec4<u32>, hi: vec4<u32>) -> vec4<f32> {
+    return u2f4(lo | (hi << vec4<u32>(4u)));
+}
+
+// Four signed bytes as floats: flipping each sign bit gives byte + 128 (offset binary), then as u2f4.
 fn i8x4(w: u32) -> vec4<f32> {
-    let s = bitcast<vec4<i32>>(vec4<u32>(w << 24u, w << 16u, w << 8u, w));
-    return vec4<f32>(s >> vec4<u32>(24u));
+    return u2f4(fields4(w ^ 0x80808080u, 0u, 255u)) - 128.0;
 }
 
 fn byte_of(w: u32, i: u32) -> u32 {
@@ -45,10 +60,10 @@ fn fields_dot(q: vec4<u32>, shift: u32, mask: u32, off: f32, x0: vec4<f32>, x1: 
 // 16 5-bit values (nibbles of q from bit `shift`, fifth bits from qh bits first..first+15) + off, dotted with x.
 fn fields5_dot(q: vec4<u32>, shift: u32, qh: u32, first: u32, off: f32, x0: vec4<f32>, x1: vec4<f32>,
                x2: vec4<f32>, x3: vec4<f32>) -> f32 {
-    return dot(field4(q.x, shift, 15u) + bits4(qh, first) * 16.0 + off, x0)
-         + dot(field4(q.y, shift, 15u) + bits4(qh, first + 4u) * 16.0 + off, x1)
-         + dot(field4(q.z, shift, 15u) + bits4(qh, first + 8u) * 16.0 + off, x2)
-         + dot(field4(q.w, shift, 15u) + bits4(qh, first + 12u) * 16.0 + off, x3);
+    return dot(join4(fields4(q.x, shift, 15u), bits4(qh, first)) + off, x0)
+         + dot(join4(fields4(q.y, shift, 15u), bits4(qh, first + 4u)) + off, x1)
+         + dot(join4(fields4(q.z, shift, 15u), bits4(qh, first + 8u)) + off, x2)
+         + dot(join4(fields4(q.w, shift, 15u), bits4(qh, first + 12u)) + off, x3);
 }
 
 fn xsum(x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> f32 {

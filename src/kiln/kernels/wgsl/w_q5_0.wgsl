@@ -14,8 +14,8 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     let j = k % 32u;
     let w = (j % 16u) / 4u;
     let shift = (j / 16u) * 4u;
-    let q0 = field4(q[w], shift, 15u) + bits4(qh, j) * 16.0;
-    let q1 = field4(q[w + 1u], shift, 15u) + bits4(qh, j + 4u) * 16.0;
+    let q0 = join4(fields4(q[w], shift, 15u), bits4(qh, j));
+    let q1 = join4(fields4(q[w + 1u], shift, 15u), bits4(qh, j + 4u));
     return m8((q0 - 16.0) * d, (q1 - 16.0) * d);
 }
 

@@ -24,18 +24,18 @@ fn load8(row: u32, k: u32, K: u32) -> mat2x4<f32> {
     let ql = wq[base + qlw / 4u];
     let qh = wq[base + qhw / 4u];
     let dl = d * i8_of(wq[base + 12u][e / 64u], e / 16u);
-    let q0 = field4(ql[qlw % 4u], (s / 2u) * 4u, 15u) + field4(qh[qhw % 4u], 2u * s, 3u) * 16.0 - 32.0;
-    let q1 = field4(ql[qlw % 4u + 1u], (s / 2u) * 4u, 15u) + field4(qh[qhw % 4u + 1u], 2u * s, 3u) * 16.0 - 32.0;
+    let q0 = join4(fields4(ql[qlw % 4u], (s / 2u) * 4u, 15u), fields4(qh[qhw % 4u], 2u * s, 3u)) - 32.0;
+    let q1 = join4(fields4(ql[qlw % 4u + 1u], (s / 2u) * 4u, 15u), fields4(qh[qhw % 4u + 1u], 2u * s, 3u)) - 32.0;
     return m8(q0 * dl, q1 * dl);
 }
 
 // 16 6-bit values (low 4 bits: nibbles of l from bit ls; top 2: bits hs of h) - 32, dotted with x.
 fn q6_dot(l: vec4<u32>, ls: u32, h: vec4<u32>, hs: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>,
           x3: vec4<f32>) -> f32 {
-    return dot(field4(l.x, ls, 15u) + field4(h.x, hs, 3u) * 16.0 - 32.0, x0)
-         + dot(field4(l.y, ls, 15u) + field4(h.y, hs, 3u) * 16.0 - 32.0, x1)
-         + dot(field4(l.z, ls, 15u) + field4(h.z, hs, 3u) * 16.0 - 32.0, x2)
-         + dot(field4(l.w, ls, 15u) + field4(h.w, hs, 3u) * 16.0 - 32.0, x3);
+    return dot(join4(fields4(l.x, ls, 15u), fields4(h.x, hs, 3u)) - 32.0, x0)
+         + dot(join4(fields4(l.y, ls, 15u), fields4(h.y, hs, 3u)) - 32.0, x1)
+         + dot(join4(fields4(l.z, ls, 15u), fields4(h.z, hs, 3u)) - 32.0, x2)
+         + dot(join4(fields4(l.w, ls, 15u), fields4(h.w, hs, 3u)) - 32.0, x3);
 }
 
 fn unit_dot(row: u32, u: u32, K: u32, xv: array<vec4<f32>, 8>) -> f32 {
