@@ -69,3 +69,21 @@ def test_greedy_ends_when_the_context_is_full(model):
     assert len(model.tokens) == model.n_ctx
     assert got[:room] == greedy(model, PROMPT, room)[0]
     assert np.all(np.asarray(got) >= 0)
+
+
+def test_wgpu_without_wgpu_native_paths(tiny_models, monkeypatch):
+    """The wgpu backend reads tokens by submission index and re-encodes steps through wgpu-native's C functions when
+    wgpu-py runs on wgpu-native; its fallbacks (wgpu-py's map_sync and methods) must give the same tokens."""
+    from kiln.runtime import wgpu_backend
+
+    dev = wgpu_device_or_skip()
+    try:
+        m = Model(gguf.load(tiny_models(Q.Q8_0)), dev, n_ctx=32)
+        want = list(itertools.islice(m.greedy(m.prefill(PROMPT)), 8))
+        monkeypatch.setattr(wgpu_backend, "_wgpu_native", None)  # _encode takes wgpu-py's methods
+        monkeypatch.setattr(dev, "_indexed", None)  # read_token maps with wgpu-py's map_sync
+        m.reset()
+        assert list(itertools.islice(m.greedy(m.prefill(PROMPT)), 8)) == want
+        m.close()
+    finally:
+        dev.close()
