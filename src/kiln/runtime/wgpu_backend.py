@@ -31,6 +31,7 @@ import os
 import re
 import struct
 import tempfile
+import time
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -149,8 +150,9 @@ class _IndexedReads:
         self._statuses.clear()
         libf.wgpuBufferMapAsync(staging._internal, api.lib.WGPUMapMode_Read, 0, 4, self._info)
         libf.wgpuDevicePoll(self._device, True, api.ffi.new("WGPUSubmissionIndex *", index))  # runs the callback
-        if not self._statuses:  # not expected: the map resolves in the poll that sees its submission finish
-            libf.wgpuDevicePoll(self._device, True, api.ffi.NULL)
+        deadline = time.monotonic() + 10.0
+        while not self._statuses and time.monotonic() < deadline:  # another thread's poll may be running it
+            libf.wgpuDevicePoll(self._device, False, api.ffi.NULL)
         if self._statuses != [api.lib.WGPUMapAsyncStatus_Success]:
             raise RuntimeError(f"wgpu: mapping the token buffer failed (status {self._statuses})")
         try:
