@@ -121,11 +121,11 @@ def _runtime_checks(adapter_type: str) -> int | None:
 class _IndexedReads:
     """Submissions that return wgpu-native's submission index, and 4-byte reads that wait for one submission only.
 
-    wgpu-py's map_sync waits on its poll thread, whose blocking poll waits for *all* submitted work while holding the
-    device's fence, which queue submits also take. Reading greedy token t, with step t + 1 already submitted, then
-    returned only once step t + 1 had finished too (seen on lavapipe: the queue was empty after every read), and the
-    GPU idled while the host took the token and submitted step t + 2. Waiting for the copy's own submission lets
-    step t + 1 run on meanwhile. None where wgpu-py is not on wgpu-native (read_token then maps the usual way)."""
+    wgpu-py's map_sync waits on its poll thread, which polls with wait=True and no submission index: that returns
+    only when *all* submitted work is done. Reading greedy token t, with step t + 1 already submitted, so waited for
+    step t + 1 as well, and the GPU idled while the host took the token and submitted step t + 2. Waiting for the
+    copy's own submission lets step t + 1 run on meanwhile (H200, one process: TinyLlama decode 623 -> 671 tok/s).
+    None where wgpu-py is not on wgpu-native (read_token then maps the usual way)."""
 
     def __init__(self, device, queue):
         api = self._api = _wgpu_native
