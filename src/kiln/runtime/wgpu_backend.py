@@ -525,7 +525,11 @@ class WgpuDevice(OpRecorder, Device):
         encoder = self._end_pass() or self.device.create_command_encoder()
         encoder.copy_buffer_to_buffer(buf, offset, staging, 0, size)
         buffers, self._pending = [*self._pending, encoder.finish()], []
-        index = self._indexed.submit(buffers) if self._indexed else self.queue.submit(buffers)
+        index = None
+        if self._indexed:
+            index = self._indexed.submit(buffers)
+        else:
+            self.queue.submit(buffers)  # returns nothing: read_token then maps through wgpu-py
         self._preencode()
         return index
 
