@@ -44,6 +44,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from . import gguf as gguf_mod
 from .errors import BackendUnavailable, ContextOverflow, KilnError
 from .gguf import GGUFFile
@@ -144,6 +146,49 @@ def fold_residual(ops: list, rank: int, tid: Callable[[Tensor], object]) -> list
 
 def _fold_enabled() -> bool:
     return os.environ.get("KILN_TP_FOLD", "1") != "0"
+
+
+# The weights of each fused GEMV op (argument indices) in the order its blocks stream them, and whether they are read
+# side by side (gemv_glu: row i of gate and up together) rather than one after another (q, then k, then v).
+GEMV_WEIGHTS = {
+    "gemv_qkv": ((2, 3, 4), False),
+    "gemv_glu": ((2, 3), True),
+    "gemv_norm": ((2,), False),
+    "gemv_res": ((1,), False),
+    "matmul": ((1,), False),
+}
+
+
+def prefetch_plan(plan: list, ranges: Callable[[list, bool], tuple]) -> list:
+    """Give each all_reduce of a fused decode plan the weights of the GEMV right after it, as
+    `ranges(weights, side_by_side)` (byte ranges to pull into L2 while the all-reduce runs; tp.py's device class).
+    An all_reduce followed by anything else, or by nothing, is left as it is."""
+    out = list(plan)
+    for j, (name, args) in enumerate(plan[:-1]):
+        nxt, nargs = plan[j + 1]
+        if name == "all_reduce" and nxt in GEMV_WEIGHTS:
+            idx, together = GEMV_WEIGHTS[nxt]
+            weights = [nargs[i] for i in idx]
+            if all(hasattr(w, "storage") for w in weights):  # matmul's weight may be an activation (f32)
+                out[j] = ("all_reduce", (args[0], ranges(weights, together)))
+    return out
+
+
+def prefetch_ranges(sizes: list[list[tuple[int, int]]], together: bool, budget: int) -> list[tuple[int, int]]:
+    """The first `budget` bytes the next GEMV reads: `sizes` holds each weight's arrays as (pointer, bytes), rows
+    stored in order, so the first fraction f of a weight's rows is the first f of each of its arrays. Side by side,
+    every weight gets an equal share; else weights are taken in order. Sizes are rounded down to 16 bytes."""
+    out = []
+    for arrays in sizes:
+        total = sum(n for _, n in arrays)
+        take = budget // len(sizes) if together else budget
+        frac = min(1.0, take / total) if total else 0.0
+        out += [(p, int(n * frac) // 16 * 16) for p, n in arrays if int(n * frac) >= 16]
+        if not together:
+            budget -= min(take, total)
+            if budget <= 0:
+                break
+    return out
 
 
 # --- collectives -----------------------------------------------------------------------------------------------------
@@ -393,14 +438,17 @@ def _nccl_device_class() -> type:
     nccl = _import_nccl()
     types = {"f32": nccl.NCCL_FLOAT32, "f16": nccl.NCCL_FLOAT16}
 
-    class FoldFirst:
-        """The backend's fusion pass, after fold_residual (so rank 0's matmul + add become one GEMV)."""
+    class RankFuser:
+        """The backend's fusion pass for a rank's decode steps: after fold_residual (so rank 0's matmul + add become
+        one GEMV) where `fold`, and followed by prefetch_plan where the device prefetches."""
 
-        def __init__(self, inner, rank: int):
-            self.inner, self.rank = inner, rank
+        def __init__(self, dev, inner):
+            self.dev, self.inner = dev, inner
 
         def fuse(self, ops: list) -> list:
-            return self.inner.fuse(fold_residual(ops, self.rank, cb._tid))
+            dev = self.dev
+            plan = self.inner.fuse(fold_residual(ops, dev.rank, cb._tid) if dev.fold else ops)
+            return prefetch_plan(plan, dev._prefetch_ranges) if dev.prefetch_bytes else plan
 
     class NcclCudaDevice(cb.CudaDevice):
         def __init__(self, index: int, comm, rank: int = 0, windows: _NcclWindows | None = None):
@@ -410,8 +458,13 @@ def _nccl_device_class() -> type:
             self._wpool = BufferPool(self._window_take, lambda raw: None) if windows is not None else None
             self._wnext = 0
             self.fold = _fold_enabled()
-            if self.fold:
-                self._fuser = FoldFirst(self._fuser, rank)
+            # While NCCL sums a step's activations, HBM idles: a kernel on a side branch pulls the first
+            # KILN_TP_PREFETCH_MB of the next GEMV's weights into L2 meanwhile (0: off).
+            self.prefetch_bytes = int(float(os.environ.get("KILN_TP_PREFETCH_MB", "16")) * (1 << 20))
+            self._side = cb.cupy.cuda.Stream(non_blocking=True)
+            self._fork = cb.cupy.cuda.Event(block=False, disable_timing=True)
+            self._join = cb.cupy.cuda.Event(block=False, disable_timing=True)
+            self._fuser = RankFuser(self, self._fuser)
             self.skip_all_reduce = os.environ.get("KILN_TP_DIAG_SKIP_ALLREDUCE") == "1"
             if self.skip_all_reduce and rank == 0:
                 print(
@@ -488,13 +541,37 @@ def _nccl_device_class() -> type:
             self._prefill_plans.clear()
             super().close()
 
-        def _do_all_reduce(self, t: Tensor) -> None:
+        def _prefetch_ranges(self, weights: list, together: bool) -> tuple:
+            sizes = [[(a.data.ptr, a.nbytes) for a in w.storage.values()] for w in weights]
+            return tuple(prefetch_ranges(sizes, together, self.prefetch_bytes)[:8])
+
+        def _prefetch_beside(self, ranges: tuple) -> None:
+            """Fork: l2_prefetch.cu on the side stream, after what the main stream has queued so far."""
+            k = self._kernel("l2_prefetch.cu", "l2_prefetch")
+            args: list = []
+            for i in range(8):
+                p, n = ranges[i] if i < len(ranges) else (0, 0)
+                args += [np.uint64(p), np.int64(n)]
+            if self._capture_ptrs is not None:
+                self._capture_ptrs.extend(p for p, _ in ranges)
+            chunks = sum(-(-n // 16384) for _, n in ranges)
+            self._fork.record(self.stream)
+            self._side.wait_event(self._fork)
+            with self._side:
+                k.fn((max(1, min(32, -(-chunks // 128))),), (128,), tuple(args))
+            self._join.record(self._side)
+
+        def _do_all_reduce(self, t: Tensor, prefetch: tuple = ()) -> None:
             if self.skip_all_reduce:
                 return
             ptr = t.storage.data.ptr
             if self._capture_ptrs is not None:  # the graph uses this buffer: freeing it drops the graph
                 self._capture_ptrs.append(ptr)
+            if prefetch:
+                self._prefetch_beside(prefetch)
             self.comm.allReduce(ptr, ptr, t.size, types[t.dtype], nccl.NCCL_SUM, self.stream.ptr)
+            if prefetch:
+                self.stream.wait_event(self._join)  # join: the next GEMV waits for both branches
 
         def _capture(self, gkey, plan) -> None:
             """A decode step whose capture fails (a driver or NCCL without capture support) runs eagerly from then
@@ -581,6 +658,7 @@ class TensorParallelModel:
         self._workers: list[_Worker] = []
         self._broken: str | None = None
         self._closed = False
+        self._logits: list | None = None  # every rank's logits from the last prefill or step (greedy starts there)
         if backend == "cuda":
             self._group: Any = _NcclGroup(indices)
         elif backend == "numpy":
@@ -618,25 +696,41 @@ class TensorParallelModel:
             raise ContextOverflow(
                 f"prompt has {len(ids)} tokens but the context holds {self.n_ctx}; shorten the prompt or raise --ctx"
             )
-        return self._all(lambda r: self.models[r].prefill(ids, chunk))[0]
+        self._logits = self._all(lambda r: self.models[r].prefill(ids, chunk))
+        return self._logits[0]
 
     def step(self, ids: Sequence[int]) -> Tensor:
         self._check()
         ids = list(ids)
         if len(self.tokens) + len(ids) > self.n_ctx:
             raise ContextOverflow(f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self.n_ctx} tokens")
-        return self._all(lambda r: self.models[r].step(ids))[0]
+        self._logits = self._all(lambda r: self.models[r].step(ids))
+        return self._logits[0]
 
     def greedy(self, logits: Tensor) -> Iterator[int]:
-        """Model.greedy's tokens, one step after another: every rank's step takes its ids from the host."""
-        while True:
-            token = self.dev.argmax(logits)
-            yield token
-            if len(self.tokens) >= self.n_ctx:
-                return
-            logits = self.step([token])
+        """Model.greedy on every rank in lockstep, from the logits of the last prefill or step. Every rank holds
+        the full logits (the output head is replicated after the last all-reduce), so each takes its own argmax on
+        its device and feeds it to its next step there: the GPUs run step t + 1 while the host waits for token t,
+        as on one GPU. The ranks' tokens are compared; ranks that disagree stop generation with an error."""
+        if self._logits is None or logits is not self._logits[0]:
+            raise KilnError("TensorParallelModel.greedy takes the logits its last prefill() or step() returned")
+        gens = [self.models[r].greedy(self._logits[r]) for r in range(self.n)]
+        self._logits = None  # the ranks' caches move on from here
+        try:
+            while True:
+                tokens = self._all(lambda r: next(gens[r], None))
+                if tokens[0] is None:
+                    return
+                if any(t != tokens[0] for t in tokens):
+                    self._broken = f"the ranks' greedy tokens differ: {tokens}"
+                    raise TensorParallelError(f"{self._broken}; close the model and load it again")
+                yield tokens[0]
+        finally:
+            for g in gens:
+                g.close()
 
     def reset(self) -> None:
+        self._logits = None
         for m in self.models:
             if m is not None:
                 m.reset()

@@ -5,6 +5,7 @@ model cleanly, and --tensor-parallel reaches api.load from every command. The NC
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
@@ -102,6 +103,58 @@ def test_residual_fold_drops_the_adds_and_keeps_the_tokens(path, reference, monk
         assert out.count("all_reduce") == 2 * layers
         assert out.count("add") == (2 * layers if rank == 0 else 0)
         assert "add" not in fused and fused.count("gemv_res") == (2 * layers if rank == 0 else 0)
+
+
+def test_device_side_greedy_matches_one_model(tp, reference):
+    """TensorParallelModel.greedy: each rank feeds its own argmax to its next step on its device (what generate and
+    kiln bench use); the tokens are the single model's, and the ranks' caches stay together."""
+    tokens = list(itertools.islice(tp.greedy(tp.prefill(PROMPT)), N_GREEDY))
+    assert tokens == reference[0]
+    assert len({len(m.tokens) for m in tp.models}) == 1
+    assert greedy(tp, PROMPT, 3)[0] == reference[0][:3]  # usable afterwards, host loop included
+    with pytest.raises(KilnError, match="last prefill"):
+        next(tp.greedy(tp.dev.empty((1, tp.cfg.vocab_size))))
+
+
+def test_ranks_whose_tokens_differ_stop_greedy(tp):
+    real = tp.devices[1].read_token
+    tp.devices[1].read_token = lambda handle: real(handle) + 1
+    gen = tp.greedy(tp.prefill(PROMPT))
+    with pytest.raises(TensorParallelError, match="differ"):
+        next(gen)
+    with pytest.raises(TensorParallelError, match="differ"):
+        tp.step([5])
+
+
+def test_prefetch_plan_gives_each_all_reduce_the_next_gemv():
+    """prefetch_plan: an all_reduce followed by a fused GEMV gets that GEMV's weights (in its reading order);
+    prefetch_ranges: the first `budget` bytes, shared by side-by-side weights, in order otherwise."""
+    from types import SimpleNamespace
+
+    wq, wk, wv, wg, wu = (SimpleNamespace(storage={}) for _ in range(5))
+    x = object()
+    plan = [
+        ("gemv_res", (x, wq, None, x, x)),
+        ("all_reduce", (x,)),
+        ("gemv_glu", (x, None, wg, wu, x, x)),
+        ("matmul", (x, wq, x, None)),
+        ("all_reduce", (x,)),
+        ("gemv_qkv", (x, None, wq, wk, wv)),
+        ("all_reduce", (x,)),
+        ("attend", (x,)),
+        ("all_reduce", (x,)),
+    ]
+    seen = []
+    out = tp_mod.prefetch_plan(plan, lambda ws, together: seen.append((ws, together)) or ("r", len(seen)))
+    assert seen == [([wg, wu], True), ([wq, wk, wv], False)]
+    assert out[1] == ("all_reduce", (x, ("r", 1))) and out[4] == ("all_reduce", (x, ("r", 2)))
+    assert out[6:] == plan[6:] and out[0] == plan[0]
+
+    q, s = [(1000, 4096), (9000, 256)], [(2000, 4096), (8000, 256)]  # two weights: quants and scales
+    assert tp_mod.prefetch_ranges([q, s], True, 4352) == [(1000, 2048), (9000, 128), (2000, 2048), (8000, 128)]
+    assert tp_mod.prefetch_ranges([q, s], False, 4352 + 2176) == [*q, (2000, 2048), (8000, 128)]
+    assert tp_mod.prefetch_ranges([q, s], False, 4352) == q
+    assert tp_mod.prefetch_ranges([q], False, 100) == [(1000, 80)]  # 16-byte multiples, tiny pieces dropped
 
 
 def test_fold_leaves_other_patterns_alone():
