@@ -165,7 +165,8 @@ def prefetch_plan(plan: list, ranges: Callable[[list, bool], tuple]) -> list:
     An all_reduce followed by anything else, or by nothing, is left as it is."""
     out = list(plan)
     for j, (name, args) in enumerate(plan[:-1]):
-        nxt, nargs = plan[j + 1]
+        k = j + 1 + (plan[j + 1][0] == "rms_norm" and j + 2 < len(plan))  # an unfused norm before the GEMV
+        nxt, nargs = plan[k]
         if name == "all_reduce" and nxt in GEMV_WEIGHTS:
             idx, together = GEMV_WEIGHTS[nxt]
             weights = [nargs[i] for i in idx]
@@ -461,6 +462,9 @@ def _nccl_device_class() -> type:
             # While NCCL sums a step's activations, HBM idles: a kernel on a side branch pulls the first
             # KILN_TP_PREFETCH_MB of the next GEMV's weights into L2 meanwhile (0: off).
             self.prefetch_bytes = int(float(os.environ.get("KILN_TP_PREFETCH_MB", "16")) * (1 << 20))
+            self.prefetch_lines = os.environ.get("KILN_TP_PREFETCH_LINES", "0") == "1"
+            self.prefetch_late = os.environ.get("KILN_TP_PREFETCH_LATE", "1") == "1"
+            self._joins_pending = False
             self._side = cb.cupy.cuda.Stream(non_blocking=True)
             self._fork = cb.cupy.cuda.Event(block=False, disable_timing=True)
             self._join = cb.cupy.cuda.Event(block=False, disable_timing=True)
@@ -547,19 +551,32 @@ def _nccl_device_class() -> type:
 
         def _prefetch_beside(self, ranges: tuple) -> None:
             """Fork: l2_prefetch.cu on the side stream, after what the main stream has queued so far."""
-            k = self._kernel("l2_prefetch.cu", "l2_prefetch")
+            k = self._kernel("l2_prefetch.cu", "l2_prefetch", LINES=int(self.prefetch_lines))
             args: list = []
             for i in range(8):
                 p, n = ranges[i] if i < len(ranges) else (0, 0)
                 args += [np.uint64(p), np.int64(n)]
             if self._capture_ptrs is not None:
                 self._capture_ptrs.extend(p for p, _ in ranges)
-            chunks = sum(-(-n // 16384) for _, n in ranges)
+            chunks = sum(-(-n // 4096) for _, n in ranges)
+            self._join_side()
             self._fork.record(self.stream)
             self._side.wait_event(self._fork)
             with self._side:
-                k.fn((max(1, min(32, -(-chunks // 128))),), (128,), tuple(args))
+                k.fn((max(1, min(2 * self.sm_count, -(-chunks // 32))),), (32,), tuple(args))
             self._join.record(self._side)
+            self._joins_pending = True
+
+        def _join_side(self) -> None:
+            """The main stream waits for the side branch (a graph capture must end with every branch joined)."""
+            if self._joins_pending:
+                self.stream.wait_event(self._join)
+                self._joins_pending = False
+
+        def _run(self, plan) -> None:
+            super()._run(plan)
+            with self.stream:
+                self._join_side()
 
         def _do_all_reduce(self, t: Tensor, prefetch: tuple = ()) -> None:
             if self.skip_all_reduce:
@@ -570,8 +587,8 @@ def _nccl_device_class() -> type:
             if prefetch:
                 self._prefetch_beside(prefetch)
             self.comm.allReduce(ptr, ptr, t.size, types[t.dtype], nccl.NCCL_SUM, self.stream.ptr)
-            if prefetch:
-                self.stream.wait_event(self._join)  # join: the next GEMV waits for both branches
+            if not self.prefetch_late:
+                self._join_side()  # the next GEMV waits for the prefetch kernel too (else: at the next fork)
 
         def _capture(self, gkey, plan) -> None:
             """A decode step whose capture fails (a driver or NCCL without capture support) runs eagerly from then
@@ -721,7 +738,9 @@ class TensorParallelModel:
                 tokens = self._all(lambda r: next(gens[r], None))
                 if tokens[0] is None:
                     return
-                if any(t != tokens[0] for t in tokens):
+                if any(t != tokens[0] for t in tokens) and not any(
+                    getattr(d, "skip_all_reduce", False) for d in self.devices
+                ):
                     self._broken = f"the ranks' greedy tokens differ: {tokens}"
                     raise TensorParallelError(f"{self._broken}; close the model and load it again")
                 yield tokens[0]

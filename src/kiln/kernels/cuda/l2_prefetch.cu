@@ -2,10 +2,11 @@
 // a branch of the decode graph beside each NCCL all-reduce (tp.py), when HBM would otherwise idle for the all-reduce's
 // microseconds. A hint only: nothing waits for the data, and a range that is evicted again costs nothing but time.
 // Ranges are 16-byte aligned with sizes a multiple of 16; each thread takes PF_CHUNK-byte pieces, grid-strided.
-#define PF_CHUNK 16384
+// LINES 1: one prefetch.global.L2 per 128-byte line instead of one bulk (TMA) request per piece.
+#define PF_CHUNK 4096
 
 __device__ __forceinline__ void prefetch_l2(const char* p, unsigned n) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !LINES
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");  // one TMA request
 #else
     for (unsigned o = 0; o < n; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
