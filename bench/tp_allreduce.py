@@ -36,6 +36,7 @@ SETTINGS = {  # name -> NCCL environment on top of the default
     # Buffers from ncclMemAlloc registered as a symmetric window (NCCL >= 2.27): NCCL's symmetric kernels.
     "window": {"KILN_TP_BENCH_WINDOW": "1"},
     "window_LL": {"KILN_TP_BENCH_WINDOW": "1", "NCCL_PROTO": "LL"},
+    "window_mixing_0": {"KILN_TP_BENCH_WINDOW": "1", "NCCL_GRAPH_MIXING_SUPPORT": "0"},
 }
 
 

@@ -122,12 +122,6 @@ def test_tp2_greedy_matches_one_gpu(path, one_gpu):
             assert all(d.memory_stats()["window_bytes"] > 0 for d in tp.devices)
         ranks = tp._all(lambda r: tp.devices[r].download(tp.models[r]._acts[1].logits))
         assert np.array_equal(ranks[0], ranks[1])  # every rank sums to the same bits
-        # Beside each all-reduce, the next GEMV's first weights are prefetched into L2 (a side branch of the graph)
-        for d in tp.devices:
-            for plan in d._plans.values():
-                ranges = [args[1] for name, args in plan if name == "all_reduce" and len(args) > 1]
-                assert len(ranges) == 2 * layers and all(0 < len(r) <= 8 for r in ranges)
-                assert all(0 < sum(n for _, n in r) <= d.prefetch_bytes for r in ranges)
         # generate's path: each rank feeds its own argmax to its next step on its GPU
         tokens = list(itertools.islice(tp.greedy(tp.prefill(PROMPT)), N_GREEDY))
         assert tokens == one_gpu[0]

@@ -126,37 +126,6 @@ def test_ranks_whose_tokens_differ_stop_greedy(tp):
         tp.step([5])
 
 
-def test_prefetch_plan_gives_each_all_reduce_the_next_gemv():
-    """prefetch_plan: an all_reduce followed by a fused GEMV gets that GEMV's weights (in its reading order);
-    prefetch_ranges: the first `budget` bytes, shared by side-by-side weights, in order otherwise."""
-    from types import SimpleNamespace
-
-    wq, wk, wv, wg, wu = (SimpleNamespace(storage={}) for _ in range(5))
-    x = object()
-    plan = [
-        ("gemv_res", (x, wq, None, x, x)),
-        ("all_reduce", (x,)),
-        ("gemv_glu", (x, None, wg, wu, x, x)),
-        ("matmul", (x, wq, x, None)),
-        ("all_reduce", (x,)),
-        ("gemv_qkv", (x, None, wq, wk, wv)),
-        ("all_reduce", (x,)),
-        ("attend", (x,)),
-        ("all_reduce", (x,)),
-    ]
-    seen = []
-    out = tp_mod.prefetch_plan(plan, lambda ws, together: seen.append((ws, together)) or ("r", len(seen)))
-    assert seen == [([wg, wu], True), ([wq, wk, wv], False)]
-    assert out[1] == ("all_reduce", (x, ("r", 1))) and out[4] == ("all_reduce", (x, ("r", 2)))
-    assert out[6:] == plan[6:] and out[0] == plan[0]
-
-    q, s = [(1000, 4096), (9000, 256)], [(2000, 4096), (8000, 256)]  # two weights: quants and scales
-    assert tp_mod.prefetch_ranges([q, s], True, 4352) == [(1000, 2048), (9000, 128), (2000, 2048), (8000, 128)]
-    assert tp_mod.prefetch_ranges([q, s], False, 4352 + 2176) == [*q, (2000, 2048), (8000, 128)]
-    assert tp_mod.prefetch_ranges([q, s], False, 4352) == q
-    assert tp_mod.prefetch_ranges([q], False, 100) == [(1000, 80)]  # 16-byte multiples, tiny pieces dropped
-
-
 def test_fold_leaves_other_patterns_alone():
     """No fold when h is read after the add, when the matmul has a bias, or when the add is not the residual."""
     dev = NumpyDevice()
