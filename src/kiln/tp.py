@@ -154,11 +154,6 @@ class _NcclGroup:
         from .runtime import cuda_backend  # BackendUnavailable with the usual message when CuPy is missing
 
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # read by NCCL when it initialises, which is below
-        # Graph-captured and eager calls go to separate communicators, so NCCL's support for mixing them on one can
-        # be off: 2 x H200, 7B Q8_0 decode 463 -> 484 tok/s (bench/tp_decode.py; 1.4 us less per all-reduce).
-        two = os.environ.get("KILN_TP_GRAPH_COMM", "1") != "0"
-        if two:
-            os.environ.setdefault("NCCL_GRAPH_MIXING_SUPPORT", "0")
         nccl = _import_nccl()
         try:
             count = cuda_backend.cupy.cuda.runtime.getDeviceCount()
@@ -171,8 +166,7 @@ class _NcclGroup:
                 f"this machine has {count} (see `kiln devices`); use fewer ranks"
             )
         self.nccl, self.indices, self._device_class = nccl, indices, _nccl_device_class()
-        self.comms = nccl.NcclCommunicator.initAll(list(indices))  # captured calls (graphs)
-        self.eager_comms = nccl.NcclCommunicator.initAll(list(indices)) if two else self.comms
+        self.comms = nccl.NcclCommunicator.initAll(list(indices))
         self.windows: _NcclWindows | None = None
         if os.environ.get("KILN_TP_WINDOW", "1") != "0":
             try:
@@ -182,7 +176,7 @@ class _NcclGroup:
                 print(f"kiln: note: no NCCL symmetric window ({e}); all-reduces use NCCL's usual path", file=sys.stderr)
 
     def device(self, rank: int) -> Device:  # on the rank's thread
-        return self._device_class(self.indices[rank], self.comms[rank], rank, self.windows, self.eager_comms[rank])
+        return self._device_class(self.indices[rank], self.comms[rank], rank, self.windows)
 
     def reducer(self, rank: int, dev: Device) -> Callable[[Tensor], None]:
         return dev.all_reduce
@@ -191,11 +185,8 @@ class _NcclGroup:
         """Called on a failing rank's thread: nothing to do, host threads never wait for each other here (only the
         GPUs do), and aborting a communicator another thread is still calling is not safe."""
 
-    def _all_comms(self) -> list:
-        return self.comms + [c for c in self.eager_comms if c not in self.comms]
-
     def abort(self) -> None:
-        for comm in self._all_comms():
+        for comm in self.comms:
             try:
                 comm.abort()  # pending collectives return instead of waiting for a rank that will never come
             except Exception:
@@ -205,9 +196,9 @@ class _NcclGroup:
         if self.windows is not None:
             self.windows.release(self.comms)
             self.windows = None
-        for comm in self._all_comms():
+        for comm in self.comms:
             comm.destroy()
-        self.comms = self.eager_comms = []
+        self.comms = []
 
 
 class _WindowFull(Exception):
@@ -412,10 +403,9 @@ def _nccl_device_class() -> type:
             return self.inner.fuse(fold_residual(ops, self.rank, cb._tid))
 
     class NcclCudaDevice(cb.CudaDevice):
-        def __init__(self, index: int, comm, rank: int = 0, windows: _NcclWindows | None = None, eager_comm=None):
+        def __init__(self, index: int, comm, rank: int = 0, windows: _NcclWindows | None = None):
             super().__init__(index)
-            self.comm, self.rank, self.windows = comm, rank, windows  # comm: the calls captured into graphs
-            self.eager_comm = eager_comm or comm  # the calls run as they are issued
+            self.comm, self.rank, self.windows = comm, rank, windows
             # Tensors to all-reduce live in the rank's symmetric window (bump-allocated, then reused by size).
             self._wpool = BufferPool(self._window_take, lambda raw: None) if windows is not None else None
             self._wnext = 0
@@ -504,8 +494,7 @@ def _nccl_device_class() -> type:
             ptr = t.storage.data.ptr
             if self._capture_ptrs is not None:  # the graph uses this buffer: freeing it drops the graph
                 self._capture_ptrs.append(ptr)
-            comm = self.comm if self._capture_ptrs is not None else self.eager_comm  # (capturing: a list)
-            comm.allReduce(ptr, ptr, t.size, types[t.dtype], nccl.NCCL_SUM, self.stream.ptr)
+            self.comm.allReduce(ptr, ptr, t.size, types[t.dtype], nccl.NCCL_SUM, self.stream.ptr)
 
         def _capture(self, gkey, plan) -> None:
             """A decode step whose capture fails (a driver or NCCL without capture support) runs eagerly from then

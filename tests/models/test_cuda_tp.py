@@ -109,8 +109,6 @@ def test_tp2_greedy_matches_one_gpu(path, one_gpu):
             assert tokens == one_gpu[0]
             assert nmse(logits, one_gpu[1]) < 1e-5
         assert all(_all_reduce_in_graphs(d) for d in tp.devices)  # NCCL went into the decode graphs
-        # captured and eager calls on separate communicators (NCCL_GRAPH_MIXING_SUPPORT=0 is safe then)
-        assert all(d.comm is not d.eager_comm for d in tp.devices)
         layers = tp.cfg.n_layers
         for r, d in enumerate(tp.devices):  # the residual fold: rank 0 adds x into its GEMV, the others no add
             for plan in d._plans.values():
