@@ -21,7 +21,9 @@ import subprocess
 
 
 def _json_array(text: str) -> list:
-    """The JSON array in llama-bench's stdout; some split modes print device lines after it (-sm tensor)."""
+    """The JSON array in llama-bench's stdout; some split modes print ggml's device lines around and inside it
+    (-sm tensor: between the test objects), which are dropped first."""
+    text = re.sub(r"^(ggml_\w+:.*|  Device \d+:.*)\n?", "", text, flags=re.MULTILINE)
     match = re.search(r"^\[", text, re.MULTILINE)  # the array opens on a line of its own
     if match is None:
         raise ValueError("no JSON array")

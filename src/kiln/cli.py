@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 from . import api
@@ -109,14 +112,39 @@ def _stream(model, prompt, args) -> tuple[str, object]:
 
     sampler, procs = _sampling(args)
     text, last = [], None
-    for chunk in stream_generate(
-        model, model.tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler, logits_processors=procs
-    ):
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
-        text.append(chunk.text)
-        last = chunk
+    with _ctrl_c_between_tokens() as stop:
+        for chunk in stream_generate(
+            model, model.tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler, logits_processors=procs
+        ):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            text.append(chunk.text)
+            last = chunk
+            if stop:
+                raise KeyboardInterrupt
     return "".join(text), last
+
+
+@contextlib.contextmanager
+def _ctrl_c_between_tokens():
+    """While an answer streams, a first Ctrl-C only sets a flag that the token loop turns into KeyboardInterrupt:
+    raised wherever the signal lands, the exception can be swallowed (inside a finalizer, Python only prints it) and
+    the answer would go on. A second Ctrl-C raises at once (a long prefill). Main thread only (signal's rule)."""
+    stop: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _report(last, args) -> None:
