@@ -15,8 +15,9 @@ with graphs, 19 without; one GPU 197 and 62). A prefill size seen twice is captu
 one GPU (cuBLAS through the backend's own handle); a prefill whose capture fails replays its recorded plan launch by
 launch instead. The tensors the ranks all-reduce live in an NCCL symmetric window (_NcclWindows, NCCL >= 2.27;
 KILN_TP_WINDOW=0 turns it off), where NCCL runs its symmetric kernels: 4.1 instead of 6.7 us per 16 KB all-reduce.
-2 x H200 (bench/results/h200x2-tp-b.json): 7B Q8_0 decode 445 tok/s vs 367 on one GPU (1.21x; 409 without the window,
-564 with the all-reduces left out), prefill 22.3k vs 14.6k; 70B Q4_0 decode 72.8 vs 47.5 (1.53x).
+2 x H200 (bench/results/h200x2-tp-d.json): 7B Q8_0 decode 485 tok/s vs 374 on one GPU (1.30x; 592 with the
+all-reduces left out), prefill 22.4k vs 14.7k; 70B Q4_0 decode 74.0 vs 47.5 (1.56x). Greedy decoding feeds each
+rank's argmax to its next step on the GPU (greedy()), as on one GPU.
 
 The residual add is folded into the all-reduce (fold_residual): rank 0 adds its partial sum into the residual stream
 x (the cuda backend fuses that add into the GEMV) and the other ranks write their partial sums straight into x, so one
