@@ -112,8 +112,10 @@ def test_device_side_greedy_matches_one_model(tp, reference):
     assert tokens == reference[0]
     assert len({len(m.tokens) for m in tp.models}) == 1
     assert greedy(tp, PROMPT, 3)[0] == reference[0][:3]  # usable afterwards, host loop included
+    other = tp.dev.empty((1, tp.cfg.vocab_size))
     with pytest.raises(KilnError, match="last prefill"):
-        next(tp.greedy(tp.dev.empty((1, tp.cfg.vocab_size))))
+        next(tp.greedy(other))
+    tp.dev.free(other)
 
 
 def test_ranks_whose_tokens_differ_stop_greedy(tp):
