@@ -231,7 +231,7 @@ def cmd_info(args) -> int:
         ("rope", f"theta {c.rope_theta:g}, {'neox' if c.rope_neox else 'normal'}"),
         ("rms eps", f"{c.norm_eps:g}"),
         ("tied embeddings", c.tied_embeddings),
-        ("qkv bias", c.qkv_bias),
+        ("biases", ", ".join(sorted({n.split(".")[2] for n in f.tensors if n.endswith(".bias")})) or "none"),
         ("tensor types", ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))),
         (
             "tokenizer",

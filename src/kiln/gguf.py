@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
-from . import quant
+from . import quant, tensor_table
 from .errors import GGUFError, UnsupportedModel
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -59,7 +59,7 @@ class GGUFFile:
         self.metadata = _read_metadata(self.reader)
         self.tensors = {t.name: _tensor_info(t) for t in self.reader.tensors}
         self.config = _config(self.metadata, self.tensors)
-        _check_tensors(self.config, self.tensors)
+        tensor_table.check_tensors(self.config, self.metadata, self.tensors)
 
     @property
     def file_size(self) -> int:
@@ -178,40 +178,10 @@ def _config(meta: dict, tensors: dict[str, TensorInfo]) -> ModelConfig:
     )
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the forward pass reads, with the shape the metadata implies."""
-    d, hd = cfg.d_model, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
-    if not cfg.tied_embeddings:
-        shapes["output.weight"] = (cfg.vocab_size, d)
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        shapes |= {
-            p + "attn_norm.weight": (d,),
-            p + "ffn_norm.weight": (d,),
-            p + "attn_q.weight": (cfg.n_heads * hd, d),
-            p + "attn_k.weight": (cfg.n_kv_heads * hd, d),
-            p + "attn_v.weight": (cfg.n_kv_heads * hd, d),
-            p + "attn_output.weight": (d, cfg.n_heads * hd),
-            p + "ffn_gate.weight": (cfg.d_ff, d),
-            p + "ffn_up.weight": (cfg.d_ff, d),
-            p + "ffn_down.weight": (d, cfg.d_ff),
-        }
-        if cfg.qkv_bias:
-            shapes |= {
-                p + "attn_q.bias": (cfg.n_heads * hd,),
-                p + "attn_k.bias": (cfg.n_kv_heads * hd,),
-                p + "attn_v.bias": (cfg.n_kv_heads * hd,),
-            }
-    return shapes
-
-
-def _check_tensors(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> None:
-    for name, shape in expected_shapes(cfg).items():
-        if name not in tensors:
-            raise GGUFError(f"GGUF lacks tensor '{name}' needed by the {cfg.arch} architecture")
-        if tensors[name].shape != shape:
-            raise GGUFError(f"tensor '{name}' has shape {tensors[name].shape}, but the metadata implies {shape}")
+def expected_shapes(cfg: ModelConfig, present: set[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor the forward pass reads (the required ones, and the optional ones named in `present`), with the
+    shape the metadata implies: tensor_table.py holds the table."""
+    return tensor_table.expected_shapes(cfg, present)
 
 
 def load(path: str) -> GGUFFile:

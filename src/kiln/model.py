@@ -29,9 +29,13 @@ class Layer:
     w_gate: Weight
     w_up: Weight
     w_down: Weight
-    bq: Weight | None = None
+    bq: Weight | None = None  # optional biases (qwen2's Q/K/V; any of them in llama files that carry them)
     bk: Weight | None = None
     bv: Weight | None = None
+    bo: Weight | None = None
+    b_gate: Weight | None = None
+    b_up: Weight | None = None
+    b_down: Weight | None = None
 
 
 class Activations:
@@ -91,10 +95,12 @@ class Model:
             bar.update(t.nbytes)
             return w
 
+        def optional(name: str) -> Weight | None:
+            return load(name) if name in infos else None
+
         self.tok_embd = load("token_embd.weight")
         self.output = self.tok_embd if self.cfg.tied_embeddings else load("output.weight")
         self.output_norm = load("output_norm.weight")
-        bias = self.cfg.qkv_bias
         self.layers = []
         for i in range(self.cfg.n_layers):
             p = f"blk.{i}."
@@ -109,9 +115,13 @@ class Model:
                     w_gate=load(p + "ffn_gate.weight"),
                     w_up=load(p + "ffn_up.weight"),
                     w_down=load(p + "ffn_down.weight"),
-                    bq=load(p + "attn_q.bias") if bias else None,
-                    bk=load(p + "attn_k.bias") if bias else None,
-                    bv=load(p + "attn_v.bias") if bias else None,
+                    bq=optional(p + "attn_q.bias"),
+                    bk=optional(p + "attn_k.bias"),
+                    bv=optional(p + "attn_v.bias"),
+                    bo=optional(p + "attn_output.bias"),
+                    b_gate=optional(p + "ffn_gate.bias"),
+                    b_up=optional(p + "ffn_up.bias"),
+                    b_down=optional(p + "ffn_down.bias"),
                 )
             )
         bar.close()
@@ -176,14 +186,14 @@ class Model:
                 c.head_dim,
                 n_kv,
             )
-            dev.matmul(a.attn, L.wo, a.h)  # h: [T, d]
+            dev.matmul(a.attn, L.wo, a.h, L.bo)  # h: [T, d]
             self._reduce(a.h)
             dev.add(a.x, a.h, a.x)
             dev.rms_norm(a.x, L.ffn_norm, c.norm_eps, a.h)
-            dev.matmul(a.h, L.w_gate, a.gate)  # gate, up: [T, d_ff]
-            dev.matmul(a.h, L.w_up, a.up)
+            dev.matmul(a.h, L.w_gate, a.gate, L.b_gate)  # gate, up: [T, d_ff]
+            dev.matmul(a.h, L.w_up, a.up, L.b_up)
             dev.swiglu(a.gate, a.up, a.gate)
-            dev.matmul(a.gate, L.w_down, a.h)
+            dev.matmul(a.gate, L.w_down, a.h, L.b_down)
             self._reduce(a.h)
             dev.add(a.x, a.h, a.x)
         dev.copy_row(a.x, a.T - 1, a.last)  # only the last token needs logits

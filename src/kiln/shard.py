@@ -5,7 +5,8 @@ called on the attention output projection and the FFN down projection):
 
 - attention: Q rows by query heads, K/V rows (and the Q/K/V biases) by KV heads -- column-parallel, no communication;
   attn_output by input columns on the same head boundaries -- row-parallel, each rank yields a partial sum.
-- FFN: gate/up by rows, ffn_down by input columns over the same d_ff range.
+- FFN: gate/up (and their biases) by rows, ffn_down by input columns over the same d_ff range.
+- the biases of the row-parallel attn_output and ffn_down: on rank 0 only, so the all-reduce adds them once.
 - replicated: norms, token_embd and output. The vocab-split output head would need an all-gather that model.py has
   no hook for; a replicated head costs vocab * d weights per rank (about 2% of Llama-7B) and keeps logits local.
 
@@ -158,8 +159,9 @@ def slice_cols(info: TensorInfo, start: int, stop: int) -> TensorInfo:
     return TensorInfo(info.name, info.qtype, (info.shape[0], stop - start), piece)
 
 
-def shard_tensor(info: TensorInfo, rank: int, p: ShardPlan) -> TensorInfo:
-    """The part of a GGUF tensor that `rank` holds, chosen by the tensor's name; unknown names are replicated."""
+def shard_tensor(info: TensorInfo, rank: int, p: ShardPlan) -> TensorInfo | None:
+    """The part of a GGUF tensor that `rank` holds, chosen by the tensor's name; unknown names are replicated. None:
+    the rank holds none of it (the bias of a row-parallel projection is added once, on rank 0, before the sum)."""
     s, hd = p[rank], p.cfg.head_dim
     kind = info.name.rsplit(".", 2)[-2:] if info.name.startswith("blk.") else []
     if not kind:
@@ -170,11 +172,13 @@ def shard_tensor(info: TensorInfo, rank: int, p: ShardPlan) -> TensorInfo:
         return slice_rows(info, *q_rows) if what == "weight" else slice_cols(info, *q_rows)  # bias: one row
     if part in ("attn_k", "attn_v"):
         return slice_rows(info, *kv_rows) if what == "weight" else slice_cols(info, *kv_rows)
-    if part == "attn_output" and what == "weight":
+    if part in ("attn_output", "ffn_down") and what == "bias":
+        return info if rank == 0 else None
+    if part == "attn_output":
         return slice_cols(info, *q_rows)
-    if part in ("ffn_gate", "ffn_up") and what == "weight":
-        return slice_rows(info, *s.ffn)
-    if part == "ffn_down" and what == "weight":
+    if part in ("ffn_gate", "ffn_up"):
+        return slice_rows(info, *s.ffn) if what == "weight" else slice_cols(info, *s.ffn)
+    if part == "ffn_down":
         return slice_cols(info, *s.ffn)
     return info  # attn_norm, ffn_norm and anything else per layer: replicated
 
@@ -190,8 +194,9 @@ class ShardedFile:
             raise ShardError("the shard plan was made for a different model config")
         self.rank, self.path = rank, self.source.path
         self.config = shard_config(self.source.config, rank, self.plan)
-        self.tensors = {name: shard_tensor(t, rank, self.plan) for name, t in self.source.tensors.items()}
-        for name, shape in gguf_mod.expected_shapes(self.config).items():  # guards the slicing rules themselves
+        shards = {name: shard_tensor(t, rank, self.plan) for name, t in self.source.tensors.items()}
+        self.tensors = {name: t for name, t in shards.items() if t is not None}
+        for name, shape in gguf_mod.expected_shapes(self.config, set(self.tensors)).items():  # guards the slicing
             if self.tensors[name].shape != shape:
                 raise ShardError(
                     f"rank {rank}: shard of '{name}' has shape {self.tensors[name].shape}, expected {shape}"

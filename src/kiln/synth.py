@@ -131,10 +131,16 @@ def _tokenizer_fields(vocab_size: int) -> list[tuple[str, object, GGUFValueType 
 
 
 def tensor_plan(
-    shape: Shape, qtype: GGMLQuantizationType, embed_type: GGMLQuantizationType, tied: bool, arch: str = "llama"
+    shape: Shape,
+    qtype: GGMLQuantizationType,
+    embed_type: GGMLQuantizationType,
+    tied: bool,
+    arch: str = "llama",
+    biases: tuple[str, ...] = (),
 ) -> list[tuple]:
     """A model's tensors in file order: ("m", name, rows, cols, type) for matrices, ("v", name, n, centre) for
-    vectors (F32 near `centre`). qwen2 gets QKV biases."""
+    vectors (F32 near `centre`). qwen2 gets QKV biases; `biases` names more projections that get one (llama's
+    optional attn_q/attn_k/attn_v/attn_output/ffn_gate/ffn_up/ffn_down biases)."""
     hd = shape.d_model // shape.n_heads
     d, kv = shape.d_model, shape.n_kv_heads * hd
     out: list[tuple] = [("m", "token_embd.weight", shape.vocab_size, d, embed_type)]
@@ -154,9 +160,14 @@ def tensor_plan(
             ("m", p + "ffn_up.weight", shape.d_ff, d, qtype),
             ("m", p + "ffn_down.weight", d, shape.d_ff, qtype),
         ]
-        if arch == "qwen2":
-            out += [("v", p + "attn_q.bias", shape.n_heads * hd, 0.0)]
-            out += [("v", p + "attn_k.bias", kv, 0.0), ("v", p + "attn_v.bias", kv, 0.0)]
+        rows = {"attn_q": shape.n_heads * hd, "attn_k": kv, "attn_v": kv, "attn_output": d}
+        rows |= {"ffn_gate": shape.d_ff, "ffn_up": shape.d_ff, "ffn_down": d}
+        for part in ("attn_q", "attn_k", "attn_v") if arch == "qwen2" else ():
+            out.append(("v", p + part + ".bias", rows[part], 0.0))
+        for part in biases:
+            if part not in rows:
+                raise KilnError(f"no bias '{part}' in a {arch} block; expected one of {', '.join(rows)}")
+            out.append(("v", p + part + ".bias", rows[part], 0.0))
     return out
 
 
@@ -202,12 +213,16 @@ def write_model(
     progress: bool = False,
     scale: float = 0.02,
     meta_overrides: dict | None = None,
+    biases: tuple[str, ...] = (),
+    extra_tensors: tuple[tuple, ...] = (),
 ) -> str:
-    """Write a random-weight model. Matrices use `qtype`; norms are F32 near 1; qwen2 gets QKV biases."""
+    """Write a random-weight model. Matrices use `qtype`; norms are F32 near 1; qwen2 gets QKV biases, and the
+    projections named in `biases` get one too. extra_tensors: more entries in tensor_plan's form (tests write files
+    that carry tensors the architecture does not read)."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(path, arch)
     add_metadata(w, shape, qtype, arch, meta_overrides)
-    plan = tensor_plan(shape, qtype, embed_type or qtype, tied, arch)
+    plan = tensor_plan(shape, qtype, embed_type or qtype, tied, arch, biases) + list(extra_tensors)
     for t in tqdm(plan, desc=f"writing {os.path.basename(path)}", disable=not progress):
         if t[0] == "m":
             raw = quant.random_weight(t[4], t[2], t[3], rng, scale)

@@ -10,7 +10,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from helpers import nmse
 
-from kiln import gguf
+from kiln import gguf, synth
 from kiln.model import Model
 from kiln.runtime.numpy_backend import NumpyDevice
 
@@ -57,10 +57,10 @@ def reference_logits(path: str, ids: list[int]) -> np.ndarray:
             s = q[:, head] @ k[:, kh].T / np.sqrt(hd) + np.triu(np.full((T, T), -np.inf), 1)
             p_ = np.exp(s - s.max(-1, keepdims=True))
             out[:, head] = (p_ / p_.sum(-1, keepdims=True)) @ v[:, kh]
-        x = x + out.reshape(T, d) @ W[p + "attn_output.weight"].T
+        x = x + out.reshape(T, d) @ W[p + "attn_output.weight"].T + W.get(p + "attn_output.bias", 0)
         h = norm(x, W[p + "ffn_norm.weight"])
-        g, u = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
-        x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down.weight"].T
+        g, u = (h @ W[p + f"ffn_{n}.weight"].T + W.get(p + f"ffn_{n}.bias", 0) for n in ("gate", "up"))
+        x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down.weight"].T + W.get(p + "ffn_down.bias", 0)
     return norm(x, W["output_norm.weight"]) @ W.get("output.weight", W["token_embd.weight"]).T
 
 
@@ -85,6 +85,25 @@ def test_tiny_qwen2_with_bias_and_neox_rope(tiny_models):
     model = Model(gguf.load(path), NumpyDevice(), n_ctx=32)
     assert model.cfg.qkv_bias and model.cfg.rope_neox
     assert nmse(model.dev.download(model.prefill(ids))[0], ref[-1]) < 1e-9
+
+
+ALL_BIASES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@pytest.mark.parametrize("biases", [ALL_BIASES, ("attn_output", "ffn_down")], ids=["all", "output-down"])
+def test_tiny_llama_with_optional_biases(tmp_path, biases):
+    """llama.cpp loads llama's projection and FFN biases when a file has them; kiln must add every one of them."""
+    path = synth.write_model(str(tmp_path / "bias.gguf"), synth.SHAPES["tiny"], Q.Q8_0, seed=3, biases=biases)
+    ids = [3, 14, 159, 265, 358, 97, 12]
+    ref = reference_logits(path, ids)
+    model = Model(gguf.load(path), NumpyDevice(), n_ctx=32)
+    assert model.layers[0].bo is not None and model.layers[0].b_down is not None
+    got = [model.dev.download(model.prefill(ids[:-1]))[0], model.dev.download(model.step(ids[-1:]))[0]]
+    assert nmse(got[0], ref[-2]) < 1e-9 and nmse(got[1], ref[-1]) < 1e-9
+    no_bias = Model(gguf.load(path), NumpyDevice(), n_ctx=32)
+    for layer in no_bias.layers:  # the same model with its biases dropped must differ: ignoring them would show
+        layer.bq = layer.bk = layer.bv = layer.bo = layer.b_gate = layer.b_up = layer.b_down = None
+    assert nmse(no_bias.dev.download(no_bias.prefill(ids))[0], ref[-1]) > 1e-3
 
 
 def test_prefix_reuse_and_chunked_prefill_equal_one_shot(tiny_models):
