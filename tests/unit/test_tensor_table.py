@@ -91,3 +91,17 @@ def test_gpu_backends_add_every_bias_like_numpy(biased, backend):
     finally:
         gpu.close()
         dev.close()
+
+
+def test_biases_match_llama_cpp(tmp_path):
+    """llama.cpp as the oracle (skipped where llama-cpp-python is not installed: CI lacks it)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    shape = synth.Shape(2, 256, 4, 2, 512, vocab_size=2048, context_length=512)  # >= 1024: a tokenizer llama.cpp loads
+    path = synth.write_model(str(tmp_path / "b.gguf"), shape, Q.F32, seed=7, embed_type=Q.F32, biases=BIASES)
+    ids = [int(i) for i in np.random.default_rng(1).integers(10, 2000, 40)]
+    model = Model(gguf.load(path), NumpyDevice(), n_ctx=64)
+    got = model.dev.download(model.prefill(ids))[0]
+    peer = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False)
+    peer.eval(ids)
+    want = np.asarray(peer.scores[len(ids) - 1])
+    assert nmse(got, want) < 1e-5 and got.argmax() == want.argmax()
