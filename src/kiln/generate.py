@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ContextOverflow
+from .errors import ContextOverflow, InvalidArgument
 from .model import Model
-from .sample import LogitsProcessor, Sampler, log_softmax
+from .sample import LogitsProcessor, Sampler, greedy, log_softmax
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -37,7 +37,7 @@ def generate_step(
         logits = model.dev.download(logits_t)[0].astype(np.float32)
         for proc in logits_processors:
             logits = proc(tokens, logits)
-        token = sampler(logits) if sampler else int(np.argmax(logits))
+        token = sampler(logits) if sampler else greedy(logits)
         yield token, logits
         tokens.append(token)
         if len(model.tokens) >= model.n_ctx:
@@ -89,6 +89,7 @@ def stream_generate(
 ) -> Iterator[Chunk]:
     """Yield text as it is generated; stops on EOS, a stop string (not included in the text) or max_tokens."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    _check_token_ids(ids, min(model.cfg.vocab_size, tokenizer.vocab_size))
     if len(ids) >= model.n_ctx:
         raise ContextOverflow(
             f"prompt has {len(ids)} tokens but the context holds {model.n_ctx}; shorten the prompt or raise --ctx"
@@ -124,6 +125,13 @@ def stream_generate(
         out, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
         yield Chunk(out, token, logprob=lp, top_logprobs=top, **stats)
     yield Chunk(pending, None, finish_reason=finish, **stats)
+
+
+def _check_token_ids(ids: Sequence[int], vocab: int) -> None:
+    """Ids index the embedding on the device (whose kernel only clamps them) and must decode: checked on entry."""
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidArgument(f"prompt token id {bad} is out of range: ids must be in [0, {vocab})")
 
 
 def _logprobs(logits: np.ndarray | None, token: int, k: int) -> tuple[float | None, dict[int, float] | None]:

@@ -15,8 +15,17 @@ Sampler = Callable[[np.ndarray], int]
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 
+_LOWEST, _HIGHEST = float(np.finfo(np.float32).min), float(np.finfo(np.float32).max)
+
+
+def finite(logits: np.ndarray) -> np.ndarray:
+    """NaN -> the lowest float32, +-inf -> the largest ones: every later exp/argmax/log stays finite, a NaN logit is
+    never picked unless all are, and several +inf ties share the top. (A penalty or a broken model can make them.)"""
+    return np.nan_to_num(logits, nan=_LOWEST, posinf=_HIGHEST, neginf=_LOWEST)
+
+
 def greedy(logits: np.ndarray) -> int:
-    return int(np.argmax(logits))
+    return int(np.argmax(finite(logits)))  # np.argmax alone returns the first NaN
 
 
 def make_sampler(
@@ -34,6 +43,7 @@ def make_sampler(
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> int:
+        logits = finite(logits)
         ids = np.argsort(-logits, kind="stable")
         if top_k > 0:
             ids = ids[:top_k]
@@ -94,5 +104,6 @@ def make_logits_processors(
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = finite(logits)
     z = logits.astype(np.float64) - logits.max()
     return z - np.log(np.exp(z).sum())

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import queue
 import secrets
@@ -24,20 +23,29 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__ as _kiln_version
 from .errors import ContextOverflow, KilnError
+from .server_wire import (
+    ApiError,
+    GenRequest,
+    Reply,
+    invalid,
+    parse_messages,
+    parse_prompt,
+    parse_request,
+    sse,
+    usage_of,
+)
 
 log = logging.getLogger("kiln.server")
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: far more than any prompt that fits a context, small enough to refuse abuse
-MAX_STOP = 16
-MAX_TOP_LOGPROBS = 20
-ROLES = ("system", "developer", "user", "assistant", "tool")
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to send a request's headers (slowloris; idle fresh connections)
+DEFAULT_KEEP_ALIVE = 5.0  # seconds a kept-alive connection may sit idle between requests (uvicorn's default)
+DEFAULT_MAX_CONNECTIONS = 256  # open connections; beyond it new ones get 503 and are closed
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
 
@@ -49,201 +57,6 @@ def _require_deps() -> None:
         raise KilnError(
             f"kiln serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'kiln[server]'"
         ) from None
-
-
-# --- errors in OpenAI's format --------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """A request the client must fix (or retry later): becomes {"error": {message, type, param, code}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-# --- request parsing --------------------------------------------------------------------------------------------
-
-
-_KIND_NAMES = {
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    bool: "a boolean",
-    list: "an array",
-    dict: "an object",
-}
-
-
-def _get(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
-    """body[name] checked against kind (bool is never accepted as a number; int is accepted as float)."""
-    value = body.get(name)
-    if value is None:
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if float in kinds:
-        kinds = (*kinds, int)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join(_KIND_NAMES[k] for k in kinds if k is not int or float not in kinds)
-        raise _invalid(name, f"'{name}' must be {names}, got {json.dumps(value)[:60]}", "invalid_type")
-    return value
-
-
-def _number(
-    body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False
-) -> float:
-    value = float(_get(body, name, float, default))
-    if not math.isfinite(value):
-        raise _invalid(name, f"'{name}' must be a finite number")
-    if (lo is not None and (value < lo or lo_open and value == lo)) or (hi is not None and value > hi):
-        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
-        hi_s = "" if hi is None else f"<= {hi:g}"
-        raise _invalid(name, f"'{name}' must be {' and '.join(s for s in (lo_s, hi_s) if s)}, got {value:g}")
-    return value
-
-
-def _integer(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
-    value = _get(body, name, int, default)
-    if value is None:
-        return None
-    if lo is not None and value < lo or hi is not None and value > hi:
-        raise _invalid(name, f"'{name}' must be between {lo} and {hi}, got {value}")
-    return value
-
-
-@dataclass
-class GenRequest:
-    """Everything the worker needs for one generation, validated; prompt_ids already tokenized."""
-
-    chat: bool
-    stream: bool = False
-    include_usage: bool = False
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: bool = False
-    top_logprobs: int = 0
-    prompt: str | list[int] = ""
-    prompt_ids: list[int] = field(default_factory=list)
-
-
-def parse_request(body: Any, chat: bool, n_ctx: int) -> GenRequest:
-    """Validate an OpenAI (chat) completions body; messages/prompt are checked here and rendered by the caller."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
-    r = GenRequest(chat=chat)
-    r.stream = _get(body, "stream", bool, False)
-    options = _get(body, "stream_options", dict, {})
-    if options and not r.stream:
-        raise _invalid("stream_options", "'stream_options' is only allowed with \"stream\": true")
-    r.include_usage = _get(options, "include_usage", bool, False)
-    n = _integer(body, "n", 1)
-    if n != 1:
-        raise _invalid("n", f"only n=1 is supported (one model, one sequence), got {n}")
-    limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    r.max_tokens = _integer(body, limit, None if chat else 16, 1, n_ctx)
-    r.temperature = _number(body, "temperature", 1.0, 0.0)
-    r.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    top_k = _integer(body, "top_k", 0, -1)
-    r.top_k = max(top_k, 0)  # -1 means off, as in vLLM
-    r.min_p = _number(body, "min_p", 0.0, 0.0, 0.999999)
-    seed = _get(body, "seed", int)
-    r.seed = None if seed is None else seed & (2**64 - 1)  # OpenAI accepts any int64; numpy wants >= 0
-    r.presence_penalty = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
-    r.frequency_penalty = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
-    r.repetition_penalty = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
-    stop = _get(body, "stop", (str, list), [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop):
-        raise _invalid("stop", f"'stop' must be a string or a list of at most {MAX_STOP} strings")
-    r.stop = [s for s in stop if s]
-    if chat:
-        r.logprobs = _get(body, "logprobs", bool, False)
-        r.top_logprobs = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
-        if r.top_logprobs and not r.logprobs:
-            raise _invalid("top_logprobs", "'top_logprobs' needs \"logprobs\": true")
-        if body.get("tools") or body.get("functions"):
-            raise _invalid("tools", "tool calling is not supported by kiln serve")
-    else:
-        lp = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-        r.logprobs, r.top_logprobs = lp is not None, lp or 0
-        if _get(body, "echo", bool, False):
-            raise _invalid("echo", "'echo' is not supported")
-        if _integer(body, "best_of", 1) != 1:
-            raise _invalid("best_of", "only best_of=1 is supported")
-        if _get(body, "suffix", str, ""):
-            raise _invalid("suffix", "'suffix' (insertion) is not supported")
-    return r
-
-
-def parse_messages(body: dict) -> list[dict]:
-    """OpenAI messages -> the plain {role, content: str} list chat templates expect (text parts joined)."""
-    if "messages" not in body:
-        raise ApiError(400, "'messages' is required", param="messages", code="missing_required_parameter")
-    messages = _get(body, "messages", list)
-    if not messages:
-        raise _invalid("messages", "'messages' must be a non-empty array")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _invalid(where, f"{where} must be an object with 'role' and 'content'", "invalid_type")
-        role = m.get("role")
-        if role not in ROLES:
-            raise _invalid(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is understood by a text-only model
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise _invalid(f"{where}.content", f"{where}.content: only text parts are supported")
-                texts.append(part["text"])
-            content = "".join(texts)
-        elif content is None and role == "assistant":
-            content = ""
-        elif not isinstance(content, str):
-            raise _invalid(
-                f"{where}.content", f"{where}.content must be a string or an array of text parts", "invalid_type"
-            )
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    return out
-
-
-def parse_prompt(body: dict) -> str | list[int]:
-    """A completions prompt: a string, a one-element list of strings, or a list of token ids."""
-    if "prompt" not in body or body["prompt"] is None:
-        raise ApiError(400, "'prompt' is required", param="prompt", code="missing_required_parameter")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
-        raise _invalid("prompt", "only one prompt per request is supported")
-    raise _invalid("prompt", "'prompt' must be a string or an array of token ids", "invalid_type")
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------
@@ -484,125 +297,6 @@ class Engine:
             gen.close()
 
 
-# --- response building ------------------------------------------------------------------------------------------
-
-
-def _token_info(tok, token_id: int) -> tuple[str, list[int]]:
-    piece = tok.piece(token_id)
-    return piece.decode("utf-8", errors="replace"), list(piece)
-
-
-def _chat_logprobs(tok, chunk, top_n: int) -> list[dict]:
-    if chunk.token is None or chunk.logprob is None:
-        return []
-    text, raw = _token_info(tok, chunk.token)
-    top = []
-    for tid, lp in list((chunk.top_logprobs or {}).items())[:top_n]:
-        t, b = _token_info(tok, tid)
-        top.append({"token": t, "logprob": lp, "bytes": b})
-    return [{"token": text, "logprob": chunk.logprob, "bytes": raw, "top_logprobs": top}]
-
-
-def _completion_logprobs(tok, chunk, top_n: int, offset: int) -> dict:
-    if chunk.token is None or chunk.logprob is None:
-        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    top = {}
-    for tid, lp in list((chunk.top_logprobs or {}).items())[:top_n]:
-        top.setdefault(_token_info(tok, tid)[0], lp)
-    return {
-        "tokens": [_token_info(tok, chunk.token)[0]],
-        "token_logprobs": [chunk.logprob],
-        "top_logprobs": [top],
-        "text_offset": [offset],
-    }
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-class _Reply:
-    """Builds OpenAI response objects (whole or chunked) for one request."""
-
-    def __init__(self, req: GenRequest, model_id: str, tok, fingerprint: str):
-        self.req, self.model_id, self.tok, self.fingerprint = req, model_id, tok, fingerprint
-        self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-
-    def _head(self, obj: str) -> dict:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model_id,
-            "system_fingerprint": self.fingerprint,
-        }
-
-    def chunk(self, chunk=None, role: bool = False, offset: int = 0) -> dict:
-        """One streamed event: the role announcement (chat), a text delta, or the final one with finish_reason."""
-        r = self.req
-        text = "" if chunk is None else chunk.text
-        finish = None if chunk is None else chunk.finish_reason
-        if r.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text or not finish else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            if r.logprobs and chunk is not None and chunk.logprob is not None:
-                choice["logprobs"] = {"content": _chat_logprobs(self.tok, chunk, r.top_logprobs)}
-            out = {**self._head("chat.completion.chunk"), "choices": [choice]}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            if r.logprobs and chunk is not None and chunk.logprob is not None:
-                choice["logprobs"] = _completion_logprobs(self.tok, chunk, r.top_logprobs, offset)
-            out = {**self._head("text_completion"), "choices": [choice]}
-        if r.include_usage:
-            out["usage"] = None
-        return out
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return {
-            **self._head("chat.completion.chunk" if self.req.chat else "text_completion"),
-            "choices": [],
-            "usage": usage,
-        }
-
-    def whole(self, chunks: list, prompt_tokens: int) -> dict:
-        r = self.req
-        text = "".join(c.text for c in chunks)
-        last = chunks[-1] if chunks else None
-        finish = last.finish_reason if last else "length"
-        usage = _usage(prompt_tokens, last.generation_tokens if last else 0)
-        if r.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-            if r.logprobs:
-                choice["logprobs"] = {
-                    "content": [e for c in chunks for e in _chat_logprobs(self.tok, c, r.top_logprobs)]
-                }
-            return {**self._head("chat.completion"), "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        if r.logprobs:
-            merged: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            offset = 0
-            for c in chunks:
-                for key, vals in _completion_logprobs(self.tok, c, r.top_logprobs, offset).items():
-                    merged[key] += vals
-                offset += len(c.text)
-            choice["logprobs"] = merged
-        return {**self._head("text_completion"), "choices": [choice], "usage": usage}
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
-
 # --- the ASGI app ---------------------------------------------------------------------------------------------
 
 
@@ -633,17 +327,48 @@ class _MetricsMiddleware:
             raise
 
 
+class _HostMiddleware:
+    """Serves only Host headers the HostCheck allows (DNS rebinding), before routing, /health included."""
+
+    def __init__(self, app, check):
+        self.app, self.check = app, check
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+        if self.check.allows(host):
+            return await self.app(scope, receive, send)
+        e = ApiError(400, f"Host {host!r} is not served here; see kiln serve --allowed-hosts", code="invalid_host")
+        body = json.dumps(e.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(
-    engine: Engine, model_id: str | None = None, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
+    engine: Engine,
+    model_id: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    bound_host: str = "127.0.0.1",
+    allowed_hosts: list[str] | None = None,
+    cors_origins: list[str] | None = None,
 ):
-    """The FastAPI app for an engine; `model_id` is the name clients use (default: the GGUF file stem)."""
+    """The FastAPI app for an engine; `model_id` is the name clients use (default: the GGUF file stem).
+    Host headers are checked against bound_host + loopback + allowed_hosts ('*': any); CORS is off unless
+    cors_origins names the web origins that may call it."""
     _require_deps()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
+
+    from . import api
+    from .server_guard import HostCheck, lone_surrogate_at
 
     model = engine.model
     path = getattr(model.gguf, "path", None) or ""
@@ -663,6 +388,14 @@ def create_app(
     )
     app.state.engine = engine
     app.state.model_id = model_id
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(_HostMiddleware, check=HostCheck(bound_host, allowed_hosts))
     app.add_middleware(_MetricsMiddleware, metrics=engine.metrics)
 
     def error(e: ApiError) -> JSONResponse:
@@ -700,9 +433,16 @@ def create_app(
                 401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
 
+    def authorized(request: Request) -> bool:
+        try:
+            check_auth(request)
+        except ApiError:
+            return False
+        return True
+
     def check_model(name: Any) -> None:
         if name is not None and not isinstance(name, str):
-            raise _invalid("model", "'model' must be a string", "invalid_type")
+            raise invalid("model", "'model' must be a string", "invalid_type")
         if name is not None and name not in aliases:
             raise ApiError(
                 404,
@@ -712,7 +452,15 @@ def create_app(
             )
 
     async def read_json(request: Request) -> Any:
-        """The body as JSON, refusing more than max_body_bytes before reading it all (chunked bodies too)."""
+        """The body as JSON, refusing more than max_body_bytes before reading it all (chunked bodies too).
+        A JSON content type is required: a web page can send text/plain cross-origin without a CORS preflight."""
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(
+                415,
+                f"the request body must be sent as 'Content-Type: application/json', got {media or 'none'!r}",
+                code="unsupported_media_type",
+            )
         declared = request.headers.get("content-length")
         too_big = ApiError(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
@@ -726,20 +474,27 @@ def create_app(
         except ClientDisconnect:
             raise ApiError(400, "the client disconnected while sending the body", code="client_disconnected") from None
         try:
-            return json.loads(data)
+            body = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
+        where = lone_surrogate_at(body)
+        if where is not None:
+            raise invalid(where, f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)")
+        return body
 
     async def tokenize(req: GenRequest, param: str) -> None:
         if isinstance(req.prompt, list):
-            vocab = engine.tokenizer.vocab_size
-            if any(not 0 <= t < vocab for t in req.prompt):
-                raise _invalid(param, f"token ids must be in [0, {vocab})")
+            vocab = min(model.cfg.vocab_size, engine.tokenizer.vocab_size)  # a row of the embedding, and decodable
+            bad = next((t for t in req.prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise invalid(param, f"token ids must be in [0, {vocab}), got {bad}")
             ids = list(req.prompt)
         else:
             ids = await run_in_threadpool(engine.tokenizer.encode, req.prompt)
         if not ids:
-            raise _invalid(param, f"'{param}' is empty")
+            raise invalid(param, f"'{param}' is empty")
         if len(ids) >= n_ctx:
             raise ApiError(
                 400,
@@ -752,7 +507,7 @@ def create_app(
 
     async def run(request: Request, req: GenRequest):
         job = engine.submit(req, asyncio.get_running_loop())
-        reply = _Reply(req, model_id, engine.tokenizer, fingerprint)
+        reply = Reply(req, model_id, engine.tokenizer, fingerprint)
         if req.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": reply.id}
             return _JobStream(stream_events(job, reply), job, media_type="text/event-stream", headers=headers)
@@ -773,45 +528,41 @@ def create_app(
             await asyncio.sleep(0.25)
         job.cancel()
 
-    async def stream_events(job: Job, reply: _Reply) -> AsyncIterator[bytes]:
+    async def stream_events(job: Job, reply: Reply) -> AsyncIterator[bytes]:
         req = reply.req
         if req.chat:
-            yield _sse(reply.chunk(role=True))
+            yield sse(reply.chunk(role=True))
         offset, last = 0, None
         while (item := await job.out.get()) is not _END:
             if isinstance(item, BaseException):  # headers are sent: report in-band, as OpenAI does
                 e = item if isinstance(item, KilnError) else None
                 msg = str(e) if e else "internal server error; see the server log"
-                yield _sse(
+                yield sse(
                     ApiError(400 if e else 500, msg, type="invalid_request_error" if e else "server_error").body()
                 )
                 break
             last = item
             if item.text or item.finish_reason or (req.logprobs and item.logprob is not None):
-                yield _sse(reply.chunk(item, offset=offset))
+                yield sse(reply.chunk(item, offset=offset))
             offset += len(item.text)
         if req.include_usage and last is not None:
-            yield _sse(reply.usage_chunk(_usage(len(req.prompt_ids), last.generation_tokens)))
+            yield sse(reply.usage_chunk(usage_of(len(req.prompt_ids), last.generation_tokens)))
         yield b"data: [DONE]\n\n"
 
     @app.get("/health")
-    async def health():
-        queued, active = engine.depth()
+    async def health(request: Request):
+        """Open to probes; with an API key set, the details (model, load) only to callers that send it."""
         ok = engine.alive
-        return JSONResponse(
-            {
-                "status": "ok" if ok else "error",
-                "model": model_id,
-                "backend": model.dev.name,
-                "n_ctx": n_ctx,
-                "queue_depth": queued,
-                "active_requests": active,
-            },
-            status_code=200 if ok else 503,
-        )
+        status = {"status": "ok" if ok else "error"}
+        if authorized(request):
+            queued, active = engine.depth()
+            status.update(model=model_id, backend=model.dev.name, n_ctx=n_ctx)
+            status.update(queue_depth=queued, active_requests=active)
+        return JSONResponse(status, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        check_auth(request)
         return PlainTextResponse(
             engine.metrics.render(*engine.depth()), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
@@ -853,9 +604,8 @@ def create_app(
         body = await read_json(request)
         req = parse_request(body, chat=True, n_ctx=n_ctx)
         check_model(body.get("model"))
-        from .api import apply_chat_template
-
-        req.prompt = apply_chat_template(model, parse_messages(body))
+        # a template is a program (loops): rendered on the event loop, a slow one would stall every connection
+        req.prompt = await run_in_threadpool(api.apply_chat_template, model, parse_messages(body))
         await tokenize(req, "messages")
         return await run(request, req)
 
@@ -893,10 +643,36 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def cmd_serve(args) -> int:
-    _require_deps()
+def make_server(
+    app,
+    log_level: str = "info",
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    keep_alive: float = DEFAULT_KEEP_ALIVE,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+):
+    """A uvicorn server for the app with kiln's connection limits (server_guard.protocol_class); run it with
+    .run(sockets=[bind(...)])."""
     import uvicorn
 
+    from .server_guard import protocol_class
+
+    for name, value in (("--header-timeout", header_timeout), ("--keep-alive-timeout", keep_alive)):
+        if not value > 0:
+            raise KilnError(f"{name} must be a positive number of seconds, got {value}")
+    if max_connections < 1:
+        raise KilnError(f"--max-connections must be at least 1, got {max_connections}")
+    config = uvicorn.Config(
+        app,
+        http=protocol_class(header_timeout, max_connections),
+        log_level=log_level,
+        timeout_keep_alive=keep_alive,
+        timeout_graceful_shutdown=5,
+    )
+    return uvicorn.Server(config)
+
+
+def cmd_serve(args) -> int:
+    _require_deps()
     from . import api
 
     api_key = args.api_key or os.environ.get("KILN_API_KEY") or None
@@ -923,15 +699,23 @@ def cmd_serve(args) -> int:
         sock.close()
         raise
     model = engine.model
-    app = create_app(engine, model_id=args.model_id, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(
+        engine,
+        model_id=args.model_id,
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        bound_host=args.host,
+        allowed_hosts=args.allowed_hosts,
+        cors_origins=args.cors_origins,
+    )
+    server = make_server(app, args.log_level, args.header_timeout, args.keep_alive_timeout, args.max_connections)
     host, port = sock.getsockname()[:2]
     print(
         f"kiln: serving {app.state.model_id} ({model.dev.name}, ctx {model.n_ctx}) on http://{host}:{port}/v1",
         flush=True,
     )
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         engine.close()
         sock.close()
@@ -950,6 +734,39 @@ def register_cli(subparsers) -> None:
         "--max-concurrency", type=int, default=64, help="requests queued + running before new ones get 429 (default 64)"
     )
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body (default 1 MiB)")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT,
+        help=f"seconds a client may take to send a request's headers (default {DEFAULT_HEADER_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=DEFAULT_KEEP_ALIVE,
+        help=f"seconds an idle kept-alive connection stays open (default {DEFAULT_KEEP_ALIVE:g})",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help=f"open connections before new ones get 503 (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="Host header names served besides localhost and --host ('*': any; default: those only, against DNS "
+        "rebinding)",
+    )
+    p.add_argument(
+        "--cors-origins",
+        nargs="+",
+        default=None,
+        metavar="ORIGIN",
+        help="web origins (e.g. https://app.example) whose pages may call the API (default: none, CORS off)",
+    )
     p.add_argument("--model-id", default=None, help="model name clients use (default: the GGUF file name stem)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(handler=cmd_serve)

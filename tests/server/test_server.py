@@ -45,6 +45,19 @@ def reference(served, prompt: str, max_tokens: int = N, **kw) -> str:
     return generate(served.model, served.model.tokenizer, prompt, max_tokens=max_tokens, **kw)
 
 
+def auth(served) -> dict:
+    return {"Authorization": f"Bearer {served.api_key}"}
+
+
+def health(served) -> dict:
+    """/health with its details (model, load), which need the API key when one is set."""
+    return httpx.get(served.url + "/health", headers=auth(served)).json()
+
+
+def metrics(served) -> str:
+    return httpx.get(served.url + "/metrics", headers=auth(served)).text
+
+
 def metric(text: str, name: str, labels: str = "") -> float:
     m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
@@ -57,7 +70,7 @@ def test_models_and_health(served):
     ids = [m.id for m in client(served).models.list().data]
     assert ids == [served.model_id] and served.model_id == "SmolLM2-135M-Instruct.Q4_1"
     assert client(served).models.retrieve(served.model_id).id == served.model_id
-    h = httpx.get(served.url + "/health").json()
+    h = health(served)
     assert h["status"] == "ok" and h["model"] == served.model_id and h["n_ctx"] == 1024
     assert {"queue_depth", "active_requests", "backend"} <= h.keys()
 
@@ -241,7 +254,7 @@ def test_queue_full_and_disconnect_frees_slot(served):
         "temperature": 0,
         "stream": True,
     }
-    before = httpx.get(served.url + "/metrics").text
+    before = metrics(served)
     with raw(served) as ca, raw(served) as cb, raw(served) as cc:
         with ca.stream("POST", "/v1/completions", json=body) as a:
             assert a.status_code == 200
@@ -267,29 +280,29 @@ def test_queue_full_and_disconnect_frees_slot(served):
         assert result["r"].json()["usage"]["completion_tokens"] == 2
         assert time.monotonic() - t0 < 60
     served.idle()
-    after = httpx.get(served.url + "/metrics").text
+    after = metrics(served)
     assert metric(after, "kiln_cancelled_requests_total") - metric(before, "kiln_cancelled_requests_total") == 2
     assert metric(after, "kiln_generation_tokens_total") - metric(before, "kiln_generation_tokens_total") < 500
     assert metric(after, "kiln_rejected_requests_total") > metric(before, "kiln_rejected_requests_total")
-    h = httpx.get(served.url + "/health").json()
+    h = health(served)
     assert h["queue_depth"] == 0 and h["active_requests"] == 0
 
 
 def wait_for(served, cond, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while not cond(httpx.get(served.url + "/health").json()):
-        assert time.monotonic() < deadline, httpx.get(served.url + "/health").json()
+    while not cond(health(served)):
+        assert time.monotonic() < deadline, health(served)
         time.sleep(0.05)
 
 
 def test_non_streamed_disconnect_cancels(served):
     served.idle()
     body = {"model": served.model_id, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0}
-    before = metric(httpx.get(served.url + "/metrics").text, "kiln_cancelled_requests_total")
+    before = metric(metrics(served), "kiln_cancelled_requests_total")
     with pytest.raises(httpx.ReadTimeout), raw(served) as c:
         c.post("/v1/completions", json=body, timeout=httpx.Timeout(120, read=3))
     assert served.engine.wait_idle(30)  # stopped long before 1000 tokens
-    assert metric(httpx.get(served.url + "/metrics").text, "kiln_cancelled_requests_total") == before + 1
+    assert metric(metrics(served), "kiln_cancelled_requests_total") == before + 1
 
 
 # --- bad input: 4xx in OpenAI's error format, and the server keeps serving --------------------------------------
@@ -413,7 +426,8 @@ def test_oversized_chunked_body(served):
             yield b"x" * 1024
 
     with raw(served) as c:
-        check_error(c.post(COMP, content=parts()), 413, "request_too_large")
+        r = c.post(COMP, content=parts(), headers={"Content-Type": "application/json"})
+        check_error(r, 413, "request_too_large")
 
 
 def test_auth(served):
@@ -427,7 +441,7 @@ def test_auth(served):
         client(served, api_key="wrong-key").models.list()
     with pytest.raises(openai.NotFoundError):
         client(served).chat.completions.create(model="nope", messages=MSG, max_tokens=1)
-    assert httpx.get(served.url + "/health").status_code == 200  # health and metrics stay open for probes
+    assert httpx.get(served.url + "/health").status_code == 200  # health stays open for probes (status only)
 
 
 def test_unknown_route_and_method(served):
@@ -448,7 +462,7 @@ def test_metrics(served):
     with raw(served) as c:
         c.post(COMP, json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
         c.post(COMP, json={"prompt": 5})
-    text = httpx.get(served.url + "/metrics").text
+    text = metrics(served)
     assert metric(text, "kiln_requests_total", '{endpoint="/v1/completions",status="200"}') >= 1
     assert metric(text, "kiln_requests_total", '{endpoint="/v1/completions",status="400"}') >= 1
     assert metric(text, "kiln_prompt_tokens_total") > 0 and metric(text, "kiln_generation_tokens_total") >= 2

@@ -587,10 +587,11 @@ class CudaDevice(OpRecorder, Device):
         return max(1, -(-n // per))
 
     def _do_embed(self, weight, ids, out) -> None:
-        fmt, K, T = weight.extra["fmt"], weight.shape[1], ids.shape[0]
+        fmt, (V, K), T = weight.extra["fmt"], weight.shape, ids.shape[0]
         n = T * K if fmt in _FLOAT else T * K // 32
         k = self._kernel("dequant.cu", "embed", FMT=FORMATS[fmt], DT=_DT[out.dtype])
-        self._launch(k, self._blocks(n), 256, (*self._wptrs(weight), _ptr(ids), _ptr(out), np.int32(T), np.int32(K)))
+        args = (*self._wptrs(weight), _ptr(ids), _ptr(out), np.int32(T), np.int32(K), np.int32(V))
+        self._launch(k, self._blocks(n), 256, args)
 
     def _do_rms_norm(self, x, weight, eps, out) -> None:
         d = x.shape[-1]

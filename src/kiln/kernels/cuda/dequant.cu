@@ -1,14 +1,18 @@
 // Whole-group dequantization (quant.cuh deq32), one thread per 32 values: token embedding rows (f32 or f16
 // out, DT) and full matrices to f16 for the cuBLAS prefill GEMM. Constants: FMT, DT.
 
+// Ids are checked on the host where they enter (generate, server); the clamp to [0, V) keeps a bad id that got
+// past them (or a device-side argmax gone wrong) from reading outside the weights.
+__device__ __forceinline__ long embed_row(const int* ids, int t, int V) { return min(max(ids[t], 0), V - 1); }
+
 extern "C" __global__ void embed(const u8* __restrict__ q, const u8* __restrict__ s, const u32* __restrict__ h,
-                                 const int* __restrict__ ids, act_t* __restrict__ out, int T, int K) {
+                                 const int* __restrict__ ids, act_t* __restrict__ out, int T, int K, int V) {
     pdl_wait();
     pdl_trigger();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
 #if FMT <= F_BF16  // float formats: any K, one element per thread
     if (i >= (long)T * K) return;
-    long src = (long)ids[i / K] * K + i % K;
+    long src = embed_row(ids, (int)(i / K), V) * K + i % K;
 #if FMT == F_F32
     st_act(out, i, ((const float*)q)[src]);
 #elif FMT == F_F16
@@ -20,7 +24,7 @@ extern "C" __global__ void embed(const u8* __restrict__ q, const u8* __restrict_
     int groups = K / 32;
     if (i >= (long)T * groups) return;
     int t = (int)(i / groups), g = (int)(i % groups);
-    long row = ids[t];
+    long row = embed_row(ids, t, V);
     float v[32];
     deq32(q + row * q_row_bytes(K), s + row * s_row_bytes(K), h + row * h_row_words(K), g, v);
     act_t* o = out + (long)t * K + 32 * g;
