@@ -52,14 +52,13 @@ def load(
 
 
 def apply_chat_template(model: Model, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt string for generate()/stream_generate(), whose encoding adds the model's BOS: the template's own
+    leading BOS is dropped, so the ids start with exactly one. Blocking and thread-safe (the server calls it from
+    worker threads); a broken, slow or hostile template raises one KilnError line."""
     template = model.gguf.chat_template
     if not template:
-        raise KilnError("this model has no chat template (tokenizer.chat_template); use --no-chat-template")
-    tok = model.tokenizer
-    return chat.render(
-        template,
-        messages,
-        add_generation_prompt,
-        bos_token=tok.token_text(tok.bos_id),
-        eos_token=tok.token_text(tok.eos_id),
-    )
+        raise KilnError(
+            "this model has no chat template (tokenizer.chat_template); "
+            "`kiln run --no-chat-template` feeds a prompt as it is"
+        )
+    return chat.render_prompt(template, model.tokenizer, messages, add_generation_prompt)

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from . import api
+from . import api, chat
 from .errors import KilnError
 from .runtime import BACKENDS
 
@@ -161,6 +161,8 @@ def _messages(system: str | None, history: list[dict]) -> list[dict]:
 
 
 def cmd_run(args) -> int:
+    if not args.no_chat_template:
+        chat.prestart()  # the template's render process starts while the model loads
     model = _load(args)
     prompt = args.prompt
     if not args.no_chat_template and model.gguf.chat_template:
@@ -172,6 +174,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    chat.prestart()
     model = _load(args)
     history: list[dict] = []
     print("kiln chat: /reset clears the history, /exit quits, Ctrl-C stops an answer.", file=sys.stderr)
