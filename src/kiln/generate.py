@@ -89,6 +89,8 @@ def stream_generate(
 ) -> Iterator[Chunk]:
     """Yield text as it is generated; stops on EOS, a stop string (not included in the text) or max_tokens."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise InvalidArgument("the prompt is empty: give some text (or token ids) to continue")
     _check_token_ids(ids, min(model.cfg.vocab_size, tokenizer.vocab_size))
     if len(ids) >= model.n_ctx:
         raise ContextOverflow(

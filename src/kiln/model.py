@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .errors import ContextOverflow
+from .errors import ContextOverflow, InvalidArgument
 from .gguf import GGUFFile, ModelConfig
 from .runtime.base import Device, Tensor, Weight
 
@@ -208,7 +208,7 @@ class Model:
     def prefill(self, ids: list[int], chunk: int = 512) -> Tensor:
         """Feed `ids` after reusing the longest prefix already in the cache; returns the last logits."""
         if len(ids) == 0:
-            raise ValueError("cannot run an empty prompt")
+            raise InvalidArgument("cannot run an empty prompt")
         if len(ids) > self.n_ctx:
             raise ContextOverflow(
                 f"prompt has {len(ids)} tokens but the context holds {self.n_ctx}; shorten the prompt or raise --ctx"

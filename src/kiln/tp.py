@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import gguf as gguf_mod
-from .errors import BackendUnavailable, ContextOverflow, KilnError
+from .errors import BackendUnavailable, ContextOverflow, InvalidArgument, KilnError
 from .gguf import GGUFFile
 from .model import Model
 from .runtime.base import BufferPool, Device, Tensor
@@ -615,7 +615,7 @@ class TensorParallelModel:
         self._check()
         ids = list(ids)
         if not ids:
-            raise ValueError("cannot run an empty prompt")
+            raise InvalidArgument("cannot run an empty prompt")
         if len(ids) > self.n_ctx:
             raise ContextOverflow(
                 f"prompt has {len(ids)} tokens but the context holds {self.n_ctx}; shorten the prompt or raise --ctx"

@@ -91,3 +91,8 @@ def test_real_process_prints_no_traceback(argv):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("kiln: error:")
+
+
+def test_empty_prompt(capsys, tiny_models):
+    code, err = run_cli(capsys, "run", "", "--model", tiny_models(Q.Q8_0), "--no-chat-template", "--backend", "numpy")
+    assert_one_clear_error(code, err, "prompt is empty")
