@@ -231,7 +231,7 @@ def cmd_info(args) -> int:
         ("ffn", c.d_ff),
         ("vocab", c.vocab_size),
         ("context", c.context_length),
-        ("rope", f"theta {c.rope_theta:g}, {'neox' if c.rope_neox else 'normal'}"),
+        ("rope", c.rope.describe()),
         ("rms eps", f"{c.norm_eps:g}"),
         ("tied embeddings", c.tied_embeddings),
         ("biases", ", ".join(sorted({n.split(".")[2] for n in f.tensors if n.endswith(".bias")})) or "none"),

@@ -63,6 +63,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import quant
 from .errors import UnsupportedOp
+from .rope import Rope, llama3_freq_factors
 from .runtime.base import DTYPES, MODEL_OPS, Device, Tensor, Weight
 
 __all__ = ["CaseResult", "Case", "THRESHOLDS", "cases", "run_case", "run_suite", "format_table", "summary"]
@@ -294,11 +295,23 @@ def _run_matmul(dev, s: _Scope, *, qtype: str, T: int, N: int, K: int, bias: boo
     return {}
 
 
-def _run_rope(dev, s: _Scope, *, T: int, start: int, n_heads: int, head_dim: int, theta: float, neox: bool) -> dict:
+def _run_rope(dev, s: _Scope, *, T: int, start: int, n_heads: int, head_dim: int, rope: Rope) -> dict:
     x = s.output("x", (T, n_heads * head_dim), init=s.rng.standard_normal((T, n_heads * head_dim)))
     pos = s.input(np.arange(start, start + T, dtype=np.int32))
-    dev.rope(x, pos, n_heads, head_dim, theta, neox)
+    dev.rope(x, pos, n_heads, head_dim, rope)
     return {}
+
+
+def _scaled_ropes(head_dim: int, neox: bool) -> list[tuple[str, Rope]]:
+    """One rope per scaling llama.cpp applies: Llama 3.1's freq factors, linear x4, Qwen2.5-style yarn x4 (pairs
+    on both sides of the ramp, mscale 1.139), and yarn on top of freq factors with an attn_factor."""
+    ff = llama3_freq_factors(5e5, head_dim)
+    return [
+        ("llama3", Rope(5e5, neox, freq_factors=ff)),
+        ("linear x4", Rope(1e4, neox, "linear", 4.0)),
+        ("yarn x4 orig=4096", Rope(1e6, neox, "yarn", 4.0, orig_ctx=4096)),
+        ("llama3+yarn x2 attn=0.9", Rope(5e5, neox, "yarn", 2.0, orig_ctx=2048, attn_factor=0.9, freq_factors=ff)),
+    ]
 
 
 def _run_attention(
@@ -551,6 +564,10 @@ def cases(quick: bool = False, ops: Sequence[str] | None = None) -> list[Case]:
             scale=scale,
         )
 
+    def add_rope(label: str, rope: Rope, T: int, start: int, H: int, hd: int, full_only: bool) -> None:
+        name = f"{'neox' if rope.neox else 'normal'} {label} T={T} pos={start} H={H} hd={hd}"
+        add("rope", name, "f32", ("f32",), _run_rope, full_only, T=T, start=start, n_heads=H, head_dim=hd, rope=rope)
+
     for neox in (False, True):
         for theta in (1e4, 1e5):
             for T, start, H, hd, full_only in (
@@ -560,21 +577,11 @@ def cases(quick: bool = False, ops: Sequence[str] | None = None) -> list[Case]:
                 (1, 4095, 8, 64, True),
                 (33, 100, 9, 64, True),
             ):
-                name = f"{'neox' if neox else 'normal'} theta={theta:g} T={T} pos={start} H={H} hd={hd}"
-                add(
-                    "rope",
-                    name,
-                    "f32",
-                    ("f32",),
-                    _run_rope,
-                    full_only,
-                    T=T,
-                    start=start,
-                    n_heads=H,
-                    head_dim=hd,
-                    theta=theta,
-                    neox=neox,
-                )
+                add_rope(f"theta={theta:g}", Rope(theta, neox), T, start, H, hd, full_only)
+        # scaled ropes matter at long positions; past ~4096 f32 angles (the usual GPU way, THRESHOLDS) drift too far
+        for T, start, H, hd, full_only in ((1, 4000, 4, 64, False), (5, 2185, 3, 128, False), (33, 3000, 8, 128, True)):
+            for label, rope in _scaled_ropes(hd, neox):
+                add_rope(label, rope, T, start, H, hd, full_only)
 
     quick_heads = ((4, 4, 64), (9, 3, 64), (8, 2, 128))
     scenarios = ((5, 0, False), (7, 11, False), (1, 300, False), (67, 0, True), (33, 100, True), (1, 4000, True))

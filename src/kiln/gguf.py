@@ -6,14 +6,17 @@ weight reaches a device.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
-from . import quant, tensor_table
+from . import gguf_scan, quant, tensor_table
 from .errors import GGUFError, UnsupportedModel
+from .rope import Rope
 
 ARCHITECTURES = ("llama", "qwen2")
 GGUF_MAGIC = b"GGUF"
@@ -36,6 +39,13 @@ class ModelConfig:
     norm_eps: float
     tied_embeddings: bool
     qkv_bias: bool
+    rope: Rope | None = None  # theta, layout and scaling (gguf files: Rope.from_metadata); None: plain theta/neox
+
+    def __post_init__(self) -> None:
+        if self.rope is None:  # configs built in code (tests) that give only theta and layout
+            object.__setattr__(self, "rope", Rope(self.rope_theta, self.rope_neox))
+        elif (self.rope.theta, self.rope.neox) != (self.rope_theta, self.rope_neox):
+            raise ValueError(f"rope {self.rope} disagrees with rope_theta/rope_neox")
 
 
 @dataclass
@@ -100,6 +110,12 @@ def _open_reader(path: str) -> GGUFReader:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise GGUFError(f"not a GGUF file (magic {magic!r}, expected b'GGUF'): {path}")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            gguf_scan.scan(path, view)
+        finally:
+            view.release()
     try:
         reader = _Reader(path, "r")
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
@@ -131,50 +147,96 @@ def _tensor_info(t) -> TensorInfo:
     raw = np.asarray(t.data).view(np.uint8)
     if raw.nbytes != expected:
         raise GGUFError(f"tensor {t.name} holds {raw.nbytes} bytes, expected {expected}: file truncated or corrupt")
+    bad = quant.first_nonfinite(raw, qtype)
+    if bad is not None:
+        what = (
+            "value"
+            if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+            else "block scale"
+        )
+        raise GGUFError(f"tensor {t.name} ({qtype.name}) has a NaN or infinite {what} at index {bad}: corrupt weights")
     if len(shape) > 1:
         raw = raw.reshape(shape[0], -1)
     return TensorInfo(t.name, qtype, shape, raw)
 
 
-def _get(meta: dict, key: str, default=None, required=True):
-    if key in meta:
-        return meta[key]
-    if required and default is None:
-        raise GGUFError(f"GGUF metadata lacks required key '{key}'")
-    return default
+_NO_DEFAULT = object()
+
+
+def _int(meta: dict, key: str, default=_NO_DEFAULT, lo: int = 1, hi: int = 1 << 31) -> int:
+    """An integer field in [lo, hi]: wrong types (a string, a float, an array, a bool) and out-of-range values are
+    named, never converted."""
+    if key not in meta:
+        if default is _NO_DEFAULT:
+            raise GGUFError(f"GGUF metadata lacks required key '{key}'")
+        return default
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise GGUFError(f"GGUF metadata {key} = {_show(value)} is not an integer")
+    if not lo <= int(value) <= hi:
+        raise GGUFError(f"GGUF metadata {key} = {value} is out of range: expected {lo} to {hi}")
+    return int(value)
+
+
+def _float(meta: dict, key: str, default: float, lo: float) -> float:
+    """A finite number >= lo (integers accepted)."""
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise GGUFError(f"GGUF metadata {key} = {_show(value)} is not a number")
+    if not math.isfinite(value) or value < lo:
+        raise GGUFError(f"GGUF metadata {key} = {value} is out of range: expected a finite number >= {lo:g}")
+    return float(value)
+
+
+def _name(meta: dict) -> str:
+    name = meta.get("general.name", "unnamed")
+    return name if isinstance(name, str) else _show(name)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _config(meta: dict, tensors: dict[str, TensorInfo]) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch is None:
         raise GGUFError("GGUF metadata lacks 'general.architecture'")
+    if not isinstance(arch, str):
+        raise GGUFError(f"GGUF metadata general.architecture = {_show(arch)} is not a string")
     if arch not in ARCHITECTURES:
         raise UnsupportedModel(f"unsupported architecture '{arch}' (kiln runs: {', '.join(ARCHITECTURES)})")
-    d_model = int(_get(meta, f"{arch}.embedding_length"))
-    n_heads = int(_get(meta, f"{arch}.attention.head_count"))
-    n_kv_heads = int(_get(meta, f"{arch}.attention.head_count_kv", n_heads))
     if "token_embd.weight" not in tensors:
         raise GGUFError("GGUF has no token_embd.weight tensor")
-    vocab = int(meta.get(f"{arch}.vocab_size") or tensors["token_embd.weight"].shape[0])
-    head_dim = int(meta.get(f"{arch}.attention.key_length") or d_model // n_heads)
+    # A layer has at least 9 tensors: a block count past the tensors present would build a huge table for nothing.
+    n_layers = _int(meta, f"{arch}.block_count", hi=max(1, len(tensors) // 9))
+    d_model = _int(meta, f"{arch}.embedding_length", hi=1 << 20)
+    n_heads = _int(meta, f"{arch}.attention.head_count", hi=d_model)
+    n_kv_heads = _int(meta, f"{arch}.attention.head_count_kv", n_heads, hi=n_heads)
+    vocab = _int(meta, f"{arch}.vocab_size", tensors["token_embd.weight"].shape[0], hi=1 << 24)
+    head_dim = _int(meta, f"{arch}.attention.key_length", d_model // n_heads, hi=1 << 16)
+    if head_dim < 2 or head_dim % 2:
+        raise GGUFError(f"head dimension {head_dim} must be even (rope rotates pairs)")
     if n_heads % n_kv_heads:
         raise GGUFError(f"head_count {n_heads} is not a multiple of head_count_kv {n_kv_heads}")
+    rope = Rope.from_metadata(meta, tensors, arch, head_dim)
     return ModelConfig(
         arch=arch,
-        name=str(meta.get("general.name", "unnamed")),
-        n_layers=int(_get(meta, f"{arch}.block_count")),
+        name=_name(meta),
+        n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        d_ff=int(_get(meta, f"{arch}.feed_forward_length")),
+        d_ff=_int(meta, f"{arch}.feed_forward_length", hi=1 << 24),
         vocab_size=vocab,
-        context_length=int(_get(meta, f"{arch}.context_length", 2048, required=False)),
-        rope_theta=float(_get(meta, f"{arch}.rope.freq_base", 10000.0, required=False)),
-        rope_neox=arch == "qwen2",
-        norm_eps=float(_get(meta, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, required=False)),
+        context_length=_int(meta, f"{arch}.context_length", 2048, hi=1 << 24),
+        rope_theta=rope.theta,
+        rope_neox=rope.neox,
+        norm_eps=_float(meta, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, lo=0.0),
         tied_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
+        rope=rope,
     )
 
 

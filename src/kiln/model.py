@@ -171,8 +171,8 @@ class Model:
             dev.matmul(a.h, L.wq, a.q, L.bq)  # q: [T, Hq*hd]
             dev.matmul(a.h, L.wk, a.k, L.bk)  # k, v: [T, Hkv*hd]
             dev.matmul(a.h, L.wv, a.v, L.bv)
-            dev.rope(a.q, a.pos, c.n_heads, c.head_dim, c.rope_theta, c.rope_neox)
-            dev.rope(a.k, a.pos, c.n_kv_heads, c.head_dim, c.rope_theta, c.rope_neox)
+            dev.rope(a.q, a.pos, c.n_heads, c.head_dim, c.rope)
+            dev.rope(a.k, a.pos, c.n_kv_heads, c.head_dim, c.rope)
             dev.attention(
                 a.q,
                 a.k,

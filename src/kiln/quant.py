@@ -244,6 +244,38 @@ _BLOCK_DECODERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] 
 }
 
 
+# Byte offsets of each block's f16 scales (d, and dmin/m where the format has one), as ggml lays them out.
+_SCALE_OFFSETS: dict[GGMLQuantizationType, tuple[int, ...]] = {
+    Q.Q8_0: (0,),
+    Q.Q4_0: (0,),
+    Q.Q5_0: (0,),
+    Q.Q4_1: (0, 2),
+    Q.Q5_1: (0, 2),
+    Q.Q4_K: (0, 2),
+    Q.Q5_K: (0, 2),
+    Q.Q6_K: (208,),
+}
+
+
+def first_nonfinite(raw: np.ndarray, qtype: GGMLQuantizationType | int) -> int | None:
+    """Index of the first NaN/Inf value (float formats) or block scale (quantized formats) in a tensor's bytes, or
+    None. A NaN scale turns a whole block, and then every activation it touches, into NaN: garbage that loads."""
+    qtype = _as_qtype(qtype)
+    flat = raw.reshape(-1)
+    if qtype in (Q.F32, Q.F16):
+        values = flat.view(np.float32 if qtype == Q.F32 else np.float16)
+        bad = ~np.isfinite(values)
+    elif qtype == Q.BF16:
+        bad = (flat.view(np.uint16) & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
+    else:
+        blocks = flat.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+        bad = np.zeros(len(blocks), bool)
+        for off in _SCALE_OFFSETS[qtype]:
+            bad |= ~np.isfinite(_f16(blocks, off).reshape(-1))
+    hits = np.flatnonzero(bad)
+    return int(hits[0]) if hits.size else None
+
+
 def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType | int, n_cols: int) -> np.ndarray:
     """Decode raw GGUF tensor bytes into a new float32 array of shape (rows, n_cols).
 

@@ -8,6 +8,7 @@ caller gives its own, so the files load through the normal path.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,10 +172,23 @@ def tensor_plan(
     return out
 
 
+def _value_type(value: object) -> GGUFValueType:
+    """The GGUF type llama.cpp's converter writes for a rope.scaling.* value."""
+    if isinstance(value, str):
+        return GGUFValueType.STRING
+    return GGUFValueType.UINT32 if isinstance(value, int) else GGUFValueType.FLOAT32
+
+
 def add_metadata(
-    w: GGUFWriter, shape: Shape, qtype: GGMLQuantizationType, arch: str, meta_overrides: dict | None = None
+    w: GGUFWriter,
+    shape: Shape,
+    qtype: GGMLQuantizationType,
+    arch: str,
+    meta_overrides: dict | None = None,
+    rope_scaling: dict | None = None,
 ) -> None:
-    """The model's GGUF keys (llama.cpp's names) and the tokenizer's, into writer `w`."""
+    """The model's GGUF keys (llama.cpp's names) and the tokenizer's, into writer `w`. rope_scaling: the
+    {arch}.rope.scaling.* keys, e.g. {"type": "yarn", "factor": 4.0, "original_context_length": 64}."""
     hd = shape.d_model // shape.n_heads
     u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
     meta = {
@@ -191,6 +205,8 @@ def add_metadata(
         f"{arch}.vocab_size": (shape.vocab_size, u32),
         f"{arch}.rope.dimension_count": (hd, u32),
     }
+    for name, value in (rope_scaling or {}).items():
+        meta[f"{arch}.rope.scaling.{name}"] = (value, _value_type(value))
     for key, value in (meta_overrides or {}).items():  # tests write inconsistent files on purpose
         meta[key] = (value, meta[key][1] if key in meta else u32)
     for key, (value, vtype) in meta.items():
@@ -215,13 +231,18 @@ def write_model(
     meta_overrides: dict | None = None,
     biases: tuple[str, ...] = (),
     extra_tensors: tuple[tuple, ...] = (),
+    rope_scaling: dict | None = None,
+    rope_freqs: Sequence[float] | None = None,
 ) -> str:
     """Write a random-weight model. Matrices use `qtype`; norms are F32 near 1; qwen2 gets QKV biases, and the
     projections named in `biases` get one too. extra_tensors: more entries in tensor_plan's form (tests write files
-    that carry tensors the architecture does not read)."""
+    that carry tensors the architecture does not read). rope_scaling: add_metadata's; rope_freqs: the values of a
+    rope_freqs.weight tensor (Llama 3.1's freq factors, one per rotated pair)."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(path, arch)
-    add_metadata(w, shape, qtype, arch, meta_overrides)
+    add_metadata(w, shape, qtype, arch, meta_overrides, rope_scaling)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     plan = tensor_plan(shape, qtype, embed_type or qtype, tied, arch, biases) + list(extra_tensors)
     for t in tqdm(plan, desc=f"writing {os.path.basename(path)}", disable=not progress):
         if t[0] == "m":

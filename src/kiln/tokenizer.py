@@ -19,6 +19,7 @@ import codecs
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
@@ -128,9 +129,56 @@ def _as_list(value) -> list:
     return [v.decode("utf-8", errors="replace") if isinstance(v, bytes | bytearray) else v for v in out]
 
 
+_LIST_FIELDS = {
+    "tokenizer.ggml.tokens": str,
+    "tokenizer.ggml.merges": str,
+    "tokenizer.ggml.token_type": int,
+    "tokenizer.ggml.scores": float,
+}
+_SCALAR_FIELDS = {"tokenizer.ggml.model": str, "tokenizer.ggml.pre": str, "tokenizer.chat_template": str}
+
+
+def check_fields(fields: Mapping) -> None:
+    """Every tokenizer field of the type llama.cpp reads it as, every special-token id inside the vocabulary: a file
+    that stores add_bos_token as a string or a BOS id past the vocabulary is refused here, by name."""
+    n = None
+    for key, kind in _LIST_FIELDS.items():
+        if key not in fields:
+            continue
+        value = fields[key]
+        if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+            raise UnsupportedTokenizer(f"GGUF metadata {key} must be an array of {kind.__name__}")
+        items = _as_list(value)
+        ok = (lambda v: isinstance(v, str)) if kind is str else _is_number if kind is float else _is_int
+        bad = next((i for i, v in enumerate(items) if not ok(v)), None)
+        if bad is not None:
+            raise UnsupportedTokenizer(f"GGUF metadata {key}[{bad}] = {items[bad]!r:.40} is not a {kind.__name__}")
+        if key == "tokenizer.ggml.tokens":
+            n = len(items)
+    for key, kind in _SCALAR_FIELDS.items():
+        if key in fields and not isinstance(fields[key], kind):
+            raise UnsupportedTokenizer(f"GGUF metadata {key} = {fields[key]!r:.40} is not a string")
+    for key, value in fields.items():
+        if key.startswith("tokenizer.ggml.add_") and not isinstance(value, bool | np.bool_):
+            raise UnsupportedTokenizer(f"GGUF metadata {key} = {value!r:.40} is not a bool")
+        if key.endswith("_token_id"):
+            if not _is_int(value):
+                raise UnsupportedTokenizer(f"GGUF metadata {key} = {value!r:.40} is not an integer")
+            if n is not None and not (0 <= int(value) < n or int(value) == -1):  # -1: llama.cpp's "none"
+                raise UnsupportedTokenizer(f"GGUF metadata {key} = {value} is outside the vocabulary of {n} tokens")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+def _is_number(v) -> bool:
+    return _is_int(v) or isinstance(v, float | np.floating)
+
+
 def _opt_int(fields: Mapping, key: str) -> int | None:
     v = fields.get(key)
-    return None if v is None else int(v)
+    return None if v is None or int(v) == -1 else int(v)
 
 
 def read_tokenizer_fields(path) -> dict:
@@ -151,6 +199,7 @@ class Tokenizer:
                 f"tokenizer model {model!r} is not supported; kiln handles 'gpt2' (byte-level BPE) and "
                 "'llama' (SentencePiece BPE)"
             )
+        check_fields(fields)
         self.model = model
         self.tokens: list[str] = [str(t) for t in _as_list(fields.get("tokenizer.ggml.tokens"))]
         if not self.tokens:
@@ -191,7 +240,10 @@ class Tokenizer:
                 i = m.find(" ", 1)  # llama.cpp's split: the first space after the first character
                 if i > 0:
                     merges.append((m[:i], m[i + 1 :]))
-            hf_model = BPE(self._ids, merges, ignore_merges=pre.ignore_merges)
+            try:
+                hf_model = BPE(self._ids, merges, ignore_merges=pre.ignore_merges)
+            except Exception as e:  # tokenizers raises on a merge naming a token not in the vocabulary
+                raise UnsupportedTokenizer(f"tokenizer.ggml.merges names tokens outside the vocabulary: {e}") from None
             normalizer = None
             pre_tokenizer = pre_tokenizers.Sequence(
                 [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
@@ -206,7 +258,10 @@ class Tokenizer:
         self.eos_ids = frozenset(self._eog_ids(fields))
 
         self._pieces = [self._piece_bytes(i) for i in range(n)]
-        self._hf = self._build_hf(hf_model, normalizer, pre_tokenizer)
+        try:
+            self._hf = self._build_hf(hf_model, normalizer, pre_tokenizer)
+        except Exception as e:  # HF tokenizers' own exceptions (a merge naming an unknown token, ...)
+            raise UnsupportedTokenizer(f"the GGUF's tokenizer vocabulary and merges are inconsistent: {e}") from None
         self._hf_plain: HFTokenizer | None = None  # built on first parse_special=False call
         self._hf_parts = (hf_model, normalizer, pre_tokenizer)
 

@@ -81,8 +81,9 @@ def test_grid_covers_every_op_and_format():
         assert len({c.id for c in grid}) == len(grid), "case ids must be unique"
     full = conformance.cases()
     assert any(c.params.get("N") == 4099 for c in full if c.op == "matmul")
-    assert {c.params["neox"] for c in full if c.op == "rope"} == {False, True}
-    assert {c.params["theta"] for c in full if c.op == "rope"} == {1e4, 1e5}
+    ropes = [c.params["rope"] for c in conformance.cases(quick=True) if c.op == "rope"]
+    assert {r.neox for r in ropes} == {False, True} and {1e4, 1e5} <= {r.theta for r in ropes}
+    assert {r.kind for r in ropes} == {"none", "llama3", "linear", "yarn", "llama3+yarn"}
 
 
 def test_suite_on_numpy_frees_everything():
@@ -136,10 +137,10 @@ class Broken(NumpyDevice):
         if self.fault != "rms_norm_noop":
             super().rms_norm(x, weight, 0.0 if self.fault == "rms_norm_no_eps" else eps, out)
 
-    def rope(self, x, pos, n_heads, head_dim, theta, neox):
+    def rope(self, x, pos, n_heads, head_dim, rope):
         if self.fault == "rope_raises":
             raise RuntimeError("kernel exploded")
-        super().rope(x, pos, n_heads, head_dim, theta, neox)
+        super().rope(x, pos, n_heads, head_dim, rope)
 
     def embed(self, weight, ids, out):
         super().embed(weight, ids, out)
@@ -228,11 +229,10 @@ class GpuStyle(NumpyDevice):
             sq = sq[:, ::2] + sq[:, 1::2]
         out.storage[...] = xf * (f32(1) / np.sqrt(sq / f32(xf.shape[1]) + f32(eps))) * weight.storage
 
-    def rope(self, x, pos, n_heads, head_dim, theta, neox):
-        xs = x.storage.reshape(x.shape[0], n_heads, head_dim)
-        inv = np.power(f32(theta), -np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim))
-        angle = pos.storage.astype(f32)[:, None, None] * inv
-        cos, sin, h = np.cos(angle), np.sin(angle), head_dim // 2
+    def rope(self, x, pos, n_heads, head_dim, rope):
+        xs, neox = x.storage.reshape(x.shape[0], n_heads, head_dim), rope.neox
+        angle = pos.storage.astype(f32)[:, None, None] * rope.inv_freq(head_dim).astype(f32)
+        cos, sin, h = np.cos(angle) * f32(rope.mscale), np.sin(angle) * f32(rope.mscale), head_dim // 2
         a, b = (xs[..., :h].copy(), xs[..., h:].copy()) if neox else (xs[..., 0::2].copy(), xs[..., 1::2].copy())
         first, second = (xs[..., :h], xs[..., h:]) if neox else (xs[..., 0::2], xs[..., 1::2])
         first[...], second[...] = a * cos - b * sin, a * sin + b * cos

@@ -15,6 +15,7 @@ from helpers import cuda_device_or_skip, nmse  # noqa: E402
 
 from kiln import conformance, quant  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
+from kiln.rope import Rope  # noqa: E402
 from kiln.runtime.numpy_backend import NumpyDevice  # noqa: E402
 
 
@@ -117,8 +118,9 @@ def test_gemv_kernels(dev, ref, gemv_kernel, fmt, N, K):
     assert nmse(got[:N], want[:N]) < 1e-9
 
 
-def _fused_case(dev, fmt: str, neox: bool, bias: bool):
+def _fused_case(dev, fmt: str, neox: bool, bias: bool, rope: Rope | None = None):
     """One decode layer recorded through replay() (fused, graph-captured) and the same ops unfused."""
+    rope = rope or Rope(1e4, neox)
     rng = np.random.default_rng(7)
     qt = Q[fmt]
     d_model, hq, hkv, hd, d_ff, n_ctx = 256, 4, 2, 64, 512, 40
@@ -168,8 +170,8 @@ def _fused_case(dev, fmt: str, neox: bool, bias: bool):
         dev.rms_norm(t["x"], vec["n1"], 1e-5, t["h"])
         for n in "qkv":
             dev.matmul(t["h"], w[n], t[n], biases.get(n))
-        dev.rope(t["q"], pos, hq, hd, 1e4, neox)
-        dev.rope(t["k"], pos, hkv, hd, 1e4, neox)
+        dev.rope(t["q"], pos, hq, hd, rope)
+        dev.rope(t["k"], pos, hkv, hd, rope)
         dev.attention(t["q"], t["k"], t["v"], kc, vc, pos, t["a"], hq, hkv, hd, 0)
         dev.matmul(t["a"], w["o"], t["h"])
         dev.add(t["x"], t["h"], t["x"])
@@ -191,7 +193,7 @@ def _fused_case(dev, fmt: str, neox: bool, bias: bool):
             dev.write(pos, np.array([p], np.int32))
             if mode == "fused":
                 settings = (dev.gemv_kernel, dev.gemv_rows, dev.gemv_stages, dev.gemv_xq)
-                dev.replay(("layer", fmt, neox, bias, *settings), layer)
+                dev.replay(("layer", fmt, rope, bias, *settings), layer)
             else:
                 layer()
             outs.append(np.concatenate([dev.download(t[n]).ravel() for n in ("x", "q", "k", "v", "u")]))
@@ -213,6 +215,18 @@ def test_fused_decode_matches_unfused(dev, fmt, neox, bias, gemv_kernel):
     assert len(dev._graphs) == 0  # the graph went away with the buffers it used
     assert nmse(r["fused"][0], r["plain"][0]) < 1e-8
     assert nmse(r["fused"][1], r["plain"][1]) < 1e-6
+
+
+@pytest.mark.parametrize("scaling", ["yarn", "llama3+yarn"])
+def test_fused_decode_scaled_rope(dev, scaling):
+    """gemv_qkv's cos/sin table with yarn's mscale and freq factors (rope.py) equals the standalone rope kernel's."""
+    ff = tuple(1.0 + 7.0 * np.random.default_rng(5).random(32)) if scaling == "llama3+yarn" else None
+    rope = Rope(5e5, True, "yarn", 4.0, orig_ctx=256, attn_factor=0.7, freq_factors=ff)  # mscale 0.80
+    r = _fused_case(dev, "Q8_0", True, True, rope)
+    unscaled = _fused_case(dev, "Q8_0", True, True)
+    assert nmse(r["fused"][0], r["plain"][0]) < 1e-8
+    assert nmse(r["fused"][1], r["plain"][1]) < 1e-6
+    assert nmse(r["fused"][0], unscaled["fused"][0]) > 1e-4  # the scaling reached the fused kernel
 
 
 @pytest.mark.parametrize("tile,splits", [(32, 64), (32, 2), (64, 3), (128, 64)])
@@ -282,7 +296,7 @@ def test_f16_activations(dev, ref, op):
             d.free_weight(w)
         elif op == "rope":
             pos = d.upload(np.array([3, 4, 5], np.int32))
-            d.rope(at, pos, 4, 64, 1e4, False)
+            d.rope(at, pos, 4, 64, Rope(1e4, False))
             ot, at = at, ot
             d.free(pos)
         else:

@@ -14,6 +14,7 @@ from helpers import nmse, wgpu_device_or_skip  # noqa: E402
 
 from kiln import quant
 from kiln.errors import UnsupportedOp
+from kiln.rope import Rope
 from kiln.runtime.base import DTYPES
 from kiln.runtime.numpy_backend import NumpyDevice
 
@@ -152,8 +153,8 @@ def test_rope_far_positions(dev, ref, neox):
     x = rng.standard_normal((T, H * hd), dtype=np.float32)
     pos = np.array([0, 7, 5000, 70000], np.int32)
     (xt, xr), (pt, pr) = both(dev, ref, x), both(dev, ref, pos)
-    dev.rope(xt, pt, H, hd, 10000.0, neox)
-    ref.rope(xr, pr, H, hd, 10000.0, neox)
+    dev.rope(xt, pt, H, hd, Rope(10000.0, neox))
+    ref.rope(xr, pr, H, hd, Rope(10000.0, neox))
     assert nmse(xt.numpy(), xr.numpy()) < EXACT
 
 
@@ -291,7 +292,7 @@ def _guarded(dev, shape, dtype="f32"):
     return parent, dev.view(parent, guard, shape), guard
 
 
-def _fused_layer(dev, ref, qtype, neox: bool, bias: bool, steps: int = 4):
+def _fused_layer(dev, ref, qtype, neox: bool, bias: bool, steps: int = 4, rope: Rope | None = None):
     """One decode layer through replay() (recorded, fused, re-encoded) on wgpu and op by op on NumPy, `steps`
     positions. Every wgpu output lives in a guarded view. Returns (max NMSE, the plan's op names)."""
     kind = "float" if qtype in (Q.F32, Q.F16, Q.BF16) else "k_quant" if qtype.name.endswith("_K") else "block32"
@@ -331,8 +332,8 @@ def _fused_layer(dev, ref, qtype, neox: bool, bias: bool, steps: int = 4):
             side.rms_norm(t["x"], w["n1"], 1e-5, t["h"])
             for n in "qkv":
                 side.matmul(t["h"], w[n], t[n], w.get("b" + n))
-            side.rope(t["q"], t["pos"], hq, hd, 1e4, neox)
-            side.rope(t["k"], t["pos"], hkv, hd, 1e4, neox)
+            side.rope(t["q"], t["pos"], hq, hd, rope or Rope(1e4, neox))
+            side.rope(t["k"], t["pos"], hkv, hd, rope or Rope(1e4, neox))
             n_kv = n_kv_now[0]  # a host hint (NumPy uses it; wgpu reads pos on the device)
             side.attention(t["q"], t["k"], t["v"], t["kc"], t["vc"], t["pos"], t["a"], hq, hkv, hd, n_kv)
             side.matmul(t["a"], w["o"], t["h"])
@@ -344,7 +345,7 @@ def _fused_layer(dev, ref, qtype, neox: bool, bias: bool, steps: int = 4):
             side.matmul(t["g"], w["dn"], t["h"])
             side.add(t["x"], t["h"], t["x"])
 
-        key = ("fused-layer", qtype.name, neox, bias, 1)
+        key = ("fused-layer", qtype.name, neox, bias, rope, 1)
         got = []
         for p in range(steps):
             n_kv_now[0] = p + 1
@@ -391,6 +392,17 @@ def test_fused_decode_layer(dev, ref, matmul_path, qtype, neox, bias, own_shape)
 
 
 FUSED_NMSE = 1e-6  # the fused norm scales after the dot product instead of before: rounding order only
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_fused_decode_layer_scaled_rope(dev, ref, matmul_path, neox):
+    """gemv_qkv with yarn on top of llama3 freq factors (inv_freq and mscale from the turns table's extra row)."""
+    matmul_path(8, 4, False)
+    ff = tuple(1.0 + 7.0 * np.random.default_rng(5).random(LAYER_SHAPES["block32"][3] // 2))
+    rope = Rope(5e5, neox, "yarn", 4.0, orig_ctx=64, attn_factor=0.9, freq_factors=ff)
+    err, plan = _fused_layer(dev, ref, Q.Q8_0, neox, True, steps=3, rope=rope)
+    assert plan == ["gemv_qkv", "attend", "gemv_res", "gemv_glu", "gemv_res"], plan
+    assert err < FUSED_NMSE, f"neox={neox}: NMSE {err:.2e}"
 
 
 @pytest.mark.parametrize("tpr,rpw,subgroups", [(32, 8, False), (64, 4, True), (64, 8, True), (None, None, True)])

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnsupportedOp
+from ..rope import Rope
 
 DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "u32": np.uint32, "u8": np.uint8}
 
@@ -229,8 +230,9 @@ class Device(ABC):
         """out = x @ weight^T (+ bias). x: [T, K]; weight: [N, K] in its GGUF format; out: [T, N]."""
 
     @abstractmethod
-    def rope(self, x: Tensor, pos: Tensor, n_heads: int, head_dim: int, theta: float, neox: bool) -> None:
-        """Rotate x in place. x: [T, n_heads*head_dim]; pos: i32 [T]. neox pairs (i, i+d/2), else (2i, 2i+1)."""
+    def rope(self, x: Tensor, pos: Tensor, n_heads: int, head_dim: int, rope: Rope) -> None:
+        """Rotate x in place. x: [T, n_heads*head_dim]; pos: i32 [T]. rope.neox pairs (i, i+d/2), else (2i, 2i+1);
+        pair i turns by pos * rope.inv_freq(head_dim)[i], and cos/sin are scaled by rope.mscale (yarn)."""
 
     @abstractmethod
     def attention(

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import quant
 from ..errors import BackendUnavailable, UnsupportedOp
+from ..rope import Rope
 from .base import DTYPES, BufferPool, Device, Tensor, Weight
 from .fusion import Fuser, OpRecorder
 
@@ -101,6 +102,7 @@ _CTYPE = {
     np.int32: ctypes.c_int32,
     np.uint32: ctypes.c_uint32,
     np.float32: ctypes.c_float,
+    np.float64: ctypes.c_double,
     np.int64: ctypes.c_int64,
 }
 
@@ -729,12 +731,12 @@ class CudaDevice(OpRecorder, Device):
                 args += [np.uint64(0)] * 5 + [np.int32(0)]
         args.append(resid if resid is not None else np.uint64(0))
         if rope is not None:
-            pos, theta, hd, neox, kc, vc = rope
+            pos, rp, hd, kc, vc = rope
             args += [
                 _ptr(pos),
-                _ptr(self._rope_table(theta, hd, kc.shape[1])),
+                _ptr(self._rope_table(rp, hd, kc.shape[1])),
                 np.int32(hd),
-                np.int32(neox),
+                np.int32(rp.neox),
                 _ptr(kc),
                 _ptr(vc),
                 np.int32(kc.shape[1]),
@@ -743,16 +745,22 @@ class CudaDevice(OpRecorder, Device):
             args += [np.uint64(0), np.uint64(0), np.int32(2), np.int32(0), np.uint64(0), np.uint64(0), np.int32(0)]
         self._launch(k, grid, block, tuple(args), smem)
 
-    def _rope_table(self, theta: float, hd: int, n_ctx: int):
-        """RoPE's float32 cos and sin [n_ctx, hd / 2, 2] for the fused QKV GEMV, made once per (theta, hd, n_ctx)
-        with numpy_backend.rope's float64 math, so the fused rotation matches the reference bit for bit."""
-        key = ("rope", float(theta), hd, n_ctx)
+    def _rope_table(self, rope: Rope, hd: int, n_ctx: int):
+        """RoPE's float32 cos and sin [n_ctx, hd / 2, 2] for the fused QKV GEMV, made once per (rope, hd, n_ctx)
+        by Rope.cos_sin as numpy_backend.rope does, so the fused rotation matches the reference bit for bit."""
+        key = ("rope", rope, hd, n_ctx)
+        return self._host_table(key, lambda: np.stack(rope.cos_sin(np.arange(n_ctx), hd), axis=-1))
+
+    def _inv_freq_table(self, rope: Rope, hd: int):
+        """The float64 inverse frequency per pair [hd / 2] (scaling included) for the standalone rope kernel."""
+        return self._host_table(("rope_inv_freq", rope, hd), lambda: rope.inv_freq(hd))
+
+    def _host_table(self, key, make):
+        """A constant table computed on the host, uploaded once per key and kept with the scratch buffers."""
         table = self._scratch.get(key)
         if table is None:
-            inv_freq = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
-            angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq[None, :]
-            host = np.stack([np.cos(angles), np.sin(angles)], axis=-1).astype(np.float32)
-            table = self._array(host.shape, np.float32)
+            host = np.ascontiguousarray(make())
+            table = self._array(host.shape, host.dtype)
             table.set(host)
             self._scratch[key] = table
             self.scratch_bytes += table.nbytes
@@ -834,7 +842,7 @@ class CudaDevice(OpRecorder, Device):
         if bias is not None:
             out.storage += bias.storage["v"]
 
-    def _do_rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
+    def _do_rope(self, x, pos, n_heads, head_dim, rope) -> None:
         T = x.shape[0]
         n = T * n_heads * (head_dim // 2)
         k = self._kernel("elementwise.cu", "rope", DT=_DT[x.dtype])
@@ -848,8 +856,9 @@ class CudaDevice(OpRecorder, Device):
                 np.int32(T),
                 np.int32(n_heads),
                 np.int32(head_dim),
-                np.float32(theta),
-                np.int32(bool(neox)),
+                _ptr(self._inv_freq_table(rope, head_dim)),
+                np.float64(rope.mscale),
+                np.int32(rope.neox),
             ),
         )
 
@@ -974,14 +983,14 @@ class CudaDevice(OpRecorder, Device):
         return slot, self._token_events[slot]
 
     # --- fused decode ops (from the fusion pass) ----------------------------------------------------------------
-    def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, theta, hd, neox, kc, vc) -> None:
+    def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, rope, hd, kc, vc) -> None:
         self._gemv(
             _ptr(x),
             wq.shape[1],
             [(wq, bq, _ptr(q)), (wk, bk, _ptr(k)), (wv, bv, _ptr(v))],
             mode=3,
             norm=norm,
-            rope=(pos, theta, hd, int(bool(neox)), kc, vc),
+            rope=(pos, rope, hd, kc, vc),
         )
 
     def _do_gemv_glu(self, x, norm, wg, wu, out, up) -> None:

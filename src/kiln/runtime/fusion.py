@@ -113,7 +113,7 @@ class Fuser:
         aq, ak, av, kc, vc, pos, out, hq, hkv, hd, _ = at
         if (tid(r1[0]), tid(r2[0]), tid(aq), tid(ak), tid(av)) != (tid(q), tid(k), tid(q), tid(k), tid(v)):
             return None
-        if r1[1:] != (pos, hq, hd, r1[4], r1[5]) or r2[1:] != (pos, hkv, hd, r1[4], r1[5]):
+        if r1[1:] != (pos, hq, hd, r1[4]) or r2[1:] != (pos, hkv, hd, r1[4]):
             return None
         if kc.dtype != self.kv_dtype or wq.shape[0] != hq * hd or wk.shape[0] != hkv * hd or wv.shape[0] != hkv * hd:
             return None
@@ -122,7 +122,7 @@ class Fuser:
             return None  # leave the norm to run on its own; the matmuls fuse at the next index
         x, norm = got
         fused = [
-            ("gemv_qkv", (x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, r1[4], hd, r1[5], kc, vc)),
+            ("gemv_qkv", (x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, r1[4], hd, kc, vc)),
             ("attend", (q, kc, vc, pos, out, hq, hkv, hd)),
         ]
         return fused, start + 6
@@ -195,8 +195,8 @@ class OpRecorder:
     def matmul(self, x, weight, out, bias=None) -> None:
         self._op("matmul", x, weight, out, bias)
 
-    def rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
-        self._op("rope", x, pos, n_heads, head_dim, theta, neox)
+    def rope(self, x, pos, n_heads, head_dim, rope) -> None:
+        self._op("rope", x, pos, n_heads, head_dim, rope)
 
     def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
         self._op("attention", q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv)

@@ -123,14 +123,12 @@ class NumpyDevice(Device):
             result += bias.storage
         out.storage[...] = result
 
-    def rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
+    def rope(self, x, pos, n_heads, head_dim, rope) -> None:
         T = x.shape[0]
         xs = x.storage.reshape(T, n_heads, head_dim)
-        inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-        angles = pos.storage.astype(np.float64)[:, None] * inv_freq[None, :]  # [T, hd/2]
-        cos = np.cos(angles).astype(np.float32)[:, None, :]
-        sin = np.sin(angles).astype(np.float32)[:, None, :]
-        if neox:
+        cos, sin = rope.cos_sin(pos.storage, head_dim)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        if rope.neox:
             a, b = xs[..., : head_dim // 2].copy(), xs[..., head_dim // 2 :].copy()
             xs[..., : head_dim // 2] = a * cos - b * sin
             xs[..., head_dim // 2 :] = a * sin + b * cos

@@ -42,6 +42,7 @@ import numpy as np
 
 from .. import quant
 from ..errors import BackendUnavailable, UnsupportedOp
+from ..rope import Rope
 from .base import DTYPES, BufferPool, Device, Tensor, Weight
 from .fusion import Fuser, OpRecorder
 
@@ -236,15 +237,17 @@ def _split_bits(v: np.ndarray, bits: int) -> np.ndarray:
     return np.ldexp(np.round(mant * (1 << bits)), exp - bits)
 
 
-def _rope_turns(theta: float, head_dim: int) -> np.ndarray:
-    """inv_freq / 2pi per pair, split into 4 f32 pieces so that pos * piece is exact for pos < 2^18 (rope.wgsl)."""
-    g = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim) / (2 * np.pi)
+def _rope_turns(rope: Rope, head_dim: int) -> np.ndarray:
+    """inv_freq / 2pi per pair (scaling included), split into 4 f32 pieces so that pos * piece is exact for
+    pos < 2^18 (rope.wgsl); one more row after the head_dim / 2 pairs holds the cos/sin scale (mscale, yarn) in x."""
+    g = rope.inv_freq(head_dim) / (2 * np.pi)
     pieces = []
     for _ in range(3):
         pieces.append(_split_bits(g, 6))
         g = g - pieces[-1]
     pieces.append(g)
-    return np.stack(pieces, axis=1).astype(np.float32)
+    scale = np.array([[rope.mscale, 0.0, 0.0, 0.0]])
+    return np.concatenate([np.stack(pieces, axis=1), scale]).astype(np.float32)
 
 
 _WEIGHT_GLOBALS = ("wq", "wd", "wh")
@@ -919,7 +922,7 @@ class WgpuDevice(OpRecorder, Device):
     def _bias_binding(self, index: int, bias) -> tuple:
         return self._bind_buffer(index, bias.storage if bias is not None else self._dummy)
 
-    def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, theta, hd, neox, kc, vc) -> None:
+    def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, rope, hd, kc, vc) -> None:
         ws = (wq, wk, wv)
         bindings = [
             self._bind(2, q),
@@ -931,7 +934,7 @@ class WgpuDevice(OpRecorder, Device):
             self._bind(18, pos),
             self._bind(19, kc),
             self._bind(20, vc),
-            self._bind_buffer(21, self._rope_table(theta, hd)),
+            self._bind_buffer(21, self._rope_table(rope, hd)),
         ]
         bits = sum(1 << i for i, b in enumerate((bq, bk, bv)) if b is not None)
         self._gemv(
@@ -943,7 +946,7 @@ class WgpuDevice(OpRecorder, Device):
             bindings,
             bias=bits,
             norm=norm,
-            rope=(hd, int(bool(neox)), kc.shape[1]),
+            rope=(hd, int(rope.neox), kc.shape[1]),
             kv=kc.dtype,
         )
 
@@ -962,11 +965,11 @@ class WgpuDevice(OpRecorder, Device):
             0, x, w.storage, w.extra["fmt"], [w.shape[0]], bindings, N=w.shape[0], bias=bias is not None, norm=norm
         )
 
-    def _rope_table(self, theta: float, head_dim: int):
-        key = (float(theta), head_dim)
+    def _rope_table(self, rope: Rope, head_dim: int):
+        key = (rope, head_dim)
         table = self._rope_tables.get(key)
         if table is None:
-            table = self._rope_tables[key] = self._make_weight_buffer(_rope_turns(theta, head_dim), const=True)
+            table = self._rope_tables[key] = self._make_weight_buffer(_rope_turns(rope, head_dim), const=True)
         return table
 
     def _do_embed(self, weight, ids, out) -> None:
@@ -1087,16 +1090,16 @@ class WgpuDevice(OpRecorder, Device):
         total = sum(groups)
         self._dispatch(pipeline, all_bindings, (min(total, _MAX_GROUPS), T, -(-total // _MAX_GROUPS)))
 
-    def _do_rope(self, x, pos, n_heads, head_dim, theta, neox) -> None:
+    def _do_rope(self, x, pos, n_heads, head_dim, rope) -> None:
         self.require_op("rope", x.dtype)
         T = x.shape[0]
-        table = self._rope_table(theta, head_dim)
+        table = self._rope_table(rope, head_dim)
         pipeline = self._pipeline("rope", act=x.dtype)
         n = T * n_heads * (head_dim // 2)
         self._dispatch(
             pipeline,
             [
-                self._bind_params(T, n_heads, head_dim, int(bool(neox))),
+                self._bind_params(T, n_heads, head_dim, int(rope.neox)),
                 self._bind(1, x),
                 self._bind(2, pos),
                 self._bind_buffer(3, table),

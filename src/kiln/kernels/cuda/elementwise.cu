@@ -16,9 +16,10 @@ extern "C" __global__ void rms_norm(const act_t* x, const float* __restrict__ w,
     for (int i = threadIdx.x; i < d; i += blockDim.x) st_act(orow, i, __fmul_rn(__fmul_rn(ld_act(xr, i), scale), w[i]));
 }
 
-// Rotate pairs in place: NeoX pairs (i, i + hd/2), else (2i, 2i + 1); angles in float64 as the numpy reference.
-extern "C" __global__ void rope(act_t* x, const int* __restrict__ pos, int T, int n_heads, int hd, float theta,
-                                int neox) {
+// Rotate pairs in place: NeoX pairs (i, i + hd/2), else (2i, 2i + 1). Angles and the cos/sin scale (yarn's
+// mscale) in float64 as the numpy reference, from its inverse frequency per pair (scaling included).
+extern "C" __global__ void rope(act_t* x, const int* __restrict__ pos, int T, int n_heads, int hd,
+                                const double* __restrict__ inv_freq, double mscale, int neox) {
     pdl_wait();
     pdl_trigger();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -29,8 +30,8 @@ extern "C" __global__ void rope(act_t* x, const int* __restrict__ pos, int T, in
     long t = th / n_heads;
     act_t* base = x + th * hd;
     int ia = neox ? j : 2 * j, ib = neox ? j + half : 2 * j + 1;
-    double ang = (double)pos[t] * pow((double)theta, -2.0 * j / hd);
-    float cs = (float)cos(ang), sn = (float)sin(ang);
+    double ang = (double)pos[t] * inv_freq[j];
+    float cs = (float)(cos(ang) * mscale), sn = (float)(sin(ang) * mscale);
     float a = ld_act(base, ia), b = ld_act(base, ib);
     st_act(base, ia, __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn)));
     st_act(base, ib, __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, cs)));

@@ -53,8 +53,9 @@ fn store(lid: u32, t: u32, seg: u32, first: u32, n: u32, scale: f32) {
             var r = fract(fp * f.x) + fract(fp * f.y) + fract(fp * f.z) + fp * f.w;
             r = r - round(r);
             let angle = r * 6.283185307179586;
-            let c = cos(angle);
-            let s = sin(angle);
+            let ms = turns[p.hd / 2u].x;  // the cos/sin scale (yarn's mscale), after the pairs
+            let c = cos(angle) * ms;
+            let s = sin(angle) * ms;
             let a2 = a * c - b * s;
             b = a * s + b * c;
             a = a2;

@@ -1,7 +1,8 @@
 // Rotary embedding in place, one thread per rotated pair. The angle pos * inv_freq is computed in turns
 // from a host table that splits inv_freq / 2pi into four f32 pieces (the first three with 6 significant
 // bits, so pos * piece is exact): the fractional turn stays accurate to ~1e-7 at any context length,
-// where a plain f32 product would be off by ~1e-3 rad at position 10^4.
+// where a plain f32 product would be off by ~1e-3 rad at position 10^4. Row head_dim / 2 of the table holds
+// the cos/sin scale (yarn's mscale; 1 otherwise) in x.
 
 struct Params {
     T: u32,
@@ -30,8 +31,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var r = fract(pp * f.x) + fract(pp * f.y) + fract(pp * f.z) + pp * f.w;
     r = r - round(r);
     let angle = r * 6.283185307179586;
-    let c = cos(angle);
-    let s = sin(angle);
+    let ms = turns[half].x;
+    let c = cos(angle) * ms;
+    let s = sin(angle) * ms;
     let base = th * p.head_dim;
     var ia = base + 2u * i;
     var ib = ia + 1u;
