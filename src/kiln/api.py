@@ -39,6 +39,10 @@ def load(
     t0 = time.perf_counter()
     file = gguf.load(path or default_model_path())
     tokenizer = Tokenizer.from_gguf_fields(file.tokenizer_fields())
+    if tokenizer.vocab_size < file.config.vocab_size:  # the model could emit ids that decode to nothing
+        raise GGUFError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {file.config.vocab_size}"
+        )
     if tensor_parallel != 1:
         from . import tp
 

@@ -27,3 +27,7 @@ class ContextOverflow(KilnError):
 
 class InvalidArgument(KilnError, ValueError):
     """A parameter out of range (sampling settings, token counts)."""
+
+
+class NonFiniteLogits(KilnError):
+    """The forward pass produced NaN/Inf: weights that load but overflow, or a backend bug. Never sampled from."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ContextOverflow, InvalidArgument
+from .errors import ContextOverflow, InvalidArgument, NonFiniteLogits
 from .model import Model
 from .sample import LogitsProcessor, Sampler, greedy, log_softmax
 from .tokenizer import StreamDecoder, Tokenizer
@@ -28,13 +28,14 @@ def generate_step(
     each token reaches the next step there, so the device need not wait for the host between tokens.
     """
     logits_t = model.prefill(list(prompt_ids))
+    _check_finite(model.dev.download(logits_t)[0])  # once on the device-greedy path: corrupt weights show here
     if sampler is None and not logits_processors and not want_logits:
         for token in model.greedy(logits_t):
             yield token, None
         return
     tokens = list(prompt_ids)
     while True:
-        logits = model.dev.download(logits_t)[0].astype(np.float32)
+        logits = _check_finite(model.dev.download(logits_t)[0].astype(np.float32))
         for proc in logits_processors:
             logits = proc(tokens, logits)
         token = sampler(logits) if sampler else greedy(logits)
@@ -127,6 +128,13 @@ def stream_generate(
         out, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
         yield Chunk(out, token, logprob=lp, top_logprobs=top, **stats)
     yield Chunk(pending, None, finish_reason=finish, **stats)
+
+
+def _check_finite(logits: np.ndarray) -> np.ndarray:
+    """NaN or Inf logits mean the weights overflow or are corrupt: say so rather than sample garbage from them."""
+    if not np.isfinite(logits).all():
+        raise NonFiniteLogits("the model produced NaN or infinite logits: its weights are corrupt or overflow float32")
+    return logits
 
 
 def _check_token_ids(ids: Sequence[int], vocab: int) -> None:
