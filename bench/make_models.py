@@ -15,6 +15,7 @@ long as the disk needs. Each tensor has its own seed, so the bytes do not depend
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -106,7 +107,9 @@ def write_streaming(
         for i in order:
             done += _write_one(path, offsets[i], tensors[i], seed, i, scale)
         return path
-    with ProcessPoolExecutor(workers) as pool:
+    # spawn, not fork: a forked child of a process with threads (a test run's servers, the template renderer) can
+    # inherit a lock held by one of them and hang.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_write_one, path, offsets[i], tensors[i], seed, i, scale) for i in order]
         for f in futures:
             done += f.result()
