@@ -44,6 +44,7 @@ log = logging.getLogger("kiln.server")
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: far more than any prompt that fits a context, small enough to refuse abuse
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds to send a request's headers (slowloris; idle fresh connections)
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds to send its body after them: a 1 MiB body at >= 35 KB/s
 DEFAULT_KEEP_ALIVE = 5.0  # seconds a kept-alive connection may sit idle between requests (uvicorn's default)
 DEFAULT_MAX_CONNECTIONS = 256  # open connections; beyond it new ones get 503 and are closed
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
@@ -649,6 +650,7 @@ def make_server(
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     keep_alive: float = DEFAULT_KEEP_ALIVE,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ):
     """A uvicorn server for the app with kiln's connection limits (server_guard.protocol_class); run it with
     .run(sockets=[bind(...)])."""
@@ -656,14 +658,19 @@ def make_server(
 
     from .server_guard import protocol_class
 
-    for name, value in (("--header-timeout", header_timeout), ("--keep-alive-timeout", keep_alive)):
+    timeouts = (
+        ("--header-timeout", header_timeout),
+        ("--body-timeout", body_timeout),
+        ("--keep-alive-timeout", keep_alive),
+    )
+    for name, value in timeouts:
         if not value > 0:
             raise KilnError(f"{name} must be a positive number of seconds, got {value}")
     if max_connections < 1:
         raise KilnError(f"--max-connections must be at least 1, got {max_connections}")
     config = uvicorn.Config(
         app,
-        http=protocol_class(header_timeout, max_connections),
+        http=protocol_class(header_timeout, body_timeout, max_connections),
         log_level=log_level,
         timeout_keep_alive=keep_alive,
         timeout_graceful_shutdown=5,
@@ -708,7 +715,9 @@ def cmd_serve(args) -> int:
         allowed_hosts=args.allowed_hosts,
         cors_origins=args.cors_origins,
     )
-    server = make_server(app, args.log_level, args.header_timeout, args.keep_alive_timeout, args.max_connections)
+    server = make_server(
+        app, args.log_level, args.header_timeout, args.keep_alive_timeout, args.max_connections, args.body_timeout
+    )
     host, port = sock.getsockname()[:2]
     print(
         f"kiln: serving {app.state.model_id} ({model.dev.name}, ctx {model.n_ctx}) on http://{host}:{port}/v1",
@@ -739,6 +748,12 @@ def register_cli(subparsers) -> None:
         type=float,
         default=DEFAULT_HEADER_TIMEOUT,
         help=f"seconds a client may take to send a request's headers (default {DEFAULT_HEADER_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT,
+        help=f"seconds a client may take to send a request's body after its headers (default {DEFAULT_BODY_TIMEOUT:g})",
     )
     p.add_argument(
         "--keep-alive-timeout",

@@ -1,10 +1,11 @@
-"""What keeps `kiln serve` up and private on a hostile network: connection-level limits (header-read timeout,
-connection cap, TCP_NODELAY) in a uvicorn h11 protocol subclass, a Host-header check against DNS rebinding, and a
-scan for strings JSON can carry but UTF-8 cannot (lone surrogates).
+"""What keeps `kiln serve` up and private on a hostile network: connection-level limits (header and body read
+timeouts, connection cap, TCP_NODELAY) in a uvicorn h11 protocol subclass, a Host-header check against DNS
+rebinding, and a scan for strings JSON can carry but UTF-8 cannot (lone surrogates).
 
-uvicorn has a keep-alive idle timeout and `limit_concurrency`, but no timer on reading a request's headers (a client
-sending one byte a second holds its connection forever) and its concurrency limit only answers 503 once a request
-has arrived, so idle connections that never send one pile up. Both are per-connection state, hence the protocol.
+uvicorn has a keep-alive idle timeout and `limit_concurrency`, but no timer on reading a request's headers or body
+(a client sending one byte a second holds its connection forever) and its concurrency limit only answers 503 once a
+request has arrived, so idle connections that never send one pile up. Both are per-connection state, hence the
+protocol.
 """
 
 import asyncio
@@ -27,13 +28,16 @@ def _refusal(status: int, reason: str, message: str, code: str) -> bytes:
     return head.encode() + b"connection: close\r\n\r\n" + body
 
 
-def protocol_class(header_timeout: float, max_connections: int) -> type[H11Protocol]:
-    """An H11Protocol that drops connections whose request headers take longer than header_timeout seconds
-    (idle fresh connections included), refuses connections beyond max_connections with a 503, and sets
-    TCP_NODELAY (without it a response written in two parts waits ~40 ms for the client's delayed ACK)."""
+def protocol_class(header_timeout: float, body_timeout: float, max_connections: int) -> type[H11Protocol]:
+    """An H11Protocol that closes connections whose request headers take longer than header_timeout seconds
+    (idle fresh connections included) or whose body takes longer than body_timeout after them, refuses
+    connections beyond max_connections with a 503, and sets TCP_NODELAY (without it a response written in two
+    parts waits ~40 ms for the client's delayed ACK)."""
+    timeouts = {h11.IDLE: header_timeout, h11.SEND_BODY: body_timeout}
 
     class GuardedH11Protocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
+        _read_timer: asyncio.TimerHandle | None = None
+        _timed_state: type | None = None  # what the running timer is waiting on
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
@@ -45,32 +49,37 @@ def protocol_class(header_timeout: float, max_connections: int) -> type[H11Proto
                 transport.write(_refusal(503, "Service Unavailable", message, "too_many_connections"))
                 transport.close()
                 return
-            self._start_header_timer()
+            self._time_reading()
 
         def data_received(self, data: bytes) -> None:
-            if self.conn.their_state is h11.IDLE:  # a new request begins (kept-alive connections too)
-                self._start_header_timer()
+            self._time_reading()  # a new request begins (kept-alive connections too): its headers are timed
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:
-                self._stop_header_timer()
+            self._time_reading()  # headers done: the body is timed; request read: no timer
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_header_timer()
+            self._stop_read_timer()
             super().connection_lost(exc)
 
-        def _start_header_timer(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(header_timeout, self._headers_too_slow)
+        def _time_reading(self) -> None:
+            """One timer per phase of reading a request, started when the phase begins (not on every byte, so
+            dripping bytes does not extend it). A body still arriving after an early error reply is timed too."""
+            state = self.conn.their_state
+            if state is self._timed_state:
+                return
+            self._stop_read_timer()
+            if state in timeouts:
+                self._timed_state = state
+                self._read_timer = self.loop.call_later(timeouts[state], self._too_slow, state)
 
-        def _stop_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+        def _stop_read_timer(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            self._read_timer = self._timed_state = None
 
-        def _headers_too_slow(self) -> None:
-            self._header_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()
+        def _too_slow(self, state) -> None:
+            self._read_timer = self._timed_state = None
+            if self.conn.their_state is state and not self.transport.is_closing():
+                self.transport.close()  # mid-request the app sees a disconnect, as if the client had gone
 
     return GuardedH11Protocol
 

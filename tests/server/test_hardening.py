@@ -24,6 +24,7 @@ from kiln.sample import greedy, log_softmax, make_sampler, repetition_penalty
 from kiln.server_guard import HostCheck, lone_surrogate_at
 
 HEADER_TIMEOUT = 2.0
+BODY_TIMEOUT = 2.0
 KEEP_ALIVE = 1.0
 MAX_CONNECTIONS = 16
 EXTRA_TOKENS = 64  # tokenizer entries past the embedding's rows: decodable ids the model has no row for
@@ -59,7 +60,9 @@ def guarded(tmp_path_factory):
     model = engine.model
     assert model.tokenizer.vocab_size == model.cfg.vocab_size + EXTRA_TOKENS
     app = create_app(engine)
-    limits = dict(header_timeout=HEADER_TIMEOUT, keep_alive=KEEP_ALIVE, max_connections=MAX_CONNECTIONS)
+    limits = dict(
+        header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT, keep_alive=KEEP_ALIVE, max_connections=MAX_CONNECTIONS
+    )
     with running(app, **limits) as port:
         yield Guarded(port, engine)
 
@@ -179,32 +182,52 @@ def closed_within(s: socket.socket, seconds: float) -> float:
     return time.monotonic() - t0
 
 
-def test_slowloris_and_idle_connections_are_dropped(guarded):
-    idle = guarded.connect()
-    slow = guarded.connect()
-    slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+def drip_until_closed(s: socket.socket, byte: bytes, limit: float) -> float:
+    """Send one byte every 0.5 s until the server closes s; seconds it took (fails past limit)."""
     t0 = time.monotonic()
-    slow.settimeout(0.5)
-    while True:  # a header byte every 0.5 s: always sending, never finishing the headers
+    s.settimeout(0.5)
+    while True:
         try:
-            if not slow.recv(4096):
+            if not s.recv(4096):
                 break
         except TimeoutError:
             pass
         except ConnectionResetError:
             break
-        assert time.monotonic() - t0 < HEADER_TIMEOUT + 3, "a slowloris client is still connected"
+        assert time.monotonic() - t0 < limit, "a dripping client is still connected"
         try:
-            slow.sendall(b"X")
+            s.sendall(byte)
         except OSError:
             break
-    assert time.monotonic() - t0 >= HEADER_TIMEOUT - 0.5
+    return time.monotonic() - t0
+
+
+def test_slowloris_and_idle_connections_are_dropped(guarded):
+    idle = guarded.connect()
+    slow = guarded.connect()
+    slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    # a header byte every 0.5 s: always sending, never finishing the headers
+    assert drip_until_closed(slow, b"X", HEADER_TIMEOUT + 3) >= HEADER_TIMEOUT - 0.5
     closed_within(idle, 2.0)  # never sent a byte: the same timer
     # a kept-alive connection is closed after KEEP_ALIVE seconds idle
     kept = guarded.connect()
     kept.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert kept.recv(4096).startswith(b"HTTP/1.1 200")
     assert closed_within(kept, KEEP_ALIVE + 2.0) >= KEEP_ALIVE - 0.2
+    still_serving(guarded)
+
+
+def test_slow_body_is_dropped(guarded):
+    """Headers in time, then the body a byte at a time: closed BODY_TIMEOUT after the headers, and the same when
+    an early error reply (413 here) leaves the client still sending its body."""
+    for length, want in ((100, None), (10 * 1024 * 1024, b"HTTP/1.1 413")):
+        s = guarded.connect()
+        head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        s.sendall(head.encode() + f"Content-Length: {length}\r\n\r\n{{".encode())
+        if want:
+            s.settimeout(5)
+            assert s.recv(4096).startswith(want)
+        assert drip_until_closed(s, b" ", BODY_TIMEOUT + 3) >= BODY_TIMEOUT - 0.5 - (1 if want else 0)
     still_serving(guarded)
 
 
@@ -313,14 +336,22 @@ def test_serve_options_and_help(capsys):
     from kiln import cli
 
     args = cli.build_parser().parse_args(["serve"])
-    assert (args.header_timeout, args.keep_alive_timeout, args.max_connections) == (10.0, 5.0, 256)
+    limits = (args.header_timeout, args.body_timeout, args.keep_alive_timeout, args.max_connections)
+    assert limits == (10.0, 30.0, 5.0, 256)
     assert args.allowed_hosts is None and args.cors_origins is None
     args = cli.build_parser().parse_args(["serve", "--allowed-hosts", "a.box", "*", "--cors-origins", "https://x"])
     assert args.allowed_hosts == ["a.box", "*"] and args.cors_origins == ["https://x"]
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "--help"])
     out = capsys.readouterr().out
-    for option in ("--header-timeout", "--keep-alive-timeout", "--max-connections", "--allowed-hosts", "--cors-"):
+    for option in (
+        "--header-timeout",
+        "--body-timeout",
+        "--keep-alive-timeout",
+        "--max-connections",
+        "--allowed-hosts",
+        "--cors-",
+    ):
         assert option in out
 
 
