@@ -28,8 +28,8 @@ def generate_step(
     each token reaches the next step there, so the device need not wait for the host between tokens.
     """
     logits_t = model.prefill(list(prompt_ids))
-    _check_finite(model.dev.download(logits_t)[0])  # once on the device-greedy path: corrupt weights show here
     if sampler is None and not logits_processors and not want_logits:
+        _check_finite(model.dev.download(logits_t)[0])  # once on this path: corrupt weights show at the prefill
         for token in model.greedy(logits_t):
             yield token, None
         return
@@ -92,7 +92,10 @@ def stream_generate(
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise InvalidArgument("the prompt is empty: give some text (or token ids) to continue")
-    _check_token_ids(ids, min(model.cfg.vocab_size, tokenizer.vocab_size))
+    bound = token_id_bound(model, tokenizer)
+    bad = out_of_range_id(ids, bound)
+    if bad is not None:
+        raise InvalidArgument(f"prompt token id {bad} is out of range: ids must be in [0, {bound})")
     if len(ids) >= model.n_ctx:
         raise ContextOverflow(
             f"prompt has {len(ids)} tokens but the context holds {model.n_ctx}; shorten the prompt or raise --ctx"
@@ -137,11 +140,14 @@ def _check_finite(logits: np.ndarray) -> np.ndarray:
     return logits
 
 
-def _check_token_ids(ids: Sequence[int], vocab: int) -> None:
-    """Ids index the embedding on the device (whose kernel only clamps them) and must decode: checked on entry."""
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise InvalidArgument(f"prompt token id {bad} is out of range: ids must be in [0, {vocab})")
+def token_id_bound(model: Model, tokenizer: Tokenizer) -> int:
+    """Prompt ids must be below this: a row of the embedding (whose device kernel only clamps them), and decodable."""
+    return min(model.cfg.vocab_size, tokenizer.vocab_size)
+
+
+def out_of_range_id(ids: Sequence[int], bound: int) -> int | None:
+    """The first id outside [0, bound), or None; checked where ids enter (stream_generate, the server)."""
+    return next((t for t in ids if not 0 <= t < bound), None)
 
 
 def _logprobs(logits: np.ndarray | None, token: int, k: int) -> tuple[float | None, dict[int, float] | None]:

@@ -34,18 +34,10 @@ class ModelConfig:
     d_ff: int
     vocab_size: int
     context_length: int
-    rope_theta: float
-    rope_neox: bool  # qwen2 rotates halves (NeoX); llama GGUFs are permuted for adjacent pairs
+    rope: Rope  # theta, layout (qwen2 rotates halves, NeoX; llama GGUFs are permuted for pairs) and scaling
     norm_eps: float
     tied_embeddings: bool
     qkv_bias: bool
-    rope: Rope | None = None  # theta, layout and scaling (gguf files: Rope.from_metadata); None: plain theta/neox
-
-    def __post_init__(self) -> None:
-        if self.rope is None:  # configs built in code (tests) that give only theta and layout
-            object.__setattr__(self, "rope", Rope(self.rope_theta, self.rope_neox))
-        elif (self.rope.theta, self.rope.neox) != (self.rope_theta, self.rope_neox):
-            raise ValueError(f"rope {self.rope} disagrees with rope_theta/rope_neox")
 
 
 @dataclass
@@ -136,24 +128,17 @@ def _read_metadata(reader: GGUFReader) -> dict:
 
 
 def _tensor_info(t) -> TensorInfo:
+    """A tensor the header walk (gguf_scan) already found of a supported type, in bounds: its view and checks."""
     qtype = GGMLQuantizationType(int(t.tensor_type))
     dims = [int(n) for n in t.shape]  # ggml order: ne0 (cols) first
     shape = tuple(reversed(dims)) if len(dims) > 1 else (dims[0],)
-    try:
-        quant.check_supported(qtype)
-    except quant.UnsupportedQuantType as e:
-        raise UnsupportedModel(f"tensor {t.name}: {e}") from None
     expected = quant.row_bytes(qtype, shape[-1]) * (shape[0] if len(shape) > 1 else 1)
     raw = np.asarray(t.data).view(np.uint8)
     if raw.nbytes != expected:
         raise GGUFError(f"tensor {t.name} holds {raw.nbytes} bytes, expected {expected}: file truncated or corrupt")
     bad = quant.first_nonfinite(raw, qtype)
     if bad is not None:
-        what = (
-            "value"
-            if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-            else "block scale"
-        )
+        what = "value" if qtype in quant.FLOATS else "block scale"
         raise GGUFError(f"tensor {t.name} ({qtype.name}) has a NaN or infinite {what} at index {bad}: corrupt weights")
     if len(shape) > 1:
         raw = raw.reshape(shape[0], -1)
@@ -231,12 +216,10 @@ def _config(meta: dict, tensors: dict[str, TensorInfo]) -> ModelConfig:
         d_ff=_int(meta, f"{arch}.feed_forward_length", hi=1 << 24),
         vocab_size=vocab,
         context_length=_int(meta, f"{arch}.context_length", 2048, hi=1 << 24),
-        rope_theta=rope.theta,
-        rope_neox=rope.neox,
+        rope=rope,
         norm_eps=_float(meta, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, lo=0.0),
         tied_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
-        rope=rope,
     )
 
 

@@ -244,6 +244,8 @@ _BLOCK_DECODERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] 
 }
 
 
+FLOATS: tuple[GGMLQuantizationType, ...] = (Q.F32, Q.F16, Q.BF16)  # plain values, no blocks or scales
+
 # Byte offsets of each block's f16 scales (d, and dmin/m where the format has one), as ggml lays them out.
 _SCALE_OFFSETS: dict[GGMLQuantizationType, tuple[int, ...]] = {
     Q.Q8_0: (0,),
@@ -404,7 +406,7 @@ def random_weight(
     qt = _as_qtype(qtype)
     check_supported(qt)
     rb = row_bytes(qt, cols)
-    if qt in (Q.F32, Q.F16, Q.BF16):
+    if qt in FLOATS:
         x = rng.standard_normal((rows, cols), dtype=np.float32)
         x *= np.float32(scale)
         if qt == Q.F32:

@@ -369,6 +369,7 @@ def create_app(
     from starlette.requests import ClientDisconnect
 
     from . import api
+    from .generate import out_of_range_id, token_id_bound
     from .server_guard import HostCheck, lone_surrogate_at
 
     model = engine.model
@@ -487,8 +488,8 @@ def create_app(
 
     async def tokenize(req: GenRequest, param: str) -> None:
         if isinstance(req.prompt, list):
-            vocab = min(model.cfg.vocab_size, engine.tokenizer.vocab_size)  # a row of the embedding, and decodable
-            bad = next((t for t in req.prompt if not 0 <= t < vocab), None)
+            vocab = token_id_bound(model, engine.tokenizer)
+            bad = out_of_range_id(req.prompt, vocab)
             if bad is not None:
                 raise invalid(param, f"token ids must be in [0, {vocab}), got {bad}")
             ids = list(req.prompt)

@@ -83,7 +83,7 @@ def test_tiny_qwen2_with_bias_and_neox_rope(tiny_models):
     ids = [3, 14, 159, 265, 358, 97]
     ref = reference_logits(path, ids)
     model = Model(gguf.load(path), NumpyDevice(), n_ctx=32)
-    assert model.cfg.qkv_bias and model.cfg.rope_neox
+    assert model.cfg.qkv_bias and model.cfg.rope.neox
     assert nmse(model.dev.download(model.prefill(ids))[0], ref[-1]) < 1e-9
 
 

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as Q
 from kiln import gguf, quant, synth
 from kiln.gguf import ModelConfig, TensorInfo
 from kiln.model import Model
+from kiln.rope import Rope
 from kiln.runtime.numpy_backend import NumpyDevice
 from kiln.shard import ShardedFile, ShardError, SimulatedTP, plan, plan_for, run_simulated, shard_tensor, slice_cols
 
@@ -35,8 +36,7 @@ def config(**kw) -> ModelConfig:
         d_ff=1024,
         vocab_size=512,
         context_length=64,
-        rope_theta=1e4,
-        rope_neox=False,
+        rope=Rope(1e4, neox=False),
         norm_eps=1e-5,
         tied_embeddings=True,
         qkv_bias=False,
