@@ -16,6 +16,7 @@ from gemv import graph_time  # bench/gemv.py, next to this script
 from kiln import gguf
 from kiln.model import Model
 from kiln.runtime import get_device
+from kiln.session import solo
 
 
 def main() -> None:
@@ -26,9 +27,9 @@ def main() -> None:
     dev = get_device("cuda")
     m = Model(gguf.load(args.model), dev, n_ctx=args.ctx + 64)
     ids = np.random.default_rng(0).integers(100, m.cfg.vocab_size, args.ctx).tolist()
-    logits = m.prefill(ids)
+    logits = solo(m).prefill(ids)
     for _ in range(3):
-        logits = m.step([dev.argmax(logits)])
+        logits = solo(m).step([dev.argmax(logits)])
     ((gkey, graph),) = [(k, g) for k, g in dev._graphs.items() if k[0] == (m.uid, "forward", 1)]
     plan = dev._plans[gkey]
     # whole step: GPU time of the graph, and wall time of step + argmax from Python
@@ -36,7 +37,7 @@ def main() -> None:
         gpu = graph_time(dev, lambda i: dev._run(plan), 20, pdl=True)
     t0 = time.perf_counter()
     for _ in range(50):
-        logits = m.step([dev.argmax(logits)])
+        logits = solo(m).step([dev.argmax(logits)])
     wall = (time.perf_counter() - t0) / 50
     per_op = defaultdict(lambda: [0, 0.0])
     with dev.stream:

@@ -40,6 +40,7 @@ from gguf import GGMLQuantizationType
 from kiln import quant
 from kiln.runtime.base import DTYPES
 from kiln.runtime.wgpu_backend import WgpuDevice
+from kiln.session import solo
 
 FORMATS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 GPU_SIZES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -260,10 +261,10 @@ def time_timeline(path: str, prompt: int = 512, device: int | None = None, steps
     dev = WgpuDevice(device, timestamps=True)
     f = gguf.load(path)
     model = Model(f, dev, n_ctx=prompt + 8)
-    model.prefill([int(i) % f.config.vocab_size for i in range(1, prompt + 1)])
+    solo(model).prefill([int(i) % f.config.vocab_size for i in range(1, prompt + 1)])
     for _ in range(2):  # the first step records the plan, the second replays it
-        model.tokens = model.tokens[:prompt]
-        dev.argmax(model.step([1]))
+        solo(model).rewind(prompt)
+        dev.argmax(solo(model).step([1]))
     runs = [dev.timeline() for _ in range(steps)]
     names = [name for name, _ in runs[0]]
     us = np.min([[t for _, t in run] for run in runs], axis=0)
@@ -298,8 +299,8 @@ def time_decode(path: str, tokens: int = 64, prompt: int = 512, shapes=(), attns
     f = gguf.load(path)
     model = Model(f, dev, n_ctx=prompt + tokens + 8)
     ids = [int(i) % f.config.vocab_size for i in range(1, prompt + 1)]
-    model.prefill(ids)
-    dev.argmax(model.step([1]))
+    solo(model).prefill(ids)
+    dev.argmax(solo(model).step([1]))
     own = dev.gemv_tpr, dev.gemv_rpw
     attn = _use_attention(dev, (None, None))
     attns = list(dict.fromkeys(_use_attention(dev, a) for a in attns))  # full names, in order, once each
@@ -319,15 +320,15 @@ def time_decode(path: str, tokens: int = 64, prompt: int = 512, shapes=(), attns
         dev._forget_steps()
         times = []
         for _rep in range(2):
-            model.tokens = model.tokens[:prompt]
-            first = dev.download(model.step([1]))[0]  # records the step for this setting
-            model.tokens = model.tokens[:prompt]
+            solo(model).rewind(prompt)
+            first = dev.download(solo(model).step([1]))[0]  # records the step for this setting
+            solo(model).rewind(prompt)
             token, replay_s, read_s, seq = 1, 0.0, 0.0, []
             d0 = dev.dispatches
             t0 = time.perf_counter()
             for _ in range(tokens):
                 r0 = time.perf_counter()
-                logits = model.step([token])
+                logits = solo(model).step([token])
                 r1 = time.perf_counter()
                 token = dev.argmax(logits)
                 seq.append(token)

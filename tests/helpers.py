@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kiln.errors import KilnError
+from kiln.session import solo
 
 
 def nmse(got, want) -> float:
@@ -17,6 +18,7 @@ def nmse(got, want) -> float:
 
 def greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
     """n greedy tokens from a fresh cache (argmax on the device), and the logits after the last one."""
+    model = solo(model)
     model.reset()
     logits = model.prefill(ids)
     out = []

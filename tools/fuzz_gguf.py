@@ -26,6 +26,7 @@ from kiln import synth
 from kiln.api import load as api_load
 from kiln.errors import KilnError
 from kiln.generate import generate_step
+from kiln.session import solo
 
 TIME_LIMIT_S = 2.0
 MEMORY_LIMIT_MB = 1024
@@ -72,7 +73,7 @@ def check(path: str) -> str:
     try:
         model = api_load(path, backend="numpy", n_ctx=16)
         tokens = [t for t, _ in itertools.islice(generate_step(model, [1, 2, 3], want_logits=True), 2)]
-        logits = model.dev.download(model.step(tokens[-1:]))[0]
+        logits = model.dev.download(solo(model).step(tokens[-1:]))[0]
         model.close()
         outcome = "ran" if np.isfinite(logits).all() else "garbage"
     except KilnError as e:

@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 
 from . import __version__, api, gguf
+from .session import solo
 
 FIELDS = (
     "model",
@@ -58,6 +59,7 @@ def _prompt(vocab: int, n: int, seed: int) -> list[int]:
 
 
 def _time_prefill(model, ids: list[int]) -> float:
+    model = solo(model)
     model.reset()
     t0 = time.perf_counter()
     logits = model.prefill(ids)
@@ -66,8 +68,9 @@ def _time_prefill(model, ids: list[int]) -> float:
 
 
 def _time_decode(model, first: int, n: int) -> float:
-    """Seconds until n greedy tokens are on the host, as generation takes them (Model.greedy: a backend may run
+    """Seconds until n greedy tokens are on the host, as generation takes them (Session.greedy: a backend may run
     the next step while the host reads a token; the step it ran ahead is finished before the next timing)."""
+    model = solo(model)
     model.reset()
     t0 = time.perf_counter()
     tokens = model.greedy(model.step([first]))

@@ -14,6 +14,7 @@ import time
 from . import api, chat
 from .errors import KilnError
 from .runtime import BACKENDS
+from .session import solo
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +189,7 @@ def cmd_chat(args) -> int:
             return 0
         if line == "/reset":
             history.clear()
-            model.reset()
+            solo(model).reset()
             print("[history cleared]", file=sys.stderr)
             continue
         if not line:
@@ -201,7 +202,7 @@ def cmd_chat(args) -> int:
             answer, last = "", None
             print("\n[stopped]", file=sys.stderr)
             history.pop()  # the interrupted turn is dropped; earlier turns stay
-            model.reset()
+            solo(model).reset()
             continue
         print()
         history.append({"role": "assistant", "content": answer})

@@ -64,7 +64,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from . import quant
 from .errors import UnsupportedOp
 from .rope import Rope, llama3_freq_factors
-from .runtime.base import DTYPES, MODEL_OPS, Device, Tensor, Weight
+from .runtime.base import DTYPES, MODEL_OPS, Device, KVIndex, Tensor, Weight
 
 __all__ = ["CaseResult", "Case", "THRESHOLDS", "cases", "run_case", "run_suite", "format_table", "summary"]
 
@@ -80,7 +80,7 @@ THRESHOLDS: dict[str, tuple[float, float]] = {
     # Pure data movement (dequantization is exact f32 arithmetic): bit-exact except for FMA contraction in K-quant
     # dequant (1 ulp). Tight enough to catch data silently kept in f16 or bf16 (NMSE ~1e-7 / 1e-5).
     "embed": (1e-12, 1e-5),
-    "copy_row": (1e-12, 1e-5),
+    "gather_rows": (1e-12, 1e-5),
     "add": (1e-12, 1e-5),  # one correctly rounded add per element: bit-exact
     # f32 reductions and transcendentals: reordered sums, rsqrt/exp of a few ulp (measured NMSE ~1e-14, max ~1e-6);
     # still 100x below an f16 intermediate.
@@ -314,21 +314,56 @@ def _scaled_ropes(head_dim: int, neox: bool) -> list[tuple[str, Rope]]:
     ]
 
 
+def _paged_layout(rng, seqs, block_size: int, shared: int) -> tuple[int, list[list[int]]]:
+    """Pool size and block tables for sequences [(start, new tokens)]: blocks scattered over the pool in random
+    order, block 0 left to padding; with `shared`, sequence 1 starts with sequence 0's first `shared` blocks (both
+    prefixes identical and only read). Table entries past a sequence's blocks point at other blocks."""
+    need = [-(-(start + n) // block_size) for start, n in seqs]
+    n_blocks = 1 + sum(need) + 3
+    order = list(rng.permutation(np.arange(1, n_blocks)))
+    tables = [[int(order.pop()) for _ in range(k)] for k in need]
+    if shared:
+        tables[1][:shared] = tables[0][:shared]
+    return n_blocks, tables
+
+
 def _run_attention(
-    dev, s: _Scope, *, T: int, start: int, n_heads: int, n_kv_heads: int, head_dim: int, kv_dtype: str
+    dev,
+    s: _Scope,
+    *,
+    seqs: tuple[tuple[int, int], ...],
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    shared: int,
+    kv_dtype: str,
 ) -> dict:
-    n_ctx = start + T + 5  # rows past the new ones hold stale data the op must neither read nor write
     rng = s.rng
+    n_blocks, tables = _paged_layout(rng, seqs, block_size, shared)
+    W = max(len(t) for t in tables) + 1
+    pos, slot, seq, runs = [], [], [], []
+    for row, (start, n) in enumerate(seqs):
+        runs.append((len(pos), n, row))
+        for p in range(start, start + n):
+            pos.append(p)
+            slot.append(tables[row][p // block_size] * block_size + p % block_size)
+            seq.append(row)
+    table = rng.integers(1, n_blocks, (len(seqs), W)).astype(np.int32)
+    for row, blocks in enumerate(tables):
+        table[row, : len(blocks)] = blocks
+    T = len(pos)
     q = s.input(rng.standard_normal((T, n_heads * head_dim), dtype=np.float32))
     k = s.input(rng.standard_normal((T, n_kv_heads * head_dim), dtype=np.float32))
     v = s.input(rng.standard_normal((T, n_kv_heads * head_dim), dtype=np.float32))
-    cache_shape = (n_kv_heads, n_ctx, head_dim)
+    cache_shape = (n_kv_heads, n_blocks * block_size, head_dim)  # stale data everywhere the op must not write
     limit = KV_CACHE_THRESHOLDS[kv_dtype]
     kc = s.output("k_cache", cache_shape, kv_dtype, init=rng.standard_normal(cache_shape), threshold=limit)
     vc = s.output("v_cache", cache_shape, kv_dtype, init=rng.standard_normal(cache_shape), threshold=limit)
-    pos = s.input(np.arange(start, start + T, dtype=np.int32))
+    ints = [s.input(np.asarray(x, np.int32)) for x in (pos, slot, seq)]
+    kv = KVIndex(*ints, s.input(table), block_size, tuple(runs), max(pos) + 1)
     out = s.output("out", (T, n_heads * head_dim))
-    dev.attention(q, k, v, kc, vc, pos, out, n_heads, n_kv_heads, head_dim, start + T)
+    dev.attention(q, k, v, kc, vc, kv, out, n_heads, n_kv_heads, head_dim)
     return {}
 
 
@@ -354,8 +389,9 @@ def _run_add(dev, s: _Scope, *, T: int, n: int, inplace: bool) -> dict:
     return _elementwise(dev.add, s, a, s.rng.standard_normal((T, n), dtype=np.float32), inplace)
 
 
-def _run_copy_row(dev, s: _Scope, *, T: int, d: int, row: int) -> dict:
-    dev.copy_row(s.input(s.rng.standard_normal((T, d), dtype=np.float32)), row, s.output("out", (1, d)))
+def _run_gather_rows(dev, s: _Scope, *, T: int, d: int, rows: tuple[int, ...]) -> dict:
+    x = s.input(s.rng.standard_normal((T, d), dtype=np.float32))
+    dev.gather_rows(x, s.input(np.asarray(rows, np.int32)), s.output("out", (len(rows), d)))
     return {}
 
 
@@ -584,24 +620,39 @@ def cases(quick: bool = False, ops: Sequence[str] | None = None) -> list[Case]:
                 add_rope(label, rope, T, start, H, hd, full_only)
 
     quick_heads = ((4, 4, 64), (9, 3, 64), (8, 2, 128))
-    scenarios = ((5, 0, False), (7, 11, False), (1, 300, False), (67, 0, True), (33, 100, True), (1, 4000, True))
+    # (start, new tokens) per sequence: prefill chunks, decode rows, block boundaries (16), mixed batches
+    scenarios = (
+        ("prefill", ((0, 5),), 0, False),
+        ("prefill after 11", ((11, 7),), 0, False),
+        ("decode", ((300, 1),), 0, False),
+        ("decode x5 at block edges", ((0, 1), (15, 1), (16, 1), (31, 1), (100, 1)), 0, False),
+        ("mixed decode + chunks", ((5, 1), (0, 17), (40, 1), (31, 2)), 0, False),
+        ("shared prefix", ((40, 1), (37, 5)), 2, False),
+        ("prefill 67", ((0, 67),), 0, True),
+        ("chunk 33 after 100", ((100, 33),), 0, True),
+        ("decode at 4000", ((4000, 1),), 0, True),
+        ("long and short decode", ((4000, 1), (0, 1), (2, 1), (700, 1)), 0, True),
+        ("decode x33", tuple((7 * i + i * i, 1) for i in range(33)), 0, True),
+        ("mixed 3 chunks + 8 decodes", ((0, 40), (64, 9), (200, 31)) + tuple((50 * i, 1) for i in range(8)), 0, True),
+    )
     for heads in (*quick_heads, (14, 2, 64), (32, 8, 128)):
-        for T, start, big in scenarios:
-            kind = "decode" if T == 1 else "prefill"
-            name = f"{kind} T={T} start={start} Hq={heads[0]} Hkv={heads[1]} hd={heads[2]}"
-            add(
-                "attention",
-                name,
-                "kv",
-                ("kv",),
-                _run_attention,
-                big or heads not in quick_heads,
-                T=T,
-                start=start,
-                n_heads=heads[0],
-                n_kv_heads=heads[1],
-                head_dim=heads[2],
-            )
+        for label, seqs, shared, big in scenarios:
+            for block_size in (16, 32) if label.startswith("mixed") else (16,):
+                name = f"{label} B={block_size} Hq={heads[0]} Hkv={heads[1]} hd={heads[2]}"
+                add(
+                    "attention",
+                    name,
+                    "kv",
+                    ("kv",),
+                    _run_attention,
+                    big or heads not in quick_heads,
+                    seqs=seqs,
+                    n_heads=heads[0],
+                    n_kv_heads=heads[1],
+                    head_dim=heads[2],
+                    block_size=block_size,
+                    shared=shared,
+                )
 
     for op, run in (("swiglu", _run_swiglu), ("add", _run_add)):
         for T, n, inplace, full_only in (
@@ -614,14 +665,15 @@ def cases(quick: bool = False, ops: Sequence[str] | None = None) -> list[Case]:
             name = f"T={T} n={n}" + (" in-place" if inplace else "")
             add(op, name, "f32", ("f32",), run, full_only, T=T, n=n, inplace=inplace)
 
-    for T, d, row, full_only in (
-        (5, 576, 4, False),
-        (7, 1001, 0, False),
-        (1, 67, 0, False),
-        (67, 4096, 66, True),
-        (7, 2048, 3, True),
+    for T, d, rows, full_only in (
+        ((5, 576, (4,), False)),
+        ((7, 1001, (0, 6, 3), False)),
+        ((1, 67, (0,), False)),
+        ((67, 4096, tuple(range(0, 67, 3)), True)),
+        ((64, 2048, tuple(range(63, -1, -1)), True)),
     ):
-        add("copy_row", f"T={T} d={d} row={row}", "f32", ("f32",), _run_copy_row, full_only, T=T, d=d, row=row)
+        name = f"T={T} d={d} rows={len(rows)}"
+        add("gather_rows", name, "f32", ("f32",), _run_gather_rows, full_only, T=T, d=d, rows=rows)
 
     for n, at, negative, full_only in (
         (7, 6, False, False),

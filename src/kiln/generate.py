@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import ContextOverflow, InvalidArgument, NonFiniteLogits
 from .model import Model
+from .session import solo
 from .sample import LogitsProcessor, Sampler, greedy, log_softmax
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -24,26 +25,28 @@ def generate_step(
 ) -> Iterator[tuple[int, np.ndarray | None]]:
     """Prefill the prompt, then yield (token, logits) until the context is full; the caller decides when to stop.
 
-    Greedy decoding without processors stays on the device (Model.greedy): logits never cross to the host, and
+    `model` is a Model (its kiln.session.solo session runs the sequence) or a session-like object.
+    Greedy decoding without processors stays on the device (Session.greedy): logits never cross to the host, and
     each token reaches the next step there, so the device need not wait for the host between tokens.
     """
-    logits_t = model.prefill(list(prompt_ids))
+    seq = solo(model)
+    logits_t = seq.prefill(list(prompt_ids))
     if sampler is None and not logits_processors and not want_logits:
-        _check_finite(model.dev.download(logits_t)[0])  # once on this path: corrupt weights show at the prefill
-        for token in model.greedy(logits_t):
+        _check_finite(seq.dev.download(logits_t)[0])  # once on this path: corrupt weights show at the prefill
+        for token in seq.greedy(logits_t):
             yield token, None
         return
     tokens = list(prompt_ids)
     while True:
-        logits = _check_finite(model.dev.download(logits_t)[0].astype(np.float32))
+        logits = _check_finite(seq.dev.download(logits_t)[0].astype(np.float32))
         for proc in logits_processors:
             logits = proc(tokens, logits)
         token = sampler(logits) if sampler else greedy(logits)
         yield token, logits
         tokens.append(token)
-        if len(model.tokens) >= model.n_ctx:
+        if len(seq.tokens) >= seq.n_ctx:
             return  # context full: the caller sees the generator end and reports finish_reason "length"
-        logits_t = model.step([token])
+        logits_t = seq.step([token])
 
 
 @dataclass

@@ -20,6 +20,7 @@ from kiln import api, gguf, synth  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
 from kiln.model import Model  # noqa: E402
 from kiln.runtime.numpy_backend import NumpyDevice  # noqa: E402
+from kiln.session import solo
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,"]
 N_GREEDY = 32
@@ -78,10 +79,10 @@ def test_tiny_model_logits_match_numpy(cuda, tiny_models, qtype, arch):
 def _worst_teacher_forced_nmse(mc: Model, mn: Model, ids: list[int], n_prompt: int) -> float:
     """Prefill ids[:n_prompt] on both models, then step through the rest; the worst logits NMSE of any step."""
     worst = 0.0
-    lc, ln = mc.prefill(ids[:n_prompt]), mn.prefill(ids[:n_prompt])
+    lc, ln = solo(mc).prefill(ids[:n_prompt]), solo(mn).prefill(ids[:n_prompt])
     for t in ids[n_prompt:]:
         worst = max(worst, nmse(mc.dev.download(lc), mn.dev.download(ln)))
-        lc, ln = mc.step([t]), mn.step([t])
+        lc, ln = solo(mc).step([t]), solo(mn).step([t])
     return worst
 
 
@@ -109,9 +110,9 @@ def test_chunked_prefill_equals_one_pass(cuda, tiny_models):
     ids = np.random.default_rng(5).integers(0, f.config.vocab_size, 45).tolist()
     m = Model(f, cuda, n_ctx=64)
     try:
-        one = cuda.download(m.prefill(ids))
-        m.reset()
-        chunked = cuda.download(m.prefill(ids, chunk=16))
+        one = cuda.download(solo(m).prefill(ids))
+        solo(m).reset()
+        chunked = cuda.download(solo(m).prefill(ids, chunk=16))
         assert nmse(chunked, one) < 1e-6
     finally:
         m.close()
@@ -124,11 +125,11 @@ def test_repeated_prefill_becomes_a_graph(cuda, tiny_models):
     ids = np.random.default_rng(6).integers(0, f.config.vocab_size, 24).tolist()
     m = Model(f, cuda, n_ctx=64)
     try:
-        eager = cuda.download(m.prefill(ids))
+        eager = cuda.download(solo(m).prefill(ids))
         graphs = len(cuda._graphs)
         for _ in range(2):  # the second sight of this size captures; the third replays the graph
-            m.reset()
-            logits = cuda.download(m.prefill(ids))
+            solo(m).reset()
+            logits = cuda.download(solo(m).prefill(ids))
             assert nmse(logits, eager) < 1e-10
         assert len(cuda._graphs) == graphs + 1
         assert not any(k[0] == (m.uid, "forward", len(ids)) for k in cuda._eager_keys)
@@ -145,8 +146,8 @@ def test_prefill_graphs_do_not_pile_up(cuda, tiny_models):
         before = len(cuda._graphs)
         for n in range(5, 16):
             for _ in range(2):
-                m.reset()
-                m.prefill(list(range(1, n + 1)))
+                solo(m).reset()
+                solo(m).prefill(list(range(1, n + 1)))
         assert len(cuda._graphs) == before + 1
     finally:
         m.close()
@@ -163,12 +164,12 @@ def test_two_models_share_a_device(cuda, tiny_models):
         m.close()
     ma, mb = Model(fa, cuda, n_ctx=32), Model(fb, cuda, n_ctx=32)
     try:
-        la, lb = ma.prefill(ids), mb.prefill(ids)
+        la, lb = solo(ma).prefill(ids), solo(mb).prefill(ids)
         got = ([], [])
         for _ in range(6):
             got[0].append(cuda.argmax(la))
             got[1].append(cuda.argmax(lb))
-            la, lb = ma.step([got[0][-1]]), mb.step([got[1][-1]])
+            la, lb = solo(ma).step([got[0][-1]]), solo(mb).step([got[1][-1]])
         assert list(got) == alone
     finally:
         ma.close()
@@ -193,13 +194,13 @@ def test_soak_memory_flat(cuda, tmp_path_factory):
     f = gguf.load(_soak_path(tmp_path_factory))
     m = Model(f, cuda, n_ctx=min(f.config.context_length, n + 64))
     try:
-        logits = m.prefill(list(range(10, 26)))
+        logits = solo(m).prefill(list(range(10, 26)))
         token, marks = 0, {}
         t0 = time.perf_counter()
         for i in range(n):
             token = cuda.argmax(logits)
             assert 0 <= token < f.config.vocab_size
-            logits = m.step([token])
+            logits = solo(m).step([token])
             if i in (50, n - 1):
                 cuda.sync()
                 marks[i] = (cuda.memory_stats(), cupy.cuda.runtime.memGetInfo()[0])

@@ -25,6 +25,7 @@ from kiln import api, gguf, synth  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
 from kiln.generate import generate  # noqa: E402
 from kiln.model import Model  # noqa: E402
+from kiln.session import solo
 
 N_GREEDY = 32
 N_CTX = 256
@@ -64,15 +65,15 @@ def path(gpus, tmp_path_factory) -> str:
 
 def greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray, float]:
     """Greedy tokens, the last logits, and decode tokens/s."""
-    model.reset()
-    logits = model.prefill(ids)
+    solo(model).reset()
+    logits = solo(model).prefill(ids)
     out = [model.dev.argmax(logits)]
     t0 = time.perf_counter()
     for _ in range(n - 1):
-        logits = model.step([out[-1]])
+        logits = solo(model).step([out[-1]])
         out.append(model.dev.argmax(logits))
     tps = (n - 1) / (time.perf_counter() - t0)
-    return out, model.dev.download(model.step([out[-1]]))[0], tps
+    return out, model.dev.download(solo(model).step([out[-1]]))[0], tps
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def test_api_load_generates_and_closes(path, one_gpu):
     try:
         assert "tensor parallel x2" in model.dev.name and model.dev.memory_stats()["ranks"] == 2
         assert isinstance(generate(model, model.tokenizer, PROMPT, max_tokens=8), str)
-        assert model.tokens[: len(PROMPT)] == PROMPT
+        assert solo(model).tokens[: len(PROMPT)] == PROMPT
     finally:
         model.close()
     model.dev.close()  # what kiln bench does after model.close(): a no-op now

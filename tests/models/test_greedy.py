@@ -13,6 +13,7 @@ from helpers import cuda_device_or_skip, greedy, nmse, wgpu_device_or_skip
 from kiln import gguf
 from kiln.model import Model
 from kiln.runtime.numpy_backend import NumpyDevice
+from kiln.session import solo
 
 PROMPT = [1, 504, 345, 314, 289]
 
@@ -39,23 +40,23 @@ def model(tiny_models, device):
 
 def test_greedy_tokens_equal_the_host_loop(model):
     want, _ = greedy(model, PROMPT, 12)  # the host loop: argmax on the host's request, then a step
-    model.reset()
-    got = list(itertools.islice(model.greedy(model.prefill(PROMPT)), 12))
+    solo(model).reset()
+    got = list(itertools.islice(solo(model).greedy(solo(model).prefill(PROMPT)), 12))
     assert got == want
-    assert model.tokens == PROMPT + got  # each token taken has been fed to a step
+    assert solo(model).tokens == PROMPT + got  # each token taken has been fed to a step
 
 
 def test_cache_is_consistent_after_stopping_early(model, tiny_models, device):
     """When the caller stops, the step that read the last token taken is still running and its output is dropped:
     a later prompt that reuses the cached prefix must give the logits of a fresh model."""
-    model.reset()
-    tokens = model.greedy(model.prefill(PROMPT))
+    solo(model).reset()
+    tokens = solo(model).greedy(solo(model).prefill(PROMPT))
     got = list(itertools.islice(tokens, 6))
     tokens.close()
     follow = PROMPT + got + [7, 9]  # reuses every cached row, the one the last step wrote included
-    logits = model.dev.download(model.prefill(follow))[0]
+    logits = model.dev.download(solo(model).prefill(follow))[0]
     fresh = Model(gguf.load(tiny_models(Q.Q8_0)), NumpyDevice(), n_ctx=32)
-    want = fresh.dev.download(fresh.prefill(follow))[0]
+    want = fresh.dev.download(solo(fresh).prefill(follow))[0]
     fresh.close()
     assert nmse(logits, want) < 1e-6
 
@@ -63,10 +64,10 @@ def test_cache_is_consistent_after_stopping_early(model, tiny_models, device):
 def test_greedy_ends_when_the_context_is_full(model):
     """As the host loop in generate_step: the last token is yielded although no step can take it."""
     room = model.n_ctx - len(PROMPT)
-    model.reset()
-    got = list(model.greedy(model.prefill(PROMPT)))
+    solo(model).reset()
+    got = list(solo(model).greedy(solo(model).prefill(PROMPT)))
     assert len(got) == room + 1
-    assert len(model.tokens) == model.n_ctx
+    assert len(solo(model).tokens) == model.n_ctx
     assert got[:room] == greedy(model, PROMPT, room)[0]
     assert np.all(np.asarray(got) >= 0)
 
@@ -79,11 +80,11 @@ def test_wgpu_without_wgpu_native_paths(tiny_models, monkeypatch):
     dev = wgpu_device_or_skip()
     try:
         m = Model(gguf.load(tiny_models(Q.Q8_0)), dev, n_ctx=32)
-        want = list(itertools.islice(m.greedy(m.prefill(PROMPT)), 8))
+        want = list(itertools.islice(solo(m).greedy(solo(m).prefill(PROMPT)), 8))
         monkeypatch.setattr(wgpu_backend, "_wgpu_native", None)  # _encode takes wgpu-py's methods
         monkeypatch.setattr(dev, "_indexed", None)  # read_token maps with wgpu-py's map_sync
-        m.reset()
-        assert list(itertools.islice(m.greedy(m.prefill(PROMPT)), 8)) == want
+        solo(m).reset()
+        assert list(itertools.islice(solo(m).greedy(solo(m).prefill(PROMPT)), 8)) == want
         m.close()
     finally:
         dev.close()

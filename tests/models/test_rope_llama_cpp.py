@@ -17,6 +17,7 @@ from kiln import gguf, synth
 from kiln.model import Model
 from kiln.rope import llama3_freq_factors
 from kiln.runtime.numpy_backend import NumpyDevice
+from kiln.session import solo
 
 PROMPT, LAST = 2000, 8
 SHAPE = synth.Shape(2, 256, 4, 2, 512, vocab_size=2048, context_length=4096)  # vocab >= 1024: llama.cpp's tokenizer
@@ -67,8 +68,8 @@ def kiln_last_logits(path: str, n: int = PROMPT) -> np.ndarray:
     ids = prompt(n)
     model = Model(gguf.load(path), NumpyDevice(), n_ctx=n + 16)
     try:
-        out = [model.dev.download(model.prefill(ids[: n - LAST + 1]))[0]]
-        out += [model.dev.download(model.step([t]))[0] for t in ids[n - LAST + 1 :]]
+        out = [model.dev.download(solo(model).prefill(ids[: n - LAST + 1]))[0]]
+        out += [model.dev.download(solo(model).step([t]))[0] for t in ids[n - LAST + 1 :]]
         return np.array(out)
     finally:
         model.close()

@@ -16,6 +16,7 @@ from kiln import gguf, synth
 from kiln.model import Model
 from kiln.rope import Rope, llama3_freq_factors
 from kiln.runtime.numpy_backend import NumpyDevice
+from kiln.session import solo
 
 SHAPE = synth.Shape(2, 256, 4, 2, 512, vocab_size=512, context_length=4096)  # head_dim 64
 PROMPT = 300  # tokens: positions well past the models' original contexts (256)
@@ -59,11 +60,11 @@ def run(path: str, dev, forced: list[int] | None = None) -> tuple[list[np.ndarra
     """Logits after the prompt and after each decode step, and the tokens fed: `forced`, or the greedy ones."""
     model = Model(gguf.load(path), dev, n_ctx=PROMPT + DECODE + 1)
     try:
-        t = model.prefill(prompt_ids())
+        t = solo(model).prefill(prompt_ids())
         logits, tokens = [dev.download(t)[0]], []
         for i in range(DECODE):
             tokens.append(forced[i] if forced is not None else dev.argmax(t))
-            t = model.step([tokens[-1]])
+            t = solo(model).step([tokens[-1]])
             logits.append(dev.download(t)[0])
         return logits, tokens
     finally:

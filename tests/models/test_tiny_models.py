@@ -13,6 +13,7 @@ from helpers import nmse
 from kiln import gguf, synth
 from kiln.model import Model
 from kiln.runtime.numpy_backend import NumpyDevice
+from kiln.session import solo
 
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
@@ -71,8 +72,8 @@ def test_tiny_llama_matches_float64_reference(tiny_models, qtype):
     ref = reference_logits(path, ids)
     model = Model(gguf.load(path), NumpyDevice(), n_ctx=64)
     # Prefill all but the last two tokens, then decode token by token: exercises the KV cache and both paths.
-    got = [model.dev.download(model.prefill(ids[:-2]))[0]]
-    got += [model.dev.download(model.step([t]))[0] for t in ids[-2:]]
+    got = [model.dev.download(solo(model).prefill(ids[:-2]))[0]]
+    got += [model.dev.download(solo(model).step([t]))[0] for t in ids[-2:]]
     for row, pos in zip(got, (len(ids) - 3, len(ids) - 2, len(ids) - 1)):
         assert np.isfinite(row).all()
         assert nmse(row, ref[pos]) < 1e-9, f"{qtype.name} pos {pos}"
@@ -84,7 +85,7 @@ def test_tiny_qwen2_with_bias_and_neox_rope(tiny_models):
     ref = reference_logits(path, ids)
     model = Model(gguf.load(path), NumpyDevice(), n_ctx=32)
     assert model.cfg.qkv_bias and model.cfg.rope.neox
-    assert nmse(model.dev.download(model.prefill(ids))[0], ref[-1]) < 1e-9
+    assert nmse(model.dev.download(solo(model).prefill(ids))[0], ref[-1]) < 1e-9
 
 
 ALL_BIASES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -98,26 +99,26 @@ def test_tiny_llama_with_optional_biases(tmp_path, biases):
     ref = reference_logits(path, ids)
     model = Model(gguf.load(path), NumpyDevice(), n_ctx=32)
     assert model.layers[0].bo is not None and model.layers[0].b_down is not None
-    got = [model.dev.download(model.prefill(ids[:-1]))[0], model.dev.download(model.step(ids[-1:]))[0]]
+    got = [model.dev.download(solo(model).prefill(ids[:-1]))[0], model.dev.download(solo(model).step(ids[-1:]))[0]]
     assert nmse(got[0], ref[-2]) < 1e-9 and nmse(got[1], ref[-1]) < 1e-9
     no_bias = Model(gguf.load(path), NumpyDevice(), n_ctx=32)
     for layer in no_bias.layers:  # the same model with its biases dropped must differ: ignoring them would show
         layer.bq = layer.bk = layer.bv = layer.bo = layer.b_gate = layer.b_up = layer.b_down = None
-    assert nmse(no_bias.dev.download(no_bias.prefill(ids))[0], ref[-1]) > 1e-3
+    assert nmse(no_bias.dev.download(solo(no_bias).prefill(ids))[0], ref[-1]) > 1e-3
 
 
 def test_prefix_reuse_and_chunked_prefill_equal_one_shot(tiny_models):
     path = tiny_models(Q.Q4_K)
     ids = list(range(100, 140))  # 40 tokens: several prefill chunks
     one = Model(gguf.load(path), NumpyDevice(), n_ctx=64)
-    want = one.dev.download(one.prefill(ids))[0]
+    want = one.dev.download(solo(one).prefill(ids))[0]
     chunked = Model(gguf.load(path), NumpyDevice(), n_ctx=64)
-    got = chunked.dev.download(chunked.prefill(ids, chunk=7))[0]
+    got = chunked.dev.download(solo(chunked).prefill(ids, chunk=7))[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     # A second prompt sharing a prefix reuses the cache and still gives the one-shot answer.
-    chunked.prefill(ids[:20] + [5, 6, 7])
-    assert chunked.tokens == ids[:20] + [5, 6, 7]
-    np.testing.assert_allclose(chunked.dev.download(chunked.prefill(ids))[0], want, rtol=1e-4, atol=1e-4)
+    solo(chunked).prefill(ids[:20] + [5, 6, 7])
+    assert solo(chunked).tokens == ids[:20] + [5, 6, 7]
+    np.testing.assert_allclose(chunked.dev.download(solo(chunked).prefill(ids))[0], want, rtol=1e-4, atol=1e-4)
 
 
 def test_weights_over_the_cache_budget_are_dequantized_per_use(tiny_models):
@@ -127,20 +128,21 @@ def test_weights_over_the_cache_budget_are_dequantized_per_use(tiny_models):
     lean = Model(gguf.load(path), NumpyDevice(cache_bytes=0), n_ctx=16)
     assert lean.dev.memory_stats()["weight_cache_bytes"] == 0
     np.testing.assert_allclose(
-        lean.dev.download(lean.prefill(ids)), cached.dev.download(cached.prefill(ids)), rtol=1e-5, atol=1e-5
+        lean.dev.download(solo(lean).prefill(ids)), cached.dev.download(solo(cached).prefill(ids)), rtol=1e-5, atol=1e-5
     )
 
 
 def test_decoding_keeps_the_prompt_activations(tiny_models):
-    """A decode step must not free the prompt size's activations (their captured graph would go with them); a new
-    prompt size frees the old one."""
+    """A decode step must not free the prompt shapes' activations (their recorded steps would go with them); a third
+    prompt shape frees the oldest. Keys: (tokens, sequences, logits rows, table width)."""
     m = Model(gguf.load(tiny_models(Q.Q8_0)), NumpyDevice(), n_ctx=64)
     try:
-        m.prefill(list(range(1, 9)))
-        m.step([5])
-        assert sorted(m._acts) == [1, 8]
-        m.reset()
-        m.prefill(list(range(1, 12)))
-        assert sorted(m._acts) == [1, 11]
+        solo(m).prefill(list(range(1, 9)))
+        solo(m).step([5])
+        assert sorted(m._acts) == [(1, 1, 1, 4), (8, 1, 1, 4)]
+        for n in (12, 13):
+            solo(m).reset()
+            solo(m).prefill(list(range(1, n)))
+        assert sorted(m._acts) == [(1, 1, 1, 4), (11, 1, 1, 4), (12, 1, 1, 4)]
     finally:
         m.close()

@@ -17,6 +17,7 @@ from kiln import gguf
 from kiln.errors import KilnError
 from kiln.model import Model
 from kiln.runtime.numpy_backend import NumpyDevice
+from kiln.session import solo
 
 wgpu_backend = pytest.importorskip("kiln.runtime.wgpu_backend", reason="wgpu-py is not installed")
 
@@ -63,14 +64,14 @@ def ref_model(model_file):
 def greedy_run(model: Model, prompt: list[int], forced: list[int] | None = None):
     """Prefill, then STEPS decode steps fed `forced` tokens (or the run's own argmax).
     Returns per step: logits (host), device argmax."""
-    model.reset()
-    logits_t = model.prefill(prompt)
+    solo(model).reset()
+    logits_t = solo(model).prefill(prompt)
     out = []
     for i in range(STEPS):
         logits = model.dev.download(logits_t)[0]
         choice = model.dev.argmax(logits_t)
         out.append((logits, choice))
-        logits_t = model.step([forced[i] if forced is not None else choice])
+        logits_t = solo(model).step([forced[i] if forced is not None else choice])
     return out
 
 

@@ -17,6 +17,7 @@ from helpers import wgpu_device_or_skip
 
 from kiln import gguf, quant
 from kiln.model import Model
+from kiln.session import solo
 
 wgpu = pytest.importorskip("wgpu", reason="wgpu-py is not installed")
 wgpu_backend = pytest.importorskip("kiln.runtime.wgpu_backend")
@@ -104,11 +105,11 @@ def generate_tokens(model: Model, n: int, prompt: list[int]) -> int:
     """Greedy tokens on the device; when the context is full, start again from the prompt. Returns a checksum."""
     dev, checksum, done = model.dev, 0, 0
     while done < n:
-        model.reset()
-        token = dev.argmax(model.prefill(prompt))
-        while done < n and len(model.tokens) < model.n_ctx:
+        solo(model).reset()
+        token = dev.argmax(solo(model).prefill(prompt))
+        while done < n and len(solo(model).tokens) < model.n_ctx:
             checksum = (checksum * 31 + token) % 1_000_003
-            token = dev.argmax(model.step([token]))
+            token = dev.argmax(solo(model).step([token]))
             done += 1
     return checksum
 
@@ -134,8 +135,8 @@ def test_load_unload_20x_leaks_nothing(dev, tiny_models):
     baseline = None
     for cycle in range(20):
         model = Model(file, dev, n_ctx=64)
-        dev.argmax(model.step([1, 2, 3]))
-        dev.argmax(model.step([4]))
+        dev.argmax(solo(model).step([1, 2, 3]))
+        dev.argmax(solo(model).step([4]))
         model.close()
         gc.collect()
         now = (stats(dev), object_counts(), rss_bytes())
@@ -156,7 +157,7 @@ def test_device_close_releases_every_object(tiny_models):
     for _ in range(3):
         dev = wgpu_device_or_skip()
         model = Model(file, dev, n_ctx=32)
-        dev.argmax(model.prefill([1, 2, 3]))
+        dev.argmax(solo(model).prefill([1, 2, 3]))
         model.close()
         dev.close()
         del model, dev

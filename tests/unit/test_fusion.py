@@ -13,6 +13,7 @@ from kiln import gguf
 from kiln.model import Model
 from kiln.runtime.fusion import Fuser
 from kiln.runtime.numpy_backend import NumpyDevice
+from kiln.session import solo
 
 OPS = ("embed", "rms_norm", "matmul", "rope", "attention", "swiglu", "add", "copy_row")
 LAYER = ["gemv_qkv", "attend", "gemv_res", "gemv_glu", "gemv_res"]
@@ -58,8 +59,8 @@ def decode_ops(tiny_models):
     """The ops of one decode step (T = 1) of a tiny 2-layer Llama, with the model (kept alive for the tensors)."""
     dev = RecordingDevice()
     model = Model(gguf.load(tiny_models(Q.Q8_0)), dev, n_ctx=32)
-    model.prefill([1, 2, 3])
-    model.step([4])
+    solo(model).prefill([1, 2, 3])
+    solo(model).step([4])
     ops = dev.steps[-1]
     assert ops[0][1][2].shape[0] == 1  # a decode step
     return model, ops

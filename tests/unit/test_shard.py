@@ -16,6 +16,7 @@ from kiln.model import Model
 from kiln.rope import Rope
 from kiln.runtime.numpy_backend import NumpyDevice
 from kiln.shard import ShardedFile, ShardError, SimulatedTP, plan, plan_for, run_simulated, shard_tensor, slice_cols
+from kiln.session import solo
 
 IDS = [1, 504, 345, 314, 289, 28, 17, 42, 400, 7]
 DECODE = 3  # the last tokens go one by one: the sharded KV cache must carry the prefill
@@ -70,8 +71,8 @@ def reference(path: str) -> np.ndarray:
     """The unsharded Model's last-token logits after the prefill and after each decode step."""
     if path not in _REF:
         m = Model(gguf.load(path), NumpyDevice(), n_ctx=32)
-        rows = [m.dev.download(m.prefill(IDS[:-DECODE]))[0]]
-        rows += [m.dev.download(m.step([t]))[0] for t in IDS[-DECODE:]]
+        rows = [m.dev.download(solo(m).prefill(IDS[:-DECODE]))[0]]
+        rows += [m.dev.download(solo(m).step([t]))[0] for t in IDS[-DECODE:]]
         _REF[path] = np.stack(rows)
         m.close()
     return _REF[path]

@@ -13,6 +13,7 @@ from kiln.errors import GGUFError, UnsupportedModel
 from kiln.model import Model
 from kiln.runtime.numpy_backend import NumpyDevice
 from kiln.shard import run_simulated
+from kiln.session import solo
 
 TINY = synth.SHAPES["tiny"]
 BIASES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -26,10 +27,10 @@ def biased(tmp_path_factory) -> str:
 
 def _logits(model: Model, ids: list[int]) -> np.ndarray:
     """Last-token logits after a prefill of all but two tokens and two decode steps (both paths)."""
-    model.reset()
-    model.prefill(ids[:-2])
-    model.step(ids[-2:-1])
-    return model.dev.download(model.step(ids[-1:]))[0]
+    solo(model).reset()
+    solo(model).prefill(ids[:-2])
+    solo(model).step(ids[-2:-1])
+    return model.dev.download(solo(model).step(ids[-1:]))[0]
 
 
 def test_block_count_smaller_than_the_layers_present(tmp_path):
@@ -100,7 +101,7 @@ def test_biases_match_llama_cpp(tmp_path):
     path = synth.write_model(str(tmp_path / "b.gguf"), shape, Q.F32, seed=7, embed_type=Q.F32, biases=BIASES)
     ids = [int(i) for i in np.random.default_rng(1).integers(10, 2000, 40)]
     model = Model(gguf.load(path), NumpyDevice(), n_ctx=64)
-    got = model.dev.download(model.prefill(ids))[0]
+    got = model.dev.download(solo(model).prefill(ids))[0]
     peer = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False)
     peer.eval(ids)
     want = np.asarray(peer.scores[len(ids) - 1])

@@ -23,6 +23,7 @@ from kiln.runtime.numpy_backend import NumpyDevice
 from kiln.shard import ShardError
 from kiln.tokenizer import Tokenizer
 from kiln.tp import TensorParallelError, TensorParallelModel, TPDevice
+from kiln.session import solo
 
 PROMPT = [1, 504, 345, 314, 289, 28, 17, 42, 400, 7]
 N_GREEDY = 12
@@ -56,7 +57,7 @@ def test_greedy_tokens_and_logits_match_one_model(tp, reference):
     np.testing.assert_allclose(logits, reference[1], rtol=1e-4, atol=1e-4)
     again, _ = greedy(tp, PROMPT, N_GREEDY)  # reset and reuse: the ranks' caches start over together
     assert again == tokens
-    assert [len(m.tokens) for m in tp.models] == [len(PROMPT) + N_GREEDY] * 2
+    assert [len(solo(m).tokens) for m in tp.models] == [len(PROMPT) + N_GREEDY] * 2
 
 
 def test_rank_threads_and_interface(tp, path):
@@ -110,7 +111,7 @@ def test_device_side_greedy_matches_one_model(tp, reference):
     kiln bench use); the tokens are the single model's, and the ranks' caches stay together."""
     tokens = list(itertools.islice(tp.greedy(tp.prefill(PROMPT)), N_GREEDY))
     assert tokens == reference[0]
-    assert len({len(m.tokens) for m in tp.models}) == 1
+    assert len({len(solo(m).tokens) for m in tp.models}) == 1
     assert greedy(tp, PROMPT, 3)[0] == reference[0][:3]  # usable afterwards, host loop included
     other = tp.dev.empty((1, tp.cfg.vocab_size))
     with pytest.raises(KilnError, match="last prefill"):

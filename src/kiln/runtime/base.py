@@ -22,7 +22,7 @@ from ..rope import Rope
 DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "u32": np.uint32, "u8": np.uint8}
 
 # Op names used by model.py; each has a NumPy reference in numpy_backend.py.
-MODEL_OPS = ("embed", "rms_norm", "matmul", "rope", "attention", "swiglu", "add", "copy_row", "argmax")
+MODEL_OPS = ("embed", "rms_norm", "matmul", "rope", "attention", "swiglu", "add", "gather_rows", "argmax")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -68,6 +68,41 @@ class Weight:
     @property
     def type_name(self) -> str:
         return self.qtype.name
+
+
+@dataclass(frozen=True, eq=False)
+class KVIndex:
+    """Where each token of a batch writes and reads the paged KV cache: the attention op's view of a Batch.
+
+    The caches are [n_kv_heads, n_blocks * block_size, head_dim] pools; row `b * block_size + i` is slot i of block b.
+    Token t (position pos[t] of the sequence in row seq[t] of `table`) writes its K/V at cache row slot[t], then
+    attends to positions 0..pos[t] of that sequence, position j being cache row
+    table[seq[t], j // block_size] * block_size + j % block_size.
+    The host facts say how the tokens group: `runs` are (first token, tokens, table row) of consecutive tokens of one
+    sequence at consecutive positions, covering the batch in order; `max_kv` is the longest key range of any token.
+    Backends that replay a recorded step must read positions and tables from the tensors, not from these facts;
+    `decode` (every run one token long) is the same for every step of a recorded shape.
+    """
+
+    pos: Tensor  # i32 [T]
+    slot: Tensor  # i32 [T]
+    seq: Tensor  # i32 [T]
+    table: Tensor  # i32 [S, W]
+    block_size: int
+    runs: tuple[tuple[int, int, int], ...]
+    max_kv: int
+
+    @property
+    def decode(self) -> bool:
+        return all(n == 1 for _, n, _ in self.runs)
+
+    @property
+    def capacity(self) -> int:
+        """The longest sequence the table can address (W blocks)."""
+        return self.table.shape[1] * self.block_size
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.pos, self.slot, self.seq, self.table
 
 
 class BufferPool:
@@ -125,6 +160,7 @@ class Device(ABC):
 
     backend: str = "?"
     kv_dtype: str = "f32"  # KV-cache storage; GPU backends use f16 (attention still accumulates in f32)
+    records_steps: bool = False  # replay() records steps per shape: batches are padded to a few bucket sizes
     SUPPORTED_OPS: dict[str, set[str]] = {}  # op -> weight/activation dtypes it handles
 
     def __init__(self) -> None:
@@ -242,17 +278,17 @@ class Device(ABC):
         v: Tensor,
         k_cache: Tensor,
         v_cache: Tensor,
-        pos: Tensor,
+        kv: KVIndex,
         out: Tensor,
         n_heads: int,
         n_kv_heads: int,
         head_dim: int,
-        n_kv: int,
     ) -> None:
-        """Write k, v at rows pos[t] of the caches, then causal GQA attention of q over cache rows <= pos[t].
+        """Write k, v at cache rows kv.slot[t], then causal GQA attention of each token over its own sequence's
+        positions 0..kv.pos[t], read through kv.table (see KVIndex). Tokens of different sequences never see each
+        other; a batch may mix one-token decode rows with prompt chunks.
 
-        q, out: [T, n_heads*head_dim]; k, v: [T, n_kv_heads*head_dim]; caches: [n_kv_heads, n_ctx, head_dim];
-        n_kv = pos[-1] + 1 (a host hint: graph-replaying backends read positions from `pos` instead).
+        q, out: [T, n_heads*head_dim]; k, v: [T, n_kv_heads*head_dim]; caches: [n_kv_heads, n_slots, head_dim].
         """
 
     @abstractmethod
@@ -264,21 +300,26 @@ class Device(ABC):
         """out = a + b (out may alias a)."""
 
     @abstractmethod
-    def copy_row(self, x: Tensor, row: int, out: Tensor) -> None:
-        """out[0] = x[row]: only the last token goes through the output head."""
+    def gather_rows(self, x: Tensor, rows: Tensor, out: Tensor) -> None:
+        """out[r] = x[rows[r]] (rows: i32 [R]): only the tokens that need logits go through the output head."""
 
     def argmax(self, x: Tensor) -> int:
         """Index of the largest value of a [1, N] tensor (greedy decoding without downloading logits)."""
-        return int(np.argmax(self.download(x)))
+        return int(np.argmax(self.download(x)[0]))
+
+    def argmax_rows(self, x: Tensor) -> list[int]:
+        """Index of the largest value of each row of an [R, N] tensor."""
+        return [int(i) for i in np.argmax(self.download(x), axis=-1)]
 
     def argmax_into(self, x: Tensor, ids: Tensor) -> Any:
-        """Start the argmax of a [1, N] tensor: its index goes into ids[0] on the device, as the next step's input,
-        and comes back to the host later through read_token(handle), so a backend can run that step while the host
-        waits for the token (Model.greedy). This default takes the argmax at once and writes ids from the host."""
-        token = self.argmax(x)
-        self.write(ids, np.array([token], np.int32))
-        return token
+        """Start the argmax of each row of an [R, N] tensor: row r's index goes into ids[r] on the device, as the
+        next step's input, and comes back to the host later through read_tokens(handle), so a backend can run that
+        step while the host waits for the tokens (Session.greedy). This default takes them at once and writes ids
+        from the host."""
+        tokens = self.argmax_rows(x)
+        self.write(ids, np.asarray(tokens, np.int32))
+        return tokens
 
-    def read_token(self, handle: Any) -> int:
-        """The index an argmax_into call left in ids (waits for the device where it has not finished)."""
-        return int(handle)
+    def read_tokens(self, handle: Any) -> list[int]:
+        """The indices an argmax_into call left in ids (waits for the device where it has not finished)."""
+        return list(handle)

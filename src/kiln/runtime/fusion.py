@@ -3,7 +3,7 @@
 A recorded step is a list of ops `(name, args)` exactly as model.py called them. `Fuser.fuse` rewrites it into
 fewer, larger ops where the pattern and the data flow allow it:
 
-    [rms_norm] matmul q, k, v, rope q, rope k, attention -> gemv_qkv (norm, QKV, RoPE, KV-cache write) + attend
+    [rms_norm] matmul q, k, v, rope q, rope k, attention -> gemv_qkv (norm, QKV, RoPE, KV write by slot) + attend
     [rms_norm] matmul gate, up, swiglu                   -> gemv_glu
     matmul, add (residual)                               -> gemv_res
     rms_norm, matmul                                     -> gemv_norm
@@ -25,10 +25,10 @@ READS = {
     "rms_norm": (0,),
     "matmul": (0,),
     "rope": (0, 1),
-    "attention": (0, 1, 2, 3, 4, 5),
+    "attention": (0, 1, 2, 3, 4),  # and the KVIndex (arg 5), whose tensors no op of a step writes
     "swiglu": (0, 1),
     "add": (0, 1),
-    "copy_row": (0,),
+    "gather_rows": (0, 1),
     "all_reduce": (0,),
 }
 WRITES = {
@@ -39,7 +39,7 @@ WRITES = {
     "attention": (3, 4, 6),
     "swiglu": (2,),
     "add": (2,),
-    "copy_row": (2,),
+    "gather_rows": (2,),
     "all_reduce": (0,),
 }
 
@@ -110,7 +110,8 @@ class Fuser:
         (n1, r1), (n2, r2), (n3, at) = ops[start + 3], ops[start + 4], ops[start + 5]
         if (n1, n2, n3) != ("rope", "rope", "attention"):
             return None
-        aq, ak, av, kc, vc, pos, out, hq, hkv, hd, _ = at
+        aq, ak, av, kc, vc, kv, out, hq, hkv, hd = at
+        pos = kv.pos
         if (tid(r1[0]), tid(r2[0]), tid(aq), tid(ak), tid(av)) != (tid(q), tid(k), tid(q), tid(k), tid(v)):
             return None
         if r1[1:] != (pos, hq, hd, r1[4]) or r2[1:] != (pos, hkv, hd, r1[4]):
@@ -122,8 +123,8 @@ class Fuser:
             return None  # leave the norm to run on its own; the matmuls fuse at the next index
         x, norm = got
         fused = [
-            ("gemv_qkv", (x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, r1[4], hd, kc, vc)),
-            ("attend", (q, kc, vc, pos, out, hq, hkv, hd)),
+            ("gemv_qkv", (x, norm, wq, wk, wv, bq, bk, bv, q, k, v, kv, r1[4], hd, kc, vc)),
+            ("attend", (q, kc, vc, kv, out, hq, hkv, hd)),
         ]
         return fused, start + 6
 
@@ -198,8 +199,8 @@ class OpRecorder:
     def rope(self, x, pos, n_heads, head_dim, rope) -> None:
         self._op("rope", x, pos, n_heads, head_dim, rope)
 
-    def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
-        self._op("attention", q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv)
+    def attention(self, q, k, v, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim) -> None:
+        self._op("attention", q, k, v, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim)
 
     def swiglu(self, gate, up, out) -> None:
         self._op("swiglu", gate, up, out)
@@ -207,5 +208,5 @@ class OpRecorder:
     def add(self, a, b, out) -> None:
         self._op("add", a, b, out)
 
-    def copy_row(self, x, row, out) -> None:
-        self._op("copy_row", x, row, out)
+    def gather_rows(self, x, rows, out) -> None:
+        self._op("gather_rows", x, rows, out)

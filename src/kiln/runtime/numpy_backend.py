@@ -37,7 +37,7 @@ class NumpyDevice(Device):
         "attention": {"f32", "f16"},
         "swiglu": {"f32", "f16"},
         "add": {"f32", "f16"},
-        "copy_row": {"f32", "f16", "i32"},
+        "gather_rows": {"f32", "f16", "i32"},
         "argmax": {"f32", "f16"},
     }
 
@@ -137,30 +137,20 @@ class NumpyDevice(Device):
             xs[..., 0::2] = a * cos - b * sin
             xs[..., 1::2] = a * sin + b * cos
 
-    def attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
+    def attention(self, q, k, v, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim) -> None:
         T = q.shape[0]
-        positions = pos.storage.astype(np.int64)
-        kc, vc = k_cache.storage, v_cache.storage  # [Hkv, ctx, hd]
-        kc[:, positions] = k.storage.reshape(T, n_kv_heads, head_dim).transpose(1, 0, 2)
-        vc[:, positions] = v.storage.reshape(T, n_kv_heads, head_dim).transpose(1, 0, 2)
-        group = n_heads // n_kv_heads
-        # q: [T, Hq, hd] -> [Hkv, group*T, hd] so each KV head serves its query heads in one batched matmul.
-        qg = (
-            q.storage.reshape(T, n_kv_heads, group, head_dim)
-            .transpose(1, 2, 0, 3)
-            .reshape(n_kv_heads, group * T, head_dim)
-        )
-        keys = kc[:, :n_kv].astype(np.float32, copy=False)
-        vals = vc[:, :n_kv].astype(np.float32, copy=False)
-        scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(head_dim))  # [Hkv, group*T, n_kv]
-        scores = scores.reshape(n_kv_heads, group, T, n_kv)
-        masked = np.arange(n_kv)[None, :] > positions[:, None]  # [T, n_kv] causal mask
-        scores[..., masked] = -np.inf
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        ctx = scores.reshape(n_kv_heads, group * T, n_kv) @ vals  # [Hkv, group*T, hd]
-        out.storage[...] = ctx.reshape(n_kv_heads, group, T, head_dim).transpose(2, 0, 1, 3).reshape(T, -1)
+        kc, vc = k_cache.storage, v_cache.storage  # [Hkv, slots, hd]
+        slots = kv.slot.storage.astype(np.int64)
+        kc[:, slots] = k.storage.reshape(T, n_kv_heads, head_dim).transpose(1, 0, 2)
+        vc[:, slots] = v.storage.reshape(T, n_kv_heads, head_dim).transpose(1, 0, 2)
+        positions, table, B = kv.pos.storage.astype(np.int64), kv.table.storage.astype(np.int64), kv.block_size
+        qs = q.storage.reshape(T, n_heads, head_dim)
+        for first, n, row in kv.runs:
+            pos = positions[first : first + n]
+            n_kv = int(pos.max()) + 1
+            j = np.arange(n_kv)
+            rows = table[row, j // B] * B + j % B  # the sequence's cache rows, position by position
+            out.storage[first : first + n] = _attend(qs[first : first + n], kc[:, rows], vc[:, rows], pos, head_dim)
 
     def swiglu(self, gate, up, out) -> None:
         g = gate.storage.astype(np.float32, copy=False)
@@ -169,5 +159,26 @@ class NumpyDevice(Device):
     def add(self, a, b, out) -> None:
         np.add(a.storage, b.storage, out=out.storage)
 
-    def copy_row(self, x, row, out) -> None:
-        out.storage[0] = x.storage[row]
+    def gather_rows(self, x, rows, out) -> None:
+        out.storage[...] = x.storage[rows.storage.astype(np.int64)]
+
+
+def _attend(q: np.ndarray, keys: np.ndarray, vals: np.ndarray, positions: np.ndarray, head_dim: int) -> np.ndarray:
+    """Causal GQA attention of one sequence's tokens q [T, Hq, hd] at `positions` over its keys and values
+    [Hkv, n_kv, hd] (position j at index j); returns [T, Hq * hd]."""
+    T, n_heads, _ = q.shape
+    n_kv_heads, n_kv = keys.shape[0], keys.shape[1]
+    group = n_heads // n_kv_heads
+    # q: [T, Hq, hd] -> [Hkv, group*T, hd] so each KV head serves its query heads in one batched matmul.
+    qg = q.reshape(T, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3).reshape(n_kv_heads, group * T, head_dim)
+    keys = keys.astype(np.float32, copy=False)
+    vals = vals.astype(np.float32, copy=False)
+    scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(head_dim))  # [Hkv, group*T, n_kv]
+    scores = scores.reshape(n_kv_heads, group, T, n_kv)
+    masked = np.arange(n_kv)[None, :] > positions[:, None]  # [T, n_kv] causal mask
+    scores[..., masked] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    ctx = scores.reshape(n_kv_heads, group * T, n_kv) @ vals  # [Hkv, group*T, hd]
+    return ctx.reshape(n_kv_heads, group, T, head_dim).transpose(2, 0, 1, 3).reshape(T, -1)
