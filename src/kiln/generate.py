@@ -11,8 +11,8 @@ import numpy as np
 
 from .errors import ContextOverflow, InvalidArgument, NonFiniteLogits
 from .model import Model
-from .session import solo
 from .sample import LogitsProcessor, Sampler, greedy, log_softmax
+from .session import solo
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -103,37 +103,59 @@ def stream_generate(
         raise ContextOverflow(
             f"prompt has {len(ids)} tokens but the context holds {model.n_ctx}; shorten the prompt or raise --ctx"
         )
-    stops = [s for s in stop if s]
-    decoder = StreamDecoder(tokenizer)
-    t0 = time.perf_counter()
-    pending, n, finish, t1 = "", 0, "length", t0
-    stats: dict = {}
-    for token, logits in generate_step(model, ids, sampler, logits_processors, want_logits=logprobs > 0):
-        if n == 0:
-            t1 = time.perf_counter()
-            stats["prompt_tps"] = len(ids) / max(t1 - t0, 1e-9)
-        n += 1
-        stats.update(
-            prompt_tokens=len(ids),
-            generation_tokens=n,
-            generation_tps=(n - 1) / max(time.perf_counter() - t1, 1e-9) if n > 1 else 0.0,
-        )
-        if token in tokenizer.eos_ids:
-            finish = "stop"
-            break
-        pending += decoder.add(token)
-        cut = _stop_hit(pending, stops)
-        if cut >= 0:
-            pending, finish = pending[:cut], "stop"
-            break
+    text = TextStream(tokenizer, stop, max_tokens, len(ids))
+    gen = generate_step(model, ids, sampler, logits_processors, want_logits=logprobs > 0)
+    for token, logits in gen:
         lp, top = _logprobs(logits, token, logprobs)
-        if n >= max_tokens:
-            yield Chunk(pending + decoder.flush(), token, finish_reason="length", logprob=lp, top_logprobs=top, **stats)
+        for chunk in text.feed(token, lp, top):
+            yield chunk
+        if text.done:
             return
-        hold = _held_back(pending, stops)
-        out, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
-        yield Chunk(out, token, logprob=lp, top_logprobs=top, **stats)
-    yield Chunk(pending, None, finish_reason=finish, **stats)
+    yield text.end("length")
+
+
+class TextStream:
+    """Token ids in, Chunks out: detokenizes, holds back text that may start a stop string, and ends on EOS, a
+    stop string (cut from the text) or max_tokens. Shared by stream_generate and the server's scheduled requests."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], max_tokens: int, prompt_tokens: int):
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+        self.stops = [s for s in stop if s]
+        self.decoder = StreamDecoder(tokenizer)
+        self.pending, self.n, self.done = "", 0, False
+        self.t0 = time.perf_counter()
+        self.t1 = self.t0
+        self.stats: dict = {"prompt_tokens": prompt_tokens, "generation_tokens": 0, "prompt_tps": 0.0}
+        self.stats["generation_tps"] = 0.0
+
+    def feed(self, token: int, lp: float | None = None, top: dict | None = None) -> list[Chunk]:
+        """The chunks token `token` completes (none while text is held back); self.done once it ended the text."""
+        if self.n == 0:
+            self.t1 = time.perf_counter()
+            self.stats["prompt_tps"] = self.stats["prompt_tokens"] / max(self.t1 - self.t0, 1e-9)
+        self.n += 1
+        elapsed = time.perf_counter() - self.t1
+        self.stats.update(generation_tokens=self.n, generation_tps=(self.n - 1) / max(elapsed, 1e-9))
+        if token in self.tokenizer.eos_ids:
+            return [self.end("stop")]
+        self.pending += self.decoder.add(token)
+        cut = _stop_hit(self.pending, self.stops)
+        if cut >= 0:
+            self.pending = self.pending[:cut]
+            return [self.end("stop")]
+        if self.n >= self.max_tokens:
+            self.done = True
+            text, self.pending = self.pending + self.decoder.flush(), ""
+            return [Chunk(text, token, finish_reason="length", logprob=lp, top_logprobs=top, **self.stats)]
+        hold = _held_back(self.pending, self.stops)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        return [Chunk(out, token, logprob=lp, top_logprobs=top, **self.stats)]
+
+    def end(self, reason: str) -> Chunk:
+        """The last chunk: what is held back (a stop string's prefix that never completed is text too)."""
+        self.done = True
+        text, self.pending = self.pending, ""
+        return Chunk(text, None, finish_reason=reason, **self.stats)
 
 
 def _check_finite(logits: np.ndarray) -> np.ndarray:

@@ -1,11 +1,9 @@
 """`kiln serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one loaded model.
 
-Scheduling: model.py keeps a single-sequence KV cache, so exactly one generation runs at a time, in one worker
-thread; requests wait in a FIFO queue (first come, first served) and --max-concurrency bounds queued + active.
-Continuous batching (decode steps of many requests run as one batch) is the goal, but it needs a KV cache with
-one slot per sequence and a batched decode step in model.py; until then it is not pretended here. Consecutive
-requests do share the cache's longest common token prefix (Model.prefill), so a repeated system prompt or a
-growing chat history is not prefilled again.
+Scheduling: kiln.engine runs the continuous-batching scheduler on its own thread. Every running request takes
+one token per step, prompts are prefilled in chunks beside them (--token-budget), admission is first come, first
+served while the paged KV cache (--kv-tokens) has blocks, and --max-concurrency bounds queued + running requests.
+Prompts that start alike (a system prompt, an earlier chat turn) share their full KV blocks (the prefix cache).
 
 FastAPI and uvicorn are optional (`pip install 'kiln[server]'`): they are imported only when a server is built,
 so `kiln --help` works without them and `kiln serve` says what to install. (No `from __future__ import
@@ -17,16 +15,15 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import secrets
 import socket
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from . import __version__ as _kiln_version
+from .engine import END, Engine, Job, Metrics
 from .errors import ContextOverflow, KilnError
 from .server_wire import (
     ApiError,
@@ -58,244 +55,6 @@ def _require_deps() -> None:
         raise KilnError(
             f"kiln serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'kiln[server]'"
         ) from None
-
-
-# --- metrics ----------------------------------------------------------------------------------------------------
-
-
-class Metrics:
-    """Counters for /metrics in Prometheus' text format; plain ints under a lock (no client library needed)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.cancelled = 0
-        self.rejected = 0
-        self.tokens_per_second = 0.0
-        self.started = time.time()
-
-    def request(self, endpoint: str, status: int) -> None:
-        with self.lock:
-            self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
-
-    def render(self, queue_depth: int, active: int) -> str:
-        with self.lock:
-            lines = [
-                "# HELP kiln_requests_total HTTP requests by endpoint and status code.",
-                "# TYPE kiln_requests_total counter",
-            ]
-            for (ep, status), n in sorted(self.requests.items()):
-                lines.append(f'kiln_requests_total{{endpoint="{ep}",status="{status}"}} {n}')
-            for name, kind, value, text in (
-                ("kiln_prompt_tokens_total", "counter", self.prompt_tokens, "Prompt tokens of started generations."),
-                ("kiln_generation_tokens_total", "counter", self.generation_tokens, "Tokens generated."),
-                ("kiln_cancelled_requests_total", "counter", self.cancelled, "Generations stopped by a disconnect."),
-                ("kiln_rejected_requests_total", "counter", self.rejected, "Requests refused: queue full (429)."),
-                (
-                    "kiln_generation_tokens_per_second",
-                    "gauge",
-                    round(self.tokens_per_second, 3),
-                    "Decode speed of the latest generation.",
-                ),
-                ("kiln_queue_depth", "gauge", queue_depth, "Requests waiting for the model."),
-                ("kiln_active_requests", "gauge", active, "Requests generating now (at most 1: one KV cache)."),
-                ("kiln_uptime_seconds", "gauge", round(time.time() - self.started, 1), "Seconds since start."),
-            ):
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
-
-
-# --- the engine: one worker thread, a FIFO of jobs -----------------------------------------------------------
-
-
-_END = object()
-
-
-class Job:
-    """One admitted request. The worker pushes Chunks (then _END, or an exception) into `out` on the event loop."""
-
-    def __init__(self, engine: "Engine", req: GenRequest, loop: asyncio.AbstractEventLoop):
-        self.engine, self.req, self.loop = engine, req, loop
-        self.out: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self._released = False
-
-    def put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            self.cancelled.set()
-
-    def cancel(self) -> None:
-        """Client gone: the worker stops at its next token; the admission slot is given back now."""
-        if not self.cancelled.is_set():
-            self.cancelled.set()
-            self.engine.release(self, cancelled=True)
-
-    def finish(self) -> None:
-        self.engine.release(self, cancelled=False)
-
-
-class Engine:
-    """Owns the model: runs one generation at a time in a worker thread, in arrival order.
-
-    Pass `loader` (a function returning a Model) rather than `model` for GPU backends: the model is then loaded,
-    used and closed on the worker thread alone, because device state (CUDA's current device, Metal's autorelease
-    pools) is per thread.
-    """
-
-    def __init__(self, model=None, max_concurrency: int = 64, loader=None):
-        if max_concurrency < 1:
-            raise KilnError("--max-concurrency must be at least 1")
-        if (model is None) == (loader is None):
-            raise ValueError("give either a model or a loader")
-        self.model, self._owns_model = model, loader is not None
-        self._ready = threading.Event()
-        self._load_error: BaseException | None = None
-        self.max_concurrency = max_concurrency
-        self.metrics = Metrics()
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._admitted = 0  # queued + active, cancelled ones excluded
-        self._queued = 0
-        self.active: Job | None = None
-        self._idle = threading.Event()
-        self._idle.set()
-        self._thread = threading.Thread(target=self._main, args=(loader,), name="kiln-generate", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._load_error is not None:
-            raise self._load_error
-        self.tokenizer = self.model.tokenizer
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def depth(self) -> tuple[int, int]:
-        with self._lock:
-            return self._queued, int(self.active is not None and not self.active.cancelled.is_set())
-
-    def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop) -> Job:
-        job = Job(self, req, loop)
-        with self._lock:
-            if self._admitted >= self.max_concurrency:
-                self.metrics.rejected += 1
-                raise ApiError(
-                    429,
-                    f"the server is busy ({self._admitted} requests queued or running, limit "
-                    f"{self.max_concurrency}); retry later",
-                    code="rate_limit_exceeded",
-                    type="rate_limit_error",
-                )
-            self._admitted += 1
-            self._queued += 1
-            self._idle.clear()
-            self._jobs.put(job)  # under the lock, so the worker never sees "empty" between clear() and put()
-        return job
-
-    def release(self, job: Job, cancelled: bool) -> None:
-        with self._lock:
-            if job._released:
-                return
-            job._released = True
-            self._admitted -= 1
-            if job is not self.active:
-                self._queued -= 1
-            if cancelled:
-                self.metrics.cancelled += 1
-
-    def wait_idle(self, timeout: float = 60.0) -> bool:
-        """True once no job is queued or running (tests use it before touching the model directly)."""
-        return self._idle.wait(timeout)
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=10)
-
-    def _main(self, loader) -> None:
-        try:
-            if loader is not None:
-                self.model = loader()
-        except BaseException as e:  # re-raised by __init__ on the caller's thread
-            self._load_error = e
-            return
-        finally:
-            self._ready.set()
-        try:
-            self._run()
-        finally:
-            if self._owns_model:
-                self.model.close()
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            with self._lock:
-                if not job.cancelled.is_set():
-                    self.active = job
-                    self._queued -= 1
-            if self.active is job:
-                try:
-                    self._generate(job)
-                except KilnError as e:
-                    job.put(e)
-                except Exception as e:  # a bug: log it with its traceback, tell the client only that it failed
-                    log.exception("generation failed")
-                    self.model.reset()  # the KV cache may be half-written
-                    job.put(e)
-                finally:
-                    job.finish()  # release before _END reaches the handler, whose cleanup would count a cancel
-                    with self._lock:
-                        self.active = None
-                    job.put(_END)
-            with self._lock:
-                if self._jobs.empty() and self.active is None:
-                    self._idle.set()
-
-    def _generate(self, job: Job) -> None:
-        from .generate import stream_generate
-        from .sample import make_logits_processors, make_sampler
-
-        r, m = job.req, self.metrics
-        sampler = make_sampler(r.temperature, r.top_k, r.top_p, r.min_p, r.seed) if r.temperature > 0 else None
-        procs = make_logits_processors(
-            repeat_penalty=r.repetition_penalty,
-            presence_penalty=r.presence_penalty,
-            frequency_penalty=r.frequency_penalty,
-            prompt_len=len(r.prompt_ids),
-        )
-        room = self.model.n_ctx - len(r.prompt_ids)
-        max_tokens = min(r.max_tokens or room, room)
-        k = max(r.top_logprobs, 1) if r.logprobs else 0
-        gen = stream_generate(
-            self.model,
-            self.tokenizer,
-            r.prompt_ids,
-            max_tokens=max_tokens,
-            sampler=sampler,
-            logits_processors=procs,
-            stop=r.stop,
-            logprobs=k,
-        )
-        n_seen = 0
-        try:
-            for chunk in gen:
-                if job.cancelled.is_set():
-                    return
-                with m.lock:
-                    if n_seen == 0:
-                        m.prompt_tokens += chunk.prompt_tokens
-                    m.generation_tokens += chunk.generation_tokens - n_seen
-                    n_seen = chunk.generation_tokens
-                    m.tokens_per_second = chunk.generation_tps or m.tokens_per_second
-                job.put(chunk)
-        finally:
-            gen.close()
 
 
 # --- the ASGI app ---------------------------------------------------------------------------------------------
@@ -515,15 +274,15 @@ def create_app(
             return _JobStream(stream_events(job, reply), job, media_type="text/event-stream", headers=headers)
         watcher = asyncio.create_task(watch_disconnect(request, job))
         try:
-            chunks = []
-            while (item := await job.out.get()) is not _END:
+            choices: list[list] = [[] for _ in range(req.n)]
+            while (item := await job.out.get()) is not END:
                 if isinstance(item, BaseException):
                     raise item
-                chunks.append(item)
+                choices[item[0]].append(item[1])
         finally:
             watcher.cancel()
             job.cancel()  # no-op when it finished; frees the slot if we are unwinding early
-        return JSONResponse(reply.whole(chunks, len(req.prompt_ids)), headers={"X-Request-Id": reply.id})
+        return JSONResponse(reply.whole(choices, len(req.prompt_ids)), headers={"X-Request-Id": reply.id})
 
     async def watch_disconnect(request: Request, job: Job) -> None:
         while not await request.is_disconnected():
@@ -533,9 +292,10 @@ def create_app(
     async def stream_events(job: Job, reply: Reply) -> AsyncIterator[bytes]:
         req = reply.req
         if req.chat:
-            yield sse(reply.chunk(role=True))
-        offset, last = 0, None
-        while (item := await job.out.get()) is not _END:
+            for i in range(req.n):
+                yield sse(reply.chunk(role=True, index=i))
+        offsets, generated = [0] * req.n, [0] * req.n
+        while (item := await job.out.get()) is not END:
             if isinstance(item, BaseException):  # headers are sent: report in-band, as OpenAI does
                 e = item if isinstance(item, KilnError) else None
                 msg = str(e) if e else "internal server error; see the server log"
@@ -543,12 +303,13 @@ def create_app(
                     ApiError(400 if e else 500, msg, type="invalid_request_error" if e else "server_error").body()
                 )
                 break
-            last = item
-            if item.text or item.finish_reason or (req.logprobs and item.logprob is not None):
-                yield sse(reply.chunk(item, offset=offset))
-            offset += len(item.text)
-        if req.include_usage and last is not None:
-            yield sse(reply.usage_chunk(usage_of(len(req.prompt_ids), last.generation_tokens)))
+            i, chunk = item
+            generated[i] = chunk.generation_tokens
+            if chunk.text or chunk.finish_reason or (req.logprobs and chunk.logprob is not None):
+                yield sse(reply.chunk(chunk, offset=offsets[i], index=i))
+            offsets[i] += len(chunk.text)
+        if req.include_usage and any(generated):
+            yield sse(reply.usage_chunk(usage_of(len(req.prompt_ids), sum(generated))))
         yield b"data: [DONE]\n\n"
 
     @app.get("/health")
@@ -693,6 +454,9 @@ def cmd_serve(args) -> int:
     try:
         engine = Engine(
             max_concurrency=args.max_concurrency,
+            max_seqs=args.max_seqs,
+            kv_tokens=args.kv_tokens,
+            token_budget=args.token_budget,
             loader=lambda: api.load(
                 args.model,
                 backend=args.backend,
@@ -742,6 +506,16 @@ def register_cli(subparsers) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $KILN_API_KEY)")
     p.add_argument(
         "--max-concurrency", type=int, default=64, help="requests queued + running before new ones get 429 (default 64)"
+    )
+    p.add_argument("--max-seqs", type=int, default=64, help="sequences decoded together in one step (default 64)")
+    p.add_argument(
+        "--kv-tokens",
+        type=int,
+        default=None,
+        help="KV-cache size in tokens over all sequences (default: 8 contexts)",
+    )
+    p.add_argument(
+        "--token-budget", type=int, default=512, help="tokens per step: decode rows plus prompt chunks (default 512)"
     )
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body (default 1 MiB)")
     p.add_argument(

@@ -110,6 +110,7 @@ class GenRequest:
     top_logprobs: int = 0
     prompt: str | list[int] = ""
     prompt_ids: list[int] = field(default_factory=list)
+    n: int = 1  # choices, sampled independently from one prefilled prompt
 
 
 def parse_request(body: Any, chat: bool, n_ctx: int) -> GenRequest:
@@ -122,9 +123,7 @@ def parse_request(body: Any, chat: bool, n_ctx: int) -> GenRequest:
     if options and not r.stream:
         raise invalid("stream_options", "'stream_options' is only allowed with \"stream\": true")
     r.include_usage = _get(options, "include_usage", bool, False)
-    n = _integer(body, "n", 1)
-    if n != 1:
-        raise invalid("n", f"only n=1 is supported (one model, one sequence), got {n}")
+    r.n = _integer(body, "n", 1, 1, MAX_CHOICES)
     limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     r.max_tokens = _integer(body, limit, None if chat else 16, 1, n_ctx)
     r.temperature = _number(body, "temperature", 1.0, 0.0)
@@ -251,6 +250,9 @@ def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+MAX_CHOICES = 16  # choices per request (n): each is a sequence of its own in the batch
+
+
 class Reply:
     """Builds OpenAI response objects (whole or chunked) for one request."""
 
@@ -268,19 +270,20 @@ class Reply:
             "system_fingerprint": self.fingerprint,
         }
 
-    def chunk(self, chunk=None, role: bool = False, offset: int = 0) -> dict:
-        """One streamed event: the role announcement (chat), a text delta, or the final one with finish_reason."""
+    def chunk(self, chunk=None, role: bool = False, offset: int = 0, index: int = 0) -> dict:
+        """One streamed event of choice `index`: the role announcement (chat), a text delta, or the final one with
+        finish_reason."""
         r = self.req
         text = "" if chunk is None else chunk.text
         finish = None if chunk is None else chunk.finish_reason
         if r.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text or not finish else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             if r.logprobs and chunk is not None and chunk.logprob is not None:
                 choice["logprobs"] = {"content": _chat_logprobs(self.tok, chunk, r.top_logprobs)}
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
             if r.logprobs and chunk is not None and chunk.logprob is not None:
                 choice["logprobs"] = _completion_logprobs(self.tok, chunk, r.top_logprobs, offset)
             out = {**self._head("text_completion"), "choices": [choice]}
@@ -295,15 +298,20 @@ class Reply:
             "usage": usage,
         }
 
-    def whole(self, chunks: list, prompt_tokens: int) -> dict:
+    def whole(self, choices: list[list], prompt_tokens: int) -> dict:
+        """The whole response: `choices` holds each choice's chunks in order."""
+        out = [self._choice(i, chunks) for i, chunks in enumerate(choices)]
+        generated = sum(chunks[-1].generation_tokens for chunks in choices if chunks)
+        kind = "chat.completion" if self.req.chat else "text_completion"
+        return {**self._head(kind), "choices": out, "usage": usage_of(prompt_tokens, generated)}
+
+    def _choice(self, index: int, chunks: list) -> dict:
         r = self.req
         text = "".join(c.text for c in chunks)
-        last = chunks[-1] if chunks else None
-        finish = last.finish_reason if last else "length"
-        usage = usage_of(prompt_tokens, last.generation_tokens if last else 0)
+        finish = chunks[-1].finish_reason if chunks else "length"
         if r.chat:
             choice = {
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": None,
                 "finish_reason": finish,
@@ -312,8 +320,8 @@ class Reply:
                 choice["logprobs"] = {
                     "content": [e for c in chunks for e in _chat_logprobs(self.tok, c, r.top_logprobs)]
                 }
-            return {**self._head("chat.completion"), "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return choice
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
         if r.logprobs:
             merged: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             offset = 0
@@ -322,7 +330,7 @@ class Reply:
                     merged[key] += vals
                 offset += len(c.text)
             choice["logprobs"] = merged
-        return {**self._head("text_completion"), "choices": [choice], "usage": usage}
+        return choice
 
 
 def sse(obj: Any) -> bytes:
