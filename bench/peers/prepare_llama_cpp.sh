@@ -16,13 +16,15 @@ tar xzf "$sdist" -C "$work"
 src=$(ls -d "$work"/llama_cpp_python-*/vendor/llama.cpp)
 version=$(basename "$(dirname "$(dirname "$src")")")
 cd "$src"
-rm -rf docs models examples pocs tests benches app tools/ui tools/server tools/mtmd media gguf-py conversion scripts \
+rm -rf docs models examples pocs tests benches app tools/ui media gguf-py conversion scripts \
        .github ci skills grammars requirements *.py
 for d in ggml/src/ggml-*/; do
     case "$d" in ggml/src/ggml-cuda/|ggml/src/ggml-cpu/) ;; *) rm -rf "$d" ;; esac
 done
-find tools -mindepth 1 -maxdepth 1 -type d ! -name llama-bench -exec rm -rf {} +
-echo 'add_subdirectory(llama-bench)' > tools/CMakeLists.txt
+# llama-bench (batch-1 speed), batched-bench and server (the batched engine's peers); mtmd is a server dependency
+find tools -mindepth 1 -maxdepth 1 -type d ! -name llama-bench ! -name batched-bench ! -name server ! -name mtmd \
+    -exec rm -rf {} +
+printf 'add_subdirectory(%s)\n' llama-bench batched-bench mtmd server > tools/CMakeLists.txt
 echo "$version" > KILN_PEER_VERSION
 cd ..
 tar cJf "$out/llama.cpp.tar.xz" llama.cpp

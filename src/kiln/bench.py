@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 
 from . import __version__, api, gguf
+from .errors import KilnError
 from .session import solo
 
 FIELDS = (
@@ -197,6 +198,8 @@ def format_table(results: list[dict]) -> str:
 
 
 def cmd_bench(args) -> int:
+    if args.batch:
+        return _cmd_batch_bench(args)
     res = run_bench(
         args.model,
         args.backend,
@@ -214,6 +217,39 @@ def cmd_bench(args) -> int:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=1)
         print(f"[wrote {args.json}]", file=sys.stderr)
+    return 0
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise KilnError(f"--batch takes batch sizes like 1,8,32,64, got {text!r}")
+    return batches
+
+
+def _cmd_batch_bench(args) -> int:
+    from .bench_batch import format_rows, run_batch_bench
+
+    batches = _parse_batches(args.batch)
+    pp, tg = args.prompt_tokens, args.gen_tokens
+    model = api.load(args.model, backend=args.backend, device=args.device, n_ctx=pp + tg + 1, quiet=True)
+    try:
+        rows = run_batch_bench(model, batches, pp, tg, seed=args.seed)
+        f, dev = model.gguf, model.dev
+        print(f"{os.path.basename(f.path)} ({weight_type(f)}) on {dev.name}")
+        print(format_rows(rows))
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            info = {"kiln_version": __version__, "model": os.path.basename(f.path), "weight_type": weight_type(f)}
+            with open(args.json, "w") as fh:
+                json.dump({**info, "backend": dev.backend, "device": dev.name, "rows": rows}, fh, indent=1)
+            print(f"[wrote {args.json}]", file=sys.stderr)
+    finally:
+        model.close()
+        model.dev.close()
     return 0
 
 
@@ -239,5 +275,12 @@ def register_cli(sub) -> None:
     p.add_argument("-n", "--gen-tokens", type=int, default=128, help="tokens to decode (0: skip)")
     p.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs of each test")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    p.add_argument(
+        "--batch",
+        default=None,
+        metavar="B,B,..",
+        help="batched engine throughput for these batch sizes (llama-batched-bench's columns): "
+        "B prompts of -p tokens prefilled together, then -n tokens decoded for each",
+    )
     p.add_argument("--json", default=None, help="also write the result as JSON to this path")
     p.set_defaults(handler=cmd_bench)

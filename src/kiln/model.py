@@ -178,8 +178,10 @@ class Model:
     def forward(self, batch: Batch, cache: KVCache) -> Tensor:
         """Run one step and return the logits [R, vocab] on the device: row i is the logits of token
         batch.logits[i] (rows past len(batch.logits) are padding)."""
-        if not batch.ids or not batch.logits:
-            raise InvalidArgument("a batch needs at least one token and one logits row")
+        if not batch.ids:
+            raise InvalidArgument("a batch needs at least one token")
+        if not batch.logits:  # a step of unfinished prompt chunks: one row anyway, so every shape has an output
+            batch.logits.append(len(batch.ids) - 1)
         if batch.max_kv > cache.max_seq_len:
             raise ContextOverflow(f"{batch.max_kv} tokens do not fit the context of {cache.max_seq_len} tokens")
         a = self.acts(len(batch), len(batch.tables), len(batch.logits), cache.table_width)
