@@ -64,6 +64,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     ]
     cmd += ["--backend", args.backend] if args.backend else []
     cmd += ["--model", args.model] if args.model else []
+    # every client's sequence in one step, and KV blocks for all of them at once
+    cmd += ["--max-seqs", str(min(args.clients, 256)), "--kv-tokens", str(args.clients * args.ctx // 2)]
     cmd += ["--api-key", args.api_key] if args.api_key else []
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
