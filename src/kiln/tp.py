@@ -310,41 +310,100 @@ class _HostGroup:
         pass
 
 
+class _FoldingRank:
+    """A rank device's model ops, taken during replay() and handed to the backend after fold_residual. The fold
+    rewrites what model.py called before the backend records, fuses or captures anything, through the backend's
+    public op methods and replay() alone, so it needs nothing of the backend's internals. Subclasses say how tensors
+    are told apart (tid: the start of their memory) and how a sum across the ranks runs (_all_reduce)."""
+
+    rank: int = 0
+    fold: bool = True
+    _taking: list | None = None  # the ops of the step being taken, or None: ops go straight to the backend
+
+    def tid(self, t: Tensor) -> int:
+        raise NotImplementedError
+
+    def _all_reduce(self, t: Tensor) -> None:
+        raise NotImplementedError
+
+    def _folded(self, step: Callable[[], None]) -> Callable[[], None]:
+        """step, with its ops taken, folded and then issued (to the backend's recorder, when it records)."""
+
+        def folded() -> None:
+            self._taking = ops = []
+            try:
+                step()
+            finally:
+                self._taking = None
+            for name, args in fold_residual(ops, self.rank, self.tid):
+                self._issue(name, args)
+
+        return folded
+
+    def replay(self, key: Any, step) -> None:
+        super().replay(key, self._folded(step) if self.fold else step)  # type: ignore[misc]
+
+    def _take(self, name: str, args: tuple) -> None:
+        if self._taking is not None:
+            self._taking.append((name, args))
+        else:
+            self._issue(name, args)
+
+    def _issue(self, name: str, args: tuple) -> None:
+        if name == "all_reduce":
+            self._all_reduce(*args)
+        else:
+            getattr(super(), name)(*args)
+
+    def all_reduce(self, t: Tensor) -> None:
+        self._take("all_reduce", (t,))
+
+    def embed(self, weight, ids, out) -> None:
+        self._take("embed", (weight, ids, out))
+
+    def rms_norm(self, x, weight, eps, out) -> None:
+        self._take("rms_norm", (x, weight, eps, out))
+
+    def matmul(self, x, weight, out, bias=None) -> None:
+        self._take("matmul", (x, weight, out, bias))
+
+    def rope(self, x, pos, n_heads, head_dim, rope) -> None:
+        self._take("rope", (x, pos, n_heads, head_dim, rope))
+
+    def attention(self, q, k, v, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim) -> None:
+        self._take("attention", (q, k, v, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim))
+
+    def swiglu(self, gate, up, out) -> None:
+        self._take("swiglu", (gate, up, out))
+
+    def add(self, a, b, out) -> None:
+        self._take("add", (a, b, out))
+
+    def gather_rows(self, x, rows, out) -> None:
+        self._take("gather_rows", (x, rows, out))
+
+
 _HOST_DEVICE: type | None = None
 
 
 def _host_device_class() -> type:
-    """NumpyDevice that records each step and runs it through fold_residual, as the cuda backend's replay() does, so
-    the CPU tests check the same rewritten schedule the GPUs run. all_reduce is an op here too."""
+    """NumpyDevice with the same fold of each step as the cuda ranks (_FoldingRank), so the CPU tests check the
+    rewritten schedule the GPUs run; all_reduce is the group's barrier sum."""
     global _HOST_DEVICE
     if _HOST_DEVICE is not None:
         return _HOST_DEVICE
-    from .runtime.fusion import OpRecorder
     from .runtime.numpy_backend import NumpyDevice
 
-    class HostRankDevice(OpRecorder, NumpyDevice):  # ops are recorded as the cuda backend records them
+    class HostRankDevice(_FoldingRank, NumpyDevice):
         def __init__(self, rank: int, reduce: Callable[[int, Device, Tensor], None]):
             super().__init__()
-            self.rank, self._reduce, self._rec = rank, reduce, None
-            self.fold = _fold_enabled()
+            self.rank, self._reduce, self.fold = rank, reduce, _fold_enabled()
 
-        def all_reduce(self, t: Tensor) -> None:
-            self._op("all_reduce", t)
+        def tid(self, t: Tensor) -> int:
+            return _host_tid(t)
 
-        def _run_op(self, name: str, args: tuple) -> None:
-            if name == "all_reduce":
-                self._reduce(self.rank, self, args[0])
-            else:
-                getattr(NumpyDevice, name)(self, *args)
-
-        def replay(self, key: Any, step) -> None:
-            self._rec = []
-            try:
-                step()
-            finally:
-                ops, self._rec = self._rec, None
-            for name, args in fold_residual(ops, self.rank, _host_tid) if self.fold else ops:
-                self._run_op(name, args)
+        def _all_reduce(self, t: Tensor) -> None:
+            self._reduce(self.rank, self, t)
 
     _HOST_DEVICE = HostRankDevice
     return HostRankDevice
