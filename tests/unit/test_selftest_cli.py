@@ -23,7 +23,7 @@ def test_numpy_add_passes(capsys):
 
 def test_skips_are_reported_and_json_written(tmp_path, capsys):
     path = tmp_path / "selftest.json"
-    assert cli.main(["selftest", "-b", "numpy", "--op", "copy_row", "basic", "--json", str(path)]) == 0
+    assert cli.main(["selftest", "-b", "numpy", "--op", "gather_rows", "basic", "--json", str(path)]) == 0
     assert "3 passed, 0 failed, 6 skipped" in capsys.readouterr().out
     data = json.loads(path.read_text())
     assert data["backend"] == "numpy" and data["summary"] == "3 passed, 0 failed, 6 skipped"
