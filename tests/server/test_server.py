@@ -243,6 +243,26 @@ def test_concurrent_streams_do_not_mix(served):
     assert not errors and [out.get(0), out.get(1)] == solo
 
 
+def test_n_choices_share_the_prompt(served):
+    """n=3 greedy: three choices, each equal to kiln.generate; streamed, each chunk names its choice."""
+    want = reference(served, PROMPT, max_tokens=6)
+    body = {"model": served.model_id, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "n": 3}
+    with raw(served) as c:
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert [ch["index"] for ch in out["choices"]] == [0, 1, 2]
+        assert [ch["text"] for ch in out["choices"]] == [want] * 3
+        assert out["usage"]["completion_tokens"] == 18
+        texts = ["", "", ""]
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    for ch in json.loads(line[6:])["choices"]:
+                        texts[ch["index"]] += ch["text"]
+        assert texts == [want] * 3
+
+
 def test_queue_full_and_disconnect_frees_slot(served):
     """Two held streams fill --max-concurrency 2: a third request gets 429. Dropping the queued stream frees its
     slot at once; dropping the active one stops its generation at the next token, so the next request runs."""
