@@ -23,7 +23,7 @@ from .sample import LogitsProcessor, greedy, log_softmax
 _IDS = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """One sequence to generate. `sampler(logits) -> id` (None: greedy on the device); processors see the prompt
     and the output so far. Output appears in `output`; `finish` is set when it ends: 'stop' (a stop id),
