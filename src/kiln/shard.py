@@ -237,6 +237,7 @@ class SimulatedTP:
     def __init__(self, path: str, n: int, n_ctx: int | None = None, timeout: float = 60.0):
         from .model import Model
         from .runtime.numpy_backend import NumpyDevice
+        from .session import Session
 
         source = gguf_mod.load(path)
         self.plan = plan_for(source, n)
@@ -249,6 +250,7 @@ class SimulatedTP:
             Model(f, dev, n_ctx=n_ctx, all_reduce=self._reducer(r, dev))
             for r, (f, dev) in enumerate(zip(files, self.devices))
         ]
+        self.sessions = [Session(m) for m in self.models]  # the same tokens on every rank: the same Batch
 
     def _reducer(self, rank: int, dev):
         def all_reduce(t) -> None:
@@ -263,14 +265,14 @@ class SimulatedTP:
         return all_reduce
 
     def _run(self, call) -> list[np.ndarray]:
-        """call(model) on every rank concurrently; each rank's logits [1, vocab] as host arrays."""
+        """call(session) on every rank concurrently; each rank's logits [1, vocab] as host arrays."""
         out: list[np.ndarray | None] = [None] * self.n
         errors: list[BaseException | None] = [None] * self.n
 
         def work(r: int) -> None:
             try:
-                m = self.models[r]
-                out[r] = m.dev.download(call(m))
+                s = self.sessions[r]
+                out[r] = s.dev.download(call(s))
             except BaseException as e:  # re-raised below; aborting the barrier frees ranks waiting on this one
                 errors[r] = e
                 self._barrier.abort()
@@ -290,15 +292,17 @@ class SimulatedTP:
         return out  # type: ignore[return-value]
 
     def prefill(self, ids: list[int]) -> list[np.ndarray]:
-        return self._run(lambda m: m.prefill(ids))
+        return self._run(lambda s: s.prefill(ids))
 
     def step(self, ids: list[int]) -> list[np.ndarray]:
-        return self._run(lambda m: m.step(ids))
+        return self._run(lambda s: s.step(ids))
 
     def close(self) -> None:
+        for s in self.sessions:
+            s.close()
         for m in self.models:
             m.close()
-        self.models = []
+        self.sessions, self.models = [], []
 
 
 def run_simulated(path: str, n: int, ids: list[int], decode: int = 0, n_ctx: int | None = None) -> np.ndarray:

@@ -1,10 +1,13 @@
 """Tensor parallelism across the GPUs of one host: one process, one thread per rank, all-reduce through NCCL.
 
 Each rank is a kiln.model.Model on its own device holding one ShardedFile (shard.py: the Megatron split, two
-all-reduces per layer through Model's `all_reduce` hook). Rank 0 runs on the caller's thread, ranks 1..N-1 on
-persistent worker threads, because CUDA's current device and CuPy's handles are per thread. Every call runs on all
-ranks at once and returns rank 0's result (the logits, which every rank holds in full), so generate, kiln bench and
-the server drive a TensorParallelModel exactly like a Model. Like a Model on a GPU, use it on the thread that made it.
+all-reduces per layer through Model's `all_reduce` hook), driven by its own kiln.session.Session with its own KV
+cache. Rank 0 runs on the caller's thread, ranks 1..N-1 on persistent worker threads, because CUDA's current device
+and CuPy's handles are per thread. Every call runs on all ranks at once with the same tokens, so every rank builds the
+same Batch (its block manager hands out the same blocks), and returns rank 0's result (the logits, which every rank
+holds in full): generate and kiln bench drive a TensorParallelModel as the Session kiln.session.solo() gives them
+(solo returns it as it is). The batched scheduler (Model.forward over a shared cache, kiln serve) is not offered:
+make_cache() says so. Like a Model on a GPU, use it on the thread that made it.
 
 The all-reduce is a device op (`all_reduce` of _nccl_device_class), not a host callback: the cuda backend records it
 like the model's other ops, so a decode step, NCCL calls included, is captured into one CUDA graph per rank (NCCL
@@ -12,8 +15,8 @@ supports stream capture). The fusion pass meets the all-reduce between each row-
 so that pair stays unfused. KILN_CUDA_GRAPHS=0 runs every step eagerly instead, which costs far more here than on one
 GPU: the rank threads hand the GIL back and forth at every launch (2 x H100, random Llama-7B Q8_0: 256 tok/s decode
 with graphs, 19 without; one GPU 197 and 62). A prefill size seen twice is captured too, NCCL calls included, as on
-one GPU (cuBLAS through the backend's own handle); a prefill whose capture fails replays its recorded plan launch by
-launch instead. The tensors the ranks all-reduce live in an NCCL symmetric window (_NcclWindows, NCCL >= 2.27;
+one GPU (cuBLAS through the backend's own handle); a decode step whose capture fails runs eagerly from then on. The
+tensors the ranks all-reduce live in an NCCL symmetric window (_NcclWindows, NCCL >= 2.27;
 KILN_TP_WINDOW=0 turns it off), where NCCL runs its symmetric kernels: 4.1 instead of 6.7 us per 16 KB all-reduce.
 2 x H200 (bench/results/h200x2-tp-d.json): 7B Q8_0 decode 485 tok/s vs 374 on one GPU (1.30x; 592 with the
 all-reduces left out), prefill 22.4k vs 14.7k; 70B Q4_0 decode 74.0 vs 47.5 (1.56x). Greedy decoding feeds each
@@ -22,8 +25,10 @@ rank's argmax to its next step on the GPU (greedy()), as on one GPU.
 The residual add is folded into the all-reduce (fold_residual): rank 0 adds its partial sum into the residual stream
 x (the cuda backend fuses that add into the GEMV) and the other ranks write their partial sums straight into x, so one
 all-reduce of x leaves x + sum of the partials on every rank: no separate add kernel per all-reduce (KILN_TP_FOLD=0
-restores matmul, all-reduce, add). KILN_TP_DIAG_SKIP_ALLREDUCE=1 is a diagnostic for benchmarks only: the
-all-reduces are left out, so the output is wrong, and the time saved is what they cost inside the graph.
+restores matmul, all-reduce, add). The rank devices take each step's ops from model.py, fold them and hand them on
+to the backend's public op methods inside its replay() (_FoldingRank), so the backend records, fuses and captures
+the folded step without tp.py touching its internals. KILN_TP_DIAG_SKIP_ALLREDUCE=1 is a diagnostic for benchmarks
+only: the all-reduces are left out, so the output is wrong, and the time saved is what they cost inside the graph.
 
 NVLink multicast (NVLS) is switched off before NCCL starts: on the shared hosts kiln is tested on, a program that
 uses it can take the host's GPUs out of service, and two to eight ranks summing one activation row gain nothing by it.
@@ -51,6 +56,7 @@ from .gguf import GGUFFile
 from .model import Model
 from .runtime.base import BufferPool, Device, Tensor
 from .runtime.fusion import READS, WRITES
+from .session import Session
 from .shard import ShardedFile, plan_for
 
 TP_BACKENDS = ("cuda",)  # what api.load offers; backend="numpy" below is the same schedule on the CPU, for tests
@@ -446,23 +452,21 @@ def _nccl_device_class() -> type:
     """CudaDevice plus one op, all_reduce: an in-place NCCL sum on the device's stream, recorded by replay() and
     captured into the step's CUDA graph like any other op. Made on first use: importing kiln.tp needs no CuPy."""
     global _NCCL_DEVICE
-    if _NCCL_DEVICE is not None:
-        return _NCCL_DEVICE
-    from .runtime import cuda_backend as cb
+    if _NCCL_DEVICE is None:
+        from .runtime import cuda_backend
 
-    nccl = _import_nccl()
-    types = {"f32": nccl.NCCL_FLOAT32, "f16": nccl.NCCL_FLOAT16}
+        nccl = _import_nccl()
+        types = {"f32": nccl.NCCL_FLOAT32, "f16": nccl.NCCL_FLOAT16}
+        _NCCL_DEVICE = _make_nccl_device_class(cuda_backend.CudaDevice, types, nccl.NCCL_SUM)
+    return _NCCL_DEVICE
 
-    class FoldFirst:
-        """The backend's fusion pass, after fold_residual (so rank 0's matmul + add become one GEMV)."""
 
-        def __init__(self, inner, rank: int):
-            self.inner, self.rank = inner, rank
+def _make_nccl_device_class(base: type, types: dict[str, int], op_sum: int) -> type:
+    """The rank device over `base` (CudaDevice; the tests pass a CPU stand-in). Of the backend it uses replay(), the
+    op methods, OpRecorder's `_op` / `_do_<name>` contract (fusion.py) for the new op, and `_empty_in` to put tensors
+    in the NCCL window; it overrides none of the backend's private methods."""
 
-        def fuse(self, ops: list) -> list:
-            return self.inner.fuse(fold_residual(ops, self.rank, cb._tid))
-
-    class NcclCudaDevice(cb.CudaDevice):
+    class NcclCudaDevice(_FoldingRank, base):
         def __init__(self, index: int, comm, rank: int = 0, windows: _NcclWindows | None = None):
             super().__init__(index)
             self.comm, self.rank, self.windows = comm, rank, windows
@@ -470,8 +474,9 @@ def _nccl_device_class() -> type:
             self._wpool = BufferPool(self._window_take, lambda raw: None) if windows is not None else None
             self._wnext = 0
             self.fold = _fold_enabled()
-            if self.fold:
-                self._fuser = FoldFirst(self._fuser, rank)
+            self._eager_steps: set = set()  # keys of decode steps whose graph capture failed
+            self._capture_warned = False
+            self._last_decode = False  # the last step's batch was a decode (every run one token): from its attention
             self.skip_all_reduce = os.environ.get("KILN_TP_DIAG_SKIP_ALLREDUCE") == "1"
             if self.skip_all_reduce and rank == 0:
                 print(
@@ -480,23 +485,56 @@ def _nccl_device_class() -> type:
                     file=sys.stderr,
                 )
 
-            # Prefill steps whose graph capture failed replay their
-            # recorded plan instead of running model.py op by op: the same kernels as the first run (Q/K/V and
-            # gate/up share one f16 copy of x) with less Python per launch, which matters here because the rank
-            # threads take turns holding the GIL for every launch. KILN_TP_PREFILL_PLAN=0: eager, as on one GPU.
-            self.prefill_plans = os.environ.get("KILN_TP_PREFILL_PLAN", "1") != "0"
-            self._prefill_plans: dict = {}  # gkey -> (plan, tensor pointers it uses)
-            self._last_plan: list | None = None
+        def tid(self, t: Tensor) -> int:
+            return t.storage.data.ptr
 
-        def all_reduce(self, t: Tensor) -> None:
-            self._op("all_reduce", t)
+        def _all_reduce(self, t: Tensor) -> None:
+            self._op("all_reduce", t)  # recorded into the step like the model's ops; runs as _do_all_reduce
+
+        def _do_all_reduce(self, t: Tensor) -> None:
+            # In a captured graph, t is also an argument of the kernel that wrote it (the row-parallel GEMV), so the
+            # backend already drops the graph when t is freed.
+            if not self.skip_all_reduce:
+                ptr = self.tid(t)
+                self.comm.allReduce(ptr, ptr, t.size, types[t.dtype], op_sum, self.stream.ptr)
+
+        def _take(self, name: str, args: tuple) -> None:
+            if name == "attention":
+                self._last_decode = args[5].decode
+            super()._take(name, args)
+
+        def replay(self, key: Any, step) -> None:
+            """A decode step whose capture fails (a driver or NCCL without capture support) runs eagerly from then
+            on: right but far slower, so it is said once. The backend handles prefill captures that fail itself."""
+            if key in self._eager_steps:
+                return (self._folded(step) if self.fold else step)()  # nothing records: the ops run now
+            self._last_decode = False
+            try:
+                super().replay(key, step)
+            except Exception as e:
+                if not self._last_decode:
+                    raise
+                self._eager_steps.add(key)
+                if not self._capture_warned:
+                    self._capture_warned = True
+                    print(
+                        f"kiln: warning: {self.name}: capturing a decode step with NCCL in a CUDA graph failed "
+                        f"({e}); decoding without graphs",
+                        file=sys.stderr,
+                    )
+                # Run the step again without the backend's recorder: whether its first run went through before the
+                # capture failed is the backend's business. Every rank fails alike (one driver, one NCCL), so the
+                # collectives stay paired; the step rewrites the same KV slots with the same values.
+                (self._folded(step) if self.fold else step)()
 
         def _window_take(self, size: int):
+            import cupy
+
             if self._wnext + size > self.windows.nbytes:
                 raise _WindowFull
             ptr = self.windows.base(self.rank) + self._wnext
             self._wnext += size
-            return cb.cupy.cuda.MemoryPointer(cb.cupy.cuda.UnownedMemory(ptr, size, self, self.index), 0)
+            return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(ptr, size, self, self.index), 0)
 
         def empty_for_all_reduce(self, shape) -> Tensor:
             if self._wpool is None:
@@ -517,79 +555,7 @@ def _nccl_device_class() -> type:
                 stats["window_bytes"] = self.windows.nbytes
             return stats
 
-        def _group_matmuls(self, ops: list) -> list:  # prefill steps (and decode with KILN_CUDA_FUSE=0)
-            plan = super()._group_matmuls(fold_residual(ops, self.rank, cb._tid) if self.fold else ops)
-            self._last_plan = plan
-            return plan
-
-        def replay(self, key: Any, step) -> None:
-            if not (self.graphs_enabled and self.prefill_plans):
-                return super().replay(key, step)
-            gkey = (key, cb._closure_ids(step))
-            cached = self._prefill_plans.get(gkey)
-            if cached is not None:
-                return self._run(cached[0])
-            self._last_plan = None
-            try:
-                super().replay(key, step)
-                if gkey in self._eager_keys and gkey not in self._graphs and self._last_plan is not None:
-                    self._prefill_plans[gkey] = (self._last_plan, _plan_ptrs(self._last_plan))
-            finally:
-                self._last_plan = None
-
-        def _forget(self, base: int, size: int) -> None:
-            super()._forget(base, size)
-            for gkey in [
-                k for k, (_, ptrs) in self._prefill_plans.items() if any(base <= p < base + size for p in ptrs)
-            ]:
-                del self._prefill_plans[gkey]
-
-        def close(self) -> None:
-            self._prefill_plans.clear()
-            super().close()
-
-        def _do_all_reduce(self, t: Tensor) -> None:
-            if self.skip_all_reduce:
-                return
-            ptr = t.storage.data.ptr
-            if self._capture_ptrs is not None:  # the graph uses this buffer: freeing it drops the graph
-                self._capture_ptrs.append(ptr)
-            self.comm.allReduce(ptr, ptr, t.size, types[t.dtype], nccl.NCCL_SUM, self.stream.ptr)
-
-        def _capture(self, gkey, plan) -> None:
-            """A decode step whose capture fails (a driver or NCCL without capture support) runs eagerly from then
-            on: right but far slower, so it is said once. Prefill captures fail quietly as on one GPU (replay())."""
-            try:
-                super()._capture(gkey, plan)
-            except Exception as e:
-                if any(cb._tokens(name, args) != 1 for name, args in plan):
-                    raise
-                self._eager_keys.add(gkey)
-                if not getattr(self, "_capture_warned", False):
-                    self._capture_warned = True
-                    print(
-                        f"kiln: warning: cuda:{self.index}: capturing a decode step with NCCL in a CUDA graph "
-                        f"failed ({e}); decoding without graphs",
-                        file=sys.stderr,
-                    )
-
-    def _plan_ptrs(plan: list) -> list[int]:
-        """The device pointers of every tensor a plan's ops take (matmul_group nests them in a list of tuples)."""
-        out: list[int] = []
-
-        def visit(v) -> None:
-            if isinstance(v, Tensor):
-                out.append(cb._tid(v))
-            elif isinstance(v, (list, tuple)):
-                for item in v:
-                    visit(item)
-
-        for _, args in plan:
-            visit(args)
-        return out
-
-    _NCCL_DEVICE = NcclCudaDevice
-    return _NCCL_DEVICE
+    return NcclCudaDevice
 
 
 # --- the model -------------------------------------------------------------------------------------------------------
@@ -616,7 +582,9 @@ class TPDevice:
 
 
 class TensorParallelModel:
-    """A model split over n devices (ranks 0..n-1 on GPUs `devices`, default 0..n-1), used like a Model."""
+    """A model split over n devices (ranks 0..n-1 on GPUs `devices`, default 0..n-1), driven like a
+    kiln.session.Session (kiln.session.solo returns it as it is): each rank runs its own Session over its Model and
+    cache, and every call hands all ranks the same tokens, so they build the same Batch, block ids included."""
 
     def __init__(
         self,
@@ -637,6 +605,7 @@ class TensorParallelModel:
         if len(indices) != n or len(set(indices)) != n:
             raise KilnError(f"tensor parallelism over {n} ranks needs {n} distinct devices, got {indices}")
         self.models: list[Model | None] = [None] * n
+        self.sessions: list[Session | None] = [None] * n
         self.devices: list[Device | None] = [None] * n
         self._workers: list[_Worker] = []
         self._broken: str | None = None
@@ -650,11 +619,12 @@ class TensorParallelModel:
             raise KilnError(f"tensor parallelism runs on the cuda backend, not '{backend}'")
         self._workers = [_Worker(r) for r in range(1, n)]
 
-        def load(r: int) -> None:
+        def load(r: int) -> None:  # on the rank's thread: its device state (and its cache's) lives there
             dev = self.devices[r] = self._group.device(r)
-            self.models[r] = Model(
+            model = self.models[r] = Model(
                 files[r], dev, n_ctx=n_ctx, progress=progress and r == 0, all_reduce=self._group.reducer(r, dev)
             )
+            self.sessions[r] = Session(model)
 
         try:
             self._all(load)
@@ -664,11 +634,11 @@ class TensorParallelModel:
         self.dev = TPDevice(self.devices, self.close)  # type: ignore[arg-type]
         self.n_ctx = self.models[0].n_ctx
 
-    # --- what generation uses (Model's interface) ---------------------------------------------------------------
+    # --- what generation uses (Session's interface) -------------------------------------------------------------
     @property
     def tokens(self) -> list[int]:
-        model = self.models[0]
-        return model.tokens if model is not None else []
+        session = self.sessions[0]
+        return session.tokens if session is not None else []
 
     def prefill(self, ids: Sequence[int], chunk: int = 512) -> Tensor:
         self._check()
@@ -679,7 +649,7 @@ class TensorParallelModel:
             raise ContextOverflow(
                 f"prompt has {len(ids)} tokens but the context holds {self.n_ctx}; shorten the prompt or raise --ctx"
             )
-        self._logits = self._all(lambda r: self.models[r].prefill(ids, chunk))
+        self._logits = self._all(lambda r: self.sessions[r].prefill(ids, chunk))
         return self._logits[0]
 
     def step(self, ids: Sequence[int]) -> Tensor:
@@ -687,11 +657,11 @@ class TensorParallelModel:
         ids = list(ids)
         if len(self.tokens) + len(ids) > self.n_ctx:
             raise ContextOverflow(f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self.n_ctx} tokens")
-        self._logits = self._all(lambda r: self.models[r].step(ids))
+        self._logits = self._all(lambda r: self.sessions[r].step(ids))
         return self._logits[0]
 
     def greedy(self, logits: Tensor) -> Iterator[int]:
-        """Model.greedy on every rank in lockstep, from the logits of the last prefill or step. Every rank holds
+        """Session.greedy on every rank in lockstep, from the logits of the last prefill or step. Every rank holds
         the full logits (the output head is replicated after the last all-reduce), so each takes its own argmax on
         its device and feeds it to its next step there: the GPUs run step t + 1 while the host waits for token t,
         as on one GPU (2 x H200, 7B Q8_0, 512-token context: 463 tok/s against 427 for the host loop). The ranks'
@@ -699,7 +669,7 @@ class TensorParallelModel:
         diagnostic, whose outputs are wrong anyway)."""
         if self._logits is None or logits is not self._logits[0]:
             raise KilnError("TensorParallelModel.greedy takes the logits its last prefill() or step() returned")
-        gens = [self.models[r].greedy(self._logits[r]) for r in range(self.n)]
+        gens = [self.sessions[r].greedy(self._logits[r]) for r in range(self.n)]
         self._logits = None  # the ranks' caches move on from here
         diagnostic = any(getattr(d, "skip_all_reduce", False) for d in self.devices)
         try:
@@ -716,10 +686,23 @@ class TensorParallelModel:
                 g.close()
 
     def reset(self) -> None:
+        """Host bookkeeping only (each rank's blocks go back to its pool), so it runs here for every rank."""
         self._logits = None
-        for m in self.models:
-            if m is not None:
-                m.reset()
+        for s in self.sessions:
+            if s is not None:
+                s.reset()
+
+    def rewind(self, n_tokens: int) -> None:
+        self._logits = None
+        for s in self.sessions:
+            if s is not None:
+                s.rewind(n_tokens)
+
+    def make_cache(self, *args, **kwargs):
+        raise KilnError(
+            "tensor parallelism runs one sequence at a time (run, chat, bench); kiln serve --tensor-parallel is not "
+            "supported yet"
+        )
 
     def close(self) -> None:
         """Close every rank's model and device on its own thread, then the communicators. Idempotent."""
@@ -728,8 +711,10 @@ class TensorParallelModel:
         self._closed = True
 
         def shut(r: int) -> None:
-            model, dev = self.models[r], self.devices[r]
-            self.models[r] = self.devices[r] = None
+            session, model, dev = self.sessions[r], self.models[r], self.devices[r]
+            self.sessions[r] = self.models[r] = self.devices[r] = None
+            if session is not None:
+                session.close()
             if model is not None:
                 model.close()
             if dev is not None:

@@ -15,8 +15,8 @@ from kiln.gguf import ModelConfig, TensorInfo
 from kiln.model import Model
 from kiln.rope import Rope
 from kiln.runtime.numpy_backend import NumpyDevice
-from kiln.shard import ShardedFile, ShardError, SimulatedTP, plan, plan_for, run_simulated, shard_tensor, slice_cols
 from kiln.session import solo
+from kiln.shard import ShardedFile, ShardError, SimulatedTP, plan, plan_for, run_simulated, shard_tensor, slice_cols
 
 IDS = [1, 504, 345, 314, 289, 28, 17, 42, 400, 7]
 DECODE = 3  # the last tokens go one by one: the sharded KV cache must carry the prefill

@@ -23,7 +23,6 @@ from kiln.runtime.numpy_backend import NumpyDevice
 from kiln.shard import ShardError
 from kiln.tokenizer import Tokenizer
 from kiln.tp import TensorParallelError, TensorParallelModel, TPDevice
-from kiln.session import solo
 
 PROMPT = [1, 504, 345, 314, 289, 28, 17, 42, 400, 7]
 N_GREEDY = 12
@@ -57,7 +56,7 @@ def test_greedy_tokens_and_logits_match_one_model(tp, reference):
     np.testing.assert_allclose(logits, reference[1], rtol=1e-4, atol=1e-4)
     again, _ = greedy(tp, PROMPT, N_GREEDY)  # reset and reuse: the ranks' caches start over together
     assert again == tokens
-    assert [len(solo(m).tokens) for m in tp.models] == [len(PROMPT) + N_GREEDY] * 2
+    assert [len(s.tokens) for s in tp.sessions] == [len(PROMPT) + N_GREEDY] * 2
 
 
 def test_rank_threads_and_interface(tp, path):
@@ -111,7 +110,7 @@ def test_device_side_greedy_matches_one_model(tp, reference):
     kiln bench use); the tokens are the single model's, and the ranks' caches stay together."""
     tokens = list(itertools.islice(tp.greedy(tp.prefill(PROMPT)), N_GREEDY))
     assert tokens == reference[0]
-    assert len({len(solo(m).tokens) for m in tp.models}) == 1
+    assert len({len(s.tokens) for s in tp.sessions}) == 1
     assert greedy(tp, PROMPT, 3)[0] == reference[0][:3]  # usable afterwards, host loop included
     other = tp.dev.empty((1, tp.cfg.vocab_size))
     with pytest.raises(KilnError, match="last prefill"):
@@ -120,8 +119,8 @@ def test_device_side_greedy_matches_one_model(tp, reference):
 
 
 def test_ranks_whose_tokens_differ_stop_greedy(tp):
-    real = tp.devices[1].read_token
-    tp.devices[1].read_token = lambda handle: real(handle) + 1
+    real = tp.devices[1].read_tokens
+    tp.devices[1].read_tokens = lambda handle: [t + 1 for t in real(handle)]
     gen = tp.greedy(tp.prefill(PROMPT))
     with pytest.raises(TensorParallelError, match="differ"):
         next(gen)
@@ -169,7 +168,7 @@ def test_a_failing_rank_poisons_the_model(tp):
     def boom(ids):
         raise RuntimeError("rank 1 went away")
 
-    tp.models[1].step = boom
+    tp.sessions[1].step = boom
     with pytest.raises(RuntimeError, match="went away"):  # the cause, not rank 0's broken barrier
         tp.step([5])
     with pytest.raises(TensorParallelError, match="rank 1"):
@@ -214,68 +213,73 @@ def test_cli_reports_a_non_cuda_backend_in_one_line(path, capsys):
     assert len(err) == 1 and "cuda backend" in err[0]
 
 
-def test_nccl_device_schedule_without_a_gpu(monkeypatch):
-    """The NCCL rank device's own logic, on a CudaDevice whose launches are recorded instead of run (no GPU, no
-    NCCL): the fold reaches the prefill plan, a prefill whose capture fails is replayed from its recorded plan from
-    then on, freeing a tensor it uses drops that plan, and the skip-all-reduce diagnostic sends nothing."""
-    pytest.importorskip("cupy")  # kiln.runtime.cuda_backend refuses to import without it (BackendUnavailable)
+def _stand_in_cuda():
+    """What the NCCL rank device takes of CudaDevice, on the CPU: replay() records a step through OpRecorder, runs
+    it, then keeps it as the key's "graph" (a decode capture fails when told to); ops run as _do_<name>."""
     from types import SimpleNamespace
 
-    from kiln.runtime.base import Tensor
+    from kiln.runtime.fusion import OpRecorder
 
-    fake = SimpleNamespace(NCCL_FLOAT32=7, NCCL_FLOAT16=6, NCCL_SUM=0)
-    monkeypatch.setattr(tp_mod, "_import_nccl", lambda: fake)
-    monkeypatch.setattr(tp_mod, "_NCCL_DEVICE", None)
-    base = tp_mod._nccl_device_class()
+    class StandIn(OpRecorder, NumpyDevice):
+        def __init__(self, index: int):
+            super().__init__()
+            self.index, self.stream, self.graphs, self.fail_decode_capture = index, SimpleNamespace(ptr=0), {}, False
 
-    class Recorded(base):
-        def __init__(self, rank: int):  # CudaDevice.__init__ needs a GPU: only what replay() reads
-            self.rank, self.fold, self.graphs_enabled, self.fuse_enabled = rank, True, True, True
-            self._graphs, self._plans, self._eager_keys, self._seen, self._rec = {}, {}, set(), {}, None
-            self._fuser = tp_mod._nccl_device_class  # not reached: these steps are prefill steps
-            self.prefill_plans, self._prefill_plans, self._last_plan = True, {}, None
-            self.skip_all_reduce, self.ran, self.sent, self._capture_ptrs = False, [], [], None
-            self.comm = SimpleNamespace(allReduce=lambda *a: self.sent.append(a[2]))
-            self.stream = SimpleNamespace(ptr=0)
+        def _run_op(self, name: str, args: tuple) -> None:
+            if name == "all_reduce":
+                self._do_all_reduce(*args)
+            else:
+                getattr(NumpyDevice, name)(self, *args)
 
-        def _run(self, plan) -> None:
-            for name, args in plan:
-                if name == "all_reduce":
-                    self._do_all_reduce(*args)
-                self.ran.append(name)
+        def replay(self, key, step) -> None:
+            if key in self.graphs:
+                for name, args in self.graphs[key]:
+                    self._run_op(name, args)
+                return
+            self._rec = []
+            try:
+                step()
+            finally:
+                ops, self._rec = self._rec, None
+            for name, args in ops:
+                self._run_op(name, args)
+            if self.fail_decode_capture and all(a[5].decode for n, a in ops if n == "attention"):
+                raise RuntimeError("capturing NCCL calls is unsupported")
+            self.graphs[key] = ops
 
-        def _capture_once(self, gkey, plan) -> None:
-            raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
+    return StandIn
 
-    ptrs = iter(range(4096, 1 << 20, 4096))
 
-    def tensor(rows: int) -> Tensor:
-        return Tensor(None, (rows, 8), "f32", SimpleNamespace(data=SimpleNamespace(ptr=next(ptrs)), size=rows * 8))
+def test_nccl_device_schedule_without_a_gpu(path, reference, capsys):
+    """The NCCL rank device over a CPU stand-in for CudaDevice (one rank, so NCCL's sum is the identity): the fold
+    reaches what the backend records, every all-reduce goes to NCCL with its size, a decode step whose capture
+    fails runs eagerly from then on (said once), and the skip-all-reduce diagnostic sends nothing."""
+    from types import SimpleNamespace
 
-    w = SimpleNamespace(extra={"fmt": "Q8_0"})
+    from kiln.session import Session
 
-    def make_step(dev, calls):
-        a, h, x = tensor(16), tensor(16), tensor(16)
-
-        def step() -> None:
-            calls.append(1)
-            dev._op("matmul", a, w, h, None)
-            dev._op("all_reduce", h)
-            dev._op("add", x, h, x)
-
-        return step, x
-
-    for rank, want in ((0, ["matmul_group", "add", "all_reduce"]), (1, ["matmul_group", "all_reduce"])):
-        dev, calls = Recorded(rank), []
-        step, x = make_step(dev, calls)
-        for _ in range(4):
-            dev.replay("prefill", step)
-        assert len(calls) == 2  # recorded twice (the 2nd capture fails); replayed from the plan twice
-        assert dev.ran == want * 4 and len(dev.sent) == 4 and len(dev._prefill_plans) == 1
-        dev._forget(x.storage.data.ptr, 4)  # the plan's residual is freed: the plan goes
-        assert not dev._prefill_plans
-        dev.skip_all_reduce = True
-        step, _ = make_step(dev, calls)
-        for _ in range(3):
-            dev.replay("prefill", step)
-        assert len(dev.sent) == 4 and len(calls) == 4 and len(dev.ran) == len(want) * 7
+    cls = tp_mod._make_nccl_device_class(_stand_in_cuda(), {"f32": 7, "f16": 6}, 0)
+    cls.tid = staticmethod(tp_mod._host_tid)  # NumPy storage: no CuPy pointer
+    layers = gguf.load(path).config.n_layers
+    for fail, skip in ((False, False), (True, False), (False, True)):
+        sent: list = []
+        dev = cls(0, SimpleNamespace(allReduce=lambda *a, sent=sent: sent.append(a[2:5])), rank=0)
+        dev.fail_decode_capture, dev.skip_all_reduce = fail, skip
+        model = Model(gguf.load(path), dev, n_ctx=64, all_reduce=dev.all_reduce)
+        try:
+            tokens, logits = greedy(Session(model), PROMPT, N_GREEDY)
+        finally:
+            model.close()
+        if skip:  # rank 0 alone, no all-reduce at all: still one model's output
+            assert not sent and tokens == reference[0]
+            continue
+        assert tokens == reference[0]
+        np.testing.assert_allclose(logits, reference[1], rtol=1e-4, atol=1e-4)
+        assert sent and all(dtype == 7 and op == 0 for _, dtype, op in sent)
+        for ops in dev.graphs.values():  # the folded schedule is what the backend recorded: matmul, add, all_reduce
+            names = [n for n, _ in ops]
+            assert names.count("all_reduce") == names.count("add") == 2 * layers
+            assert all(names[i - 1] == "add" for i, n in enumerate(names) if n == "all_reduce")
+        if fail:
+            assert dev._eager_steps and all(k not in dev.graphs for k in dev._eager_steps)
+            assert capsys.readouterr().err.count("decoding without graphs") == 1

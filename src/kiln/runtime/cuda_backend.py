@@ -252,6 +252,7 @@ def _tid(t: Tensor) -> int:
 class CudaDevice(OpRecorder, Device):
     backend = "cuda"
     kv_dtype = "f16"
+    records_steps = True  # model.py pads batches to buckets: one CUDA graph per decode bucket
     kernel_language = "cuda"
 
     def __init__(self, index: int | None = None):
@@ -285,7 +286,7 @@ class CudaDevice(OpRecorder, Device):
             "attention": {"f32", "f16"},
             "swiglu": {"f32", "f16"},
             "add": {"f32", "f16"},
-            "copy_row": {"f32", "f16", "i32"},
+            "gather_rows": {"f32", "f16", "i32"},
             "argmax": {"f32", "f16"},
         }
         self.stream = cupy.cuda.Stream(non_blocking=True)
@@ -306,9 +307,9 @@ class CudaDevice(OpRecorder, Device):
         self._cublas: _Cublas | _CupyCublas | None = None  # created on first use (_cublas_handle)
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
-        # argmax indices: argmax_into's two words, used in turn, and argmax's own (slot 2), each with an event
-        self._host_i32 = cupy.cuda.alloc_pinned_memory(12)
-        self._argmax_host = np.frombuffer(self._host_i32, np.int32, 3)
+        # argmax indices: argmax_into's two pinned host buffers, used in turn, and argmax/argmax_rows' own (slot 2),
+        # each with an event; grown to the rows asked for (a pending handle keeps its buffer alive)
+        self._token_host: list[np.ndarray] = [np.empty(0, np.int32)] * 3
         self._token_events = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(3)]
         self._token_turn = 0
         self.graphs_enabled = os.environ.get("KILN_CUDA_GRAPHS", "1") != "0"
@@ -731,10 +732,11 @@ class CudaDevice(OpRecorder, Device):
                 args += [np.uint64(0)] * 5 + [np.int32(0)]
         args.append(resid if resid is not None else np.uint64(0))
         if rope is not None:
-            pos, rp, hd, kc, vc = rope
+            kv, rp, hd, kc, vc = rope
             args += [
-                _ptr(pos),
-                _ptr(self._rope_table(rp, hd, kc.shape[1])),
+                _ptr(kv.pos),
+                _ptr(kv.slot),
+                _ptr(self._rope_table(rp, hd, kv.capacity)),
                 np.int32(hd),
                 np.int32(rp.neox),
                 _ptr(kc),
@@ -742,11 +744,12 @@ class CudaDevice(OpRecorder, Device):
                 np.int32(kc.shape[1]),
             ]
         else:
-            args += [np.uint64(0), np.uint64(0), np.int32(2), np.int32(0), np.uint64(0), np.uint64(0), np.int32(0)]
+            args += [np.uint64(0)] * 3 + [np.int32(2), np.int32(0), np.uint64(0), np.uint64(0), np.int32(0)]
         self._launch(k, grid, block, tuple(args), smem)
 
     def _rope_table(self, rope: Rope, hd: int, n_ctx: int):
-        """RoPE's float32 cos and sin [n_ctx, hd / 2, 2] for the fused QKV GEMV, made once per (rope, hd, n_ctx)
+        """RoPE's float32 cos and sin [n_ctx, hd / 2, 2] for the fused QKV GEMV (n_ctx: the table's capacity, past
+        every position), made once per (rope, hd, n_ctx)
         by Rope.cos_sin as numpy_backend.rope does, so the fused rotation matches the reference bit for bit."""
         key = ("rope", rope, hd, n_ctx)
         return self._host_table(key, lambda: np.stack(rope.cos_sin(np.arange(n_ctx), hd), axis=-1))
@@ -862,7 +865,7 @@ class CudaDevice(OpRecorder, Device):
             ),
         )
 
-    def _do_attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
+    def _do_attention(self, q, k, v, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim) -> None:
         if k_cache.dtype != "f16" or v_cache.dtype != "f16":
             raise UnsupportedOp(f"cuda attention keeps its KV cache in f16, got {k_cache.dtype}")
         T = q.shape[0]
@@ -875,7 +878,7 @@ class CudaDevice(OpRecorder, Device):
             (
                 _ptr(k),
                 _ptr(v),
-                _ptr(pos),
+                _ptr(kv.slot),
                 _ptr(k_cache),
                 _ptr(v_cache),
                 np.int32(T),
@@ -884,41 +887,97 @@ class CudaDevice(OpRecorder, Device):
                 np.int32(k_cache.shape[1]),
             ),
         )
-        self._attend(q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim)
+        self._attend(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim)
 
-    def _attend(self, q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim) -> None:
-        """Attention over cache rows <= pos[t] (the cache already holds this step's rows)."""
+    def _attend(self, q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim) -> None:
+        """Attention of each token over its sequence's positions 0..pos[t] (the caches already hold this step's
+        rows). Decode batches: one attn_decode.cu launch for all tokens. Otherwise per run, from the host's kv.runs:
+        each prompt chunk an attn_prefill.cu launch, each span of one-token runs an attn_decode.cu launch."""
         if head_dim % 8 or n_heads % n_kv_heads:
             raise UnsupportedOp(f"cuda attention needs head_dim % 8 == 0 and whole GQA groups (hd={head_dim})")
-        T, G, n_ctx = q.shape[0], n_heads // n_kv_heads, k_cache.shape[1]
-        if T == 1:
-            return self._attend_decode(q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim)
+        T = q.shape[0]
+        if kv.decode:
+            return self._attend_decode(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, 0, T)
+        span = None  # (first, tokens) of consecutive one-token runs
+        for first, n, row in kv.runs:
+            if n == 1:
+                span = (span[0], span[1] + 1) if span else (first, 1)
+                continue
+            if span:
+                self._attend_decode(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, *span)
+                span = None
+            self._attend_prefill(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, first, n, row)
+        if span:
+            self._attend_decode(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, *span)
+
+    @staticmethod
+    def _row_ptr(t: Tensor, row: int) -> np.uint64:
+        """Pointer to row `row` of a 2-D (or element `row` of a 1-D) tensor."""
+        per = t.size // t.shape[0]
+        return _ptr(t) + np.uint64(row * per * t.storage.itemsize)
+
+    def _attend_prefill(self, q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, first, n, row) -> None:
+        """One run: n consecutive tokens of the sequence in table row `row`, from token `first`."""
+        G = n_heads // n_kv_heads
         qt = next(c for c in (8, 4, 2, 1) if (G * c <= 32 and _prefill_smem(G * c, head_dim) <= _ATT_SMEM) or c == 1)
         if _prefill_smem(G * qt, head_dim) > _ATT_SMEM:
             raise UnsupportedOp(f"cuda attention: {G} query heads per KV head of dim {head_dim} exceed shared memory")
         k = self._kernel("attn_prefill.cu", "attention", HD=head_dim, G=G, QT=qt, TILE=_ATT_TILE, DT=_DT[q.dtype])
-        args = (_ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pos), _ptr(out), np.int32(T), np.int32(n_heads))
-        self._launch(k, (n_kv_heads, -(-T // qt)), 128, (*args, np.int32(n_ctx), np.float32(1.0 / math.sqrt(head_dim))))
+        args = (
+            self._row_ptr(q, first),
+            _ptr(k_cache),
+            _ptr(v_cache),
+            self._row_ptr(kv.pos, first),
+            self._row_ptr(kv.table, row),
+            np.int32(kv.block_size),
+            self._row_ptr(out, first),
+            np.int32(n),
+            np.int32(n_heads),
+            np.int32(k_cache.shape[1]),
+            np.float32(1.0 / math.sqrt(head_dim)),
+        )
+        self._launch(k, (n_kv_heads, -(-n // qt)), 128, args)
 
-    def _attend_decode(self, q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim) -> None:
-        """One token: attn_decode.cu with the largest key tile that fits shared memory, one block per tile of the
-        context (at most attn_max_splits blocks per KV head; past that each block takes several tiles) and per group
-        of G query heads (the largest divisor of the GQA group up to attn_heads_per_block)."""
-        GQ, n_ctx = n_heads // n_kv_heads, k_cache.shape[1]
+    def _attend_decode(self, q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, first, T) -> None:
+        """T one-token rows from token `first` (each its sequence's only token in the step): attn_decode.cu with the
+        largest key tile that fits shared memory, per token one block per tile of the context (at most
+        attn_max_splits blocks per KV head, fewer when many tokens fill the GPU anyway; past that each block takes
+        several tiles) and per group of G query heads (the largest divisor of the GQA group up to
+        attn_heads_per_block). The split count comes from kv.capacity, the same for every step of a recorded shape."""
+        GQ = n_heads // n_kv_heads
         most = self.attn_heads_per_block or _ATT_HEADS_PER_BLOCK
         G = max(g for g in range(1, GQ + 1) if GQ % g == 0 and g <= most)
         tiles = [c for c in (self.attn_tile or 128, 64, 32) if _decode_smem(G, head_dim, c) <= _ATT_SMEM]
         if not tiles:
             raise UnsupportedOp(f"cuda attention: {G} query heads per KV head of dim {head_dim} exceed shared memory")
         ch = tiles[0]
-        ns = max(1, min(-(-n_ctx // ch), self.attn_max_splits, ch * (head_dim + 8) // (2 * G)))  # merge fits tiles
-        part = self._scratch_array("attn_part", ns * n_heads * head_dim * 4)
-        ml = self._scratch_array("attn_ml", ns * n_heads * 8)
-        ticket = self._scratch_array("attn_ticket", n_heads * 4, zero=True)  # one per block of heads
+        ns = max(1, min(-(-kv.capacity // ch), self.attn_max_splits, ch * (head_dim + 8) // (2 * G)))  # merge fits
+        if T > 1:  # enough blocks without splitting further: fewer partials to merge
+            ns = max(1, min(ns, -(-4 * self.sm_count // (T * n_kv_heads * (GQ // G)))))
+        if T * (GQ // G) > 65535:
+            raise UnsupportedOp(f"cuda attention: {T} decode rows exceed the grid")
+        part = self._scratch_array(f"attn_part{T}", ns * T * n_heads * head_dim * 4)
+        ml = self._scratch_array(f"attn_ml{T}", ns * T * n_heads * 8)
+        ticket = self._scratch_array(f"attn_ticket{T}", T * n_heads * 4, zero=True)  # one per block of heads
         k = self._kernel("attn_decode.cu", "attn_decode", HD=head_dim, GQ=GQ, G=G, CH=ch, DT=_DT[q.dtype])
-        args = (_ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pos), _ptr(out), _ptr(part), _ptr(ml), _ptr(ticket))
-        scale = np.float32(1.0 / math.sqrt(head_dim))
-        self._launch(k, (ns, n_kv_heads, GQ // G), 128, (*args, np.int32(n_heads), np.int32(n_ctx), scale))
+        args = (
+            self._row_ptr(q, first),
+            _ptr(k_cache),
+            _ptr(v_cache),
+            self._row_ptr(kv.pos, first),
+            self._row_ptr(kv.seq, first),
+            _ptr(kv.table),
+            np.int32(kv.table.shape[1]),
+            np.int32(kv.block_size),
+            self._row_ptr(out, first),
+            _ptr(part),
+            _ptr(ml),
+            _ptr(ticket),
+            np.int32(n_heads),
+            np.int32(k_cache.shape[1]),
+            np.float32(1.0 / math.sqrt(head_dim)),
+        )
+        self._launch(k, (ns, n_kv_heads, GQ // G * T), 128, args)
 
     def _elementwise(self, name: str, a, b, out) -> None:
         n = out.size
@@ -931,66 +990,63 @@ class CudaDevice(OpRecorder, Device):
     def _do_add(self, a, b, out) -> None:
         self._elementwise("add", a, b, out)
 
-    def _do_copy_row(self, x, row, out) -> None:
-        n16 = out.nbytes // 2
-        src = _ptr(x) + np.uint64(row * (x.size // x.shape[0]) * x.storage.itemsize)
-        k = self._kernel("elementwise.cu", "copy16", DT=0)
-        self._launch(k, self._blocks(n16), 256, (src, _ptr(out), np.int32(n16)))
+    def _do_gather_rows(self, x, rows, out) -> None:
+        R = rows.shape[0]
+        if out.shape[0] != R or x.dtype != out.dtype or x.size // x.shape[0] != out.size // R:
+            raise ValueError(f"gather_rows: {R} rows of {x.shape} {x.dtype} into {out.shape} {out.dtype}")
+        words = out.nbytes // R // 2
+        k = self._kernel("elementwise.cu", "gather_rows", DT=0)
+        self._launch(k, self._blocks(R * words), 256, (_ptr(x), _ptr(rows), _ptr(out), np.int32(R), np.int32(words)))
 
     def argmax(self, x: Tensor) -> int:
-        return self.read_token(self._argmax_to_host(x, 2))  # not a word a pending argmax_into may still hold
+        return self.read_tokens(self._argmax_start(x, 2, rows=1))[0]
+
+    def argmax_rows(self, x: Tensor) -> list[int]:
+        return self.read_tokens(self._argmax_start(x, 2))
 
     def argmax_into(self, x: Tensor, ids: Tensor) -> Any:
-        """The index goes to ids on the device and to one of two pinned host words (in turn: the previous token may
-        not have been read yet); read_token waits for its event, so the next step is launched before the host
+        """The indices go to ids on the device and to one of two pinned host buffers (in turn: the previous tokens
+        may not have been read yet); read_tokens waits for its event, so the next step is launched before the host
         waits."""
         self._token_turn ^= 1
-        return self._argmax_to_host(x, self._token_turn, ids)
+        return self._argmax_start(x, self._token_turn, ids)
 
-    def read_token(self, handle: Any) -> int:
-        slot, event = handle
+    def read_tokens(self, handle: Any) -> list[int]:
+        host, event = handle
         event.synchronize()
-        return int(self._argmax_host[slot])
+        return [int(i) for i in host]
 
-    def _argmax_to_host(self, x: Tensor, slot: int, ids: Tensor | None = None) -> tuple:
-        """Launch the argmax of x, copy its index into ids (if given) and into pinned host word `slot`."""
+    def _argmax_start(self, x: Tensor, slot: int, ids: Tensor | None = None, rows: int | None = None) -> tuple:
+        """Launch the argmax of each row of x (the first `rows`) into ids (or a scratch vector), and copy the
+        indices into pinned host buffer `slot`; returns (host indices, event)."""
         if self._rec is not None:
             raise _NotRecordable("argmax")
-        n = x.size
-        blocks = min(self._blocks(n, 1024), 4 * self.sm_count)
+        N = x.shape[-1]
+        R = x.size // N if rows is None else rows
+        if ids is not None and (ids.dtype != "i32" or ids.size < R):
+            raise ValueError(f"argmax_into: {R} rows into ids {ids.shape} {ids.dtype}")
         with self.stream:
-            ws = self._scratch_array("argmax", blocks * 8 + 16, zero=True)
-            base = ws.data.ptr
-            k = self._kernel("elementwise.cu", "argmax", DT=_DT[x.dtype])
-            self._launch(
-                k,
-                blocks,
-                1024,
-                (
-                    _ptr(x),
-                    np.int32(n),
-                    np.uint64(base + 16),
-                    np.uint64(base + 16 + 4 * blocks),
-                    np.uint64(base),
-                    np.uint64(base + 4),
-                ),
-            )
-        copy = cupy.cuda.runtime.memcpyAsync
-        if ids is not None:
-            copy(int(_ptr(ids)), base + 4, 4, cupy.cuda.runtime.memcpyDeviceToDevice, self.stream.ptr)
-        copy(self._host_i32.ptr + 4 * slot, base + 4, 4, cupy.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
+            dst = _ptr(ids) if ids is not None else _ptr(self._scratch_array("argmax_ids", 4 * R))
+            k = self._kernel("elementwise.cu", "argmax_rows", DT=_DT[x.dtype])
+            self._launch(k, R, 1024, (_ptr(x), np.int32(N), dst))
+        if self._token_host[slot].size < R:
+            self._token_host[slot] = np.frombuffer(cupy.cuda.alloc_pinned_memory(4 * R), np.int32, R)
+        host = self._token_host[slot][:R]
+        cupy.cuda.runtime.memcpyAsync(
+            host.ctypes.data, int(dst), 4 * R, cupy.cuda.runtime.memcpyDeviceToHost, self.stream.ptr
+        )
         self._token_events[slot].record(self.stream)
-        return slot, self._token_events[slot]
+        return host, self._token_events[slot]
 
     # --- fused decode ops (from the fusion pass) ----------------------------------------------------------------
-    def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, rope, hd, kc, vc) -> None:
+    def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, kv, rope, hd, kc, vc) -> None:
         self._gemv(
             _ptr(x),
             wq.shape[1],
             [(wq, bq, _ptr(q)), (wk, bk, _ptr(k)), (wv, bv, _ptr(v))],
             mode=3,
             norm=norm,
-            rope=(pos, rope, hd, kc, vc),
+            rope=(kv, rope, hd, kc, vc),
         )
 
     def _do_gemv_glu(self, x, norm, wg, wu, out, up) -> None:
@@ -1002,43 +1058,47 @@ class CudaDevice(OpRecorder, Device):
     def _do_gemv_norm(self, x, norm, w, bias, out) -> None:
         self._gemv(_ptr(x), w.shape[1], [(w, bias, _ptr(out))], norm=norm)
 
-    def _do_attend(self, q, kc, vc, pos, out, n_heads, n_kv_heads, head_dim) -> None:
-        self._attend(q, kc, vc, pos, out, n_heads, n_kv_heads, head_dim)
+    def _do_attend(self, q, kc, vc, kv, out, n_heads, n_kv_heads, head_dim) -> None:
+        self._attend(q, kc, vc, kv, out, n_heads, n_kv_heads, head_dim)
 
     # --- replay: record, fuse, capture --------------------------------------------------------------------------
     def replay(self, key: Any, step) -> None:
+        """`key` names the step fully (model.py: model and cache uids, bucket shape, runs unless decode): a step of a
+        known key launches its graph. A new decode step (every attention op's batch one-token runs) is recorded,
+        fused where T == 1, run and captured; other steps get a graph the second time their key is seen."""
         if not self.graphs_enabled:
             return step()
-        gkey = (key, _closure_ids(step))
-        g = self._graphs.get(gkey)
+        g = self._graphs.get(key)
         if g is not None:
             g.graph.launch(stream=self.stream)
             return
-        if gkey in self._eager_keys:
+        if key in self._eager_keys:
             return step()
         self._rec = []
         try:
             step()
         except _NotRecordable:
-            self._eager_keys.add(gkey)  # nothing recorded has run yet: start over eagerly
+            self._eager_keys.add(key)  # nothing recorded has run yet: start over eagerly
             self._rec = None
             return step()
         finally:
             ops, self._rec = self._rec, None
-        decode = all(_tokens(name, args) == 1 for name, args in ops)
-        plan = self._fuser.fuse(ops) if decode and self.fuse_enabled else self._group_matmuls(ops)
+        kvs = [args[5] for name, args in ops if name == "attention"]
+        decode = all(kv.decode for kv in kvs) if kvs else all(_tokens(name, args) == 1 for name, args in ops)
+        single = all(_tokens(name, args) == 1 for name, args in ops)
+        plan = self._fuser.fuse(ops) if decode and single and self.fuse_enabled else self._group_matmuls(ops)
         self._run(plan)  # this step's result; also compiles kernels and sizes scratch before capture
-        seen = self._seen[gkey] = self._seen.get(gkey, 0) + 1
+        seen = self._seen[key] = self._seen.get(key, 0) + 1
         if decode:
-            self._capture(gkey, plan)
-            self._plans[gkey] = plan
-        elif seen >= 2:  # a prefill size seen again (chunked prompts, benchmarks): worth a graph
+            self._capture(key, plan)
+            self._plans[key] = plan
+        elif seen >= 2:  # a prefill shape seen again (chunked prompts, benchmarks): worth a graph
             try:
                 # Not _capture(): a prefill graph that fails must not switch programmatic dependent launch off for
                 # the decode graphs too.
-                self._capture_once(gkey, plan)
+                self._capture_once(key, plan)
             except Exception:
-                self._eager_keys.add(gkey)
+                self._eager_keys.add(key)
 
     def _group_matmuls(self, ops: list) -> list:
         plan = []
@@ -1106,20 +1166,3 @@ def _tokens(name: str, args) -> int:
     """Rows of the op's activations (the batch size T) as recorded."""
     t = args[{"embed": 2}.get(name, 0)]
     return t.shape[0] if len(t.shape) > 1 or name == "embed" else 1
-
-
-def _closure_ids(step) -> tuple:
-    """What identifies a step across calls: the objects it closes over (the model and its activations), not the
-    numbers (positions and lengths are read from device tensors). Keeps two models' graphs apart."""
-    ids = []
-    for cell in getattr(step, "__closure__", None) or ():
-        try:
-            v = cell.cell_contents
-        except ValueError:
-            continue
-        if not isinstance(v, (int, float, str, bytes, bool, type(None))):
-            ids.append(id(v))
-    owner = getattr(step, "__self__", None)
-    if owner is not None:
-        ids.append(id(owner))
-    return tuple(ids)

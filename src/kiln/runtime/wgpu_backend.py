@@ -126,7 +126,7 @@ class _IndexedReads:
     only when *all* submitted work is done. Reading greedy token t, with step t + 1 already submitted, so waited for
     step t + 1 as well, and the GPU idled while the host took the token and submitted step t + 2. Waiting for the
     copy's own submission lets step t + 1 run on meanwhile (H200, one process: TinyLlama decode 623 -> 671 tok/s).
-    None where wgpu-py is not on wgpu-native (read_token then maps the usual way)."""
+    None where wgpu-py is not on wgpu-native (read_tokens then maps the usual way)."""
 
     def __init__(self, device, queue):
         api = self._api = _wgpu_native
@@ -145,11 +145,11 @@ class _IndexedReads:
         handles = self._api.new_array("WGPUCommandBuffer[]", [b._internal for b in command_buffers])
         return self._api.libf.wgpuQueueSubmitForIndex(self._queue, len(command_buffers), handles)
 
-    def read_word(self, staging, index: int) -> int:
-        """The first 4 bytes of MAP_READ buffer `staging`, once submission `index` (which fills it) has finished."""
+    def read_words(self, staging, index: int, n: int) -> list[int]:
+        """The first n u32s of MAP_READ buffer `staging`, once submission `index` (which fills it) has finished."""
         api, libf = self._api, self._api.libf
         self._statuses.clear()
-        libf.wgpuBufferMapAsync(staging._internal, api.lib.WGPUMapMode_Read, 0, 4, self._info)
+        libf.wgpuBufferMapAsync(staging._internal, api.lib.WGPUMapMode_Read, 0, 4 * n, self._info)
         libf.wgpuDevicePoll(self._device, True, api.ffi.new("WGPUSubmissionIndex *", index))  # runs the callback
         deadline = time.monotonic() + 10.0
         while not self._statuses and time.monotonic() < deadline:  # another thread's poll may be running it
@@ -157,7 +157,8 @@ class _IndexedReads:
         if self._statuses != [api.lib.WGPUMapAsyncStatus_Success]:
             raise RuntimeError(f"wgpu: mapping the token buffer failed (status {self._statuses})")
         try:
-            return int(api.ffi.cast("uint32_t *", libf.wgpuBufferGetConstMappedRange(staging._internal, 0, 4))[0])
+            words = api.ffi.cast("uint32_t *", libf.wgpuBufferGetConstMappedRange(staging._internal, 0, 4 * n))
+            return [int(words[i]) for i in range(n)]
         finally:
             libf.wgpuBufferUnmap(staging._internal)
 
@@ -335,6 +336,7 @@ class WgpuKernel:
 
 class WgpuDevice(OpRecorder, Device):
     backend = "wgpu"
+    records_steps = True  # decode steps are recorded per batch shape (replay)
 
     def __init__(self, index: int | None = None, timestamps: bool = False):
         """index: the adapter (None: the preferred one). timestamps: request the features timeline() needs."""
@@ -399,7 +401,7 @@ class WgpuDevice(OpRecorder, Device):
             "attention": acts,
             "swiglu": acts,
             "add": acts,
-            "copy_row": acts | {"i32"},
+            "gather_rows": acts | {"i32"},
             "argmax": acts,
         }
         self.queue = self.device.queue
@@ -415,7 +417,7 @@ class WgpuDevice(OpRecorder, Device):
         self._scratch: dict[tuple, Tensor] = {}  # internal tensors (attention partials, argmax result, ...)
         self._rope_tables: dict[tuple, Any] = {}
         self._staging = None
-        self._token_staging: list = []  # argmax_into's two staging buffers, used in turn
+        self._token_staging: dict[int, list] = {}  # argmax_into's staging buffers: two per size, used in turn
         self._indexed = _IndexedReads(self.device, self.queue) if _wgpu_native else None
         self._token_turn = 0
         self._encoder = self._pass = None
@@ -711,14 +713,14 @@ class WgpuDevice(OpRecorder, Device):
         self._forget_steps()
 
     def replay(self, key: Any, step) -> None:
-        """Decode steps (T == 1) are recorded once, then re-encoded from the list: no per-op Python work per token.
-        Valid because every per-token input (ids, positions, KV length) is read from device buffers.
+        """Decode steps (every attention run one token long) are recorded once per key (the caller's full identity
+        of the step), then re-encoded from the list: no per-op Python work per token. Valid because every per-step
+        input (ids, positions, slots, block tables) is read from device buffers and a decode step's dispatches
+        depend only on its shapes. Other steps (prompt chunks: dispatches per run) run op by op.
 
-        Recording runs the step's ops as (name, args) first, rewrites them with the fusion pass (fusion.py: norm +
-        QKV + RoPE + KV write, norm + gate/up + SwiGLU, matmul + residual add, norm + matmul) unless
-        KILN_WGPU_FUSE=0, then runs the plan and keeps its dispatches."""
-        if key[-1] != 1:
-            return step()
+        Recording runs the step's ops as (name, args) first, rewrites steps of one token with the fusion pass
+        (fusion.py: norm + QKV + RoPE + KV write, norm + gate/up + SwiGLU, matmul + residual add, norm + matmul)
+        unless KILN_WGPU_FUSE=0, then runs the plan and keeps its dispatches."""
         recorded = self._steps.get(key)
         if recorded is None:
             self._rec = []
@@ -726,7 +728,12 @@ class WgpuDevice(OpRecorder, Device):
                 step()
             finally:
                 ops, self._rec = self._rec, None
-            plan = self._fuser.fuse(ops) if self.fuse_enabled else ops
+            if not all(args[5].decode for name, args in ops if name == "attention"):
+                for name, args in ops:
+                    self._run_op(name, args)
+                return
+            one_token = all(args[0].shape[0] == 1 for name, args in ops if name == "matmul")
+            plan = self._fuser.fuse(ops) if self.fuse_enabled and one_token else ops
             self._recording = []
             try:
                 for name, args in plan:
@@ -901,7 +908,7 @@ class WgpuDevice(OpRecorder, Device):
 
     def _gemv_ok(self, x: Tensor, *weights: Weight) -> bool:
         """One gemv.wgsl dispatch can take x with these weights: f32 x, one part each (no row split), the same
-        format and K, and few enough storage bindings for this adapter (12 besides the weights' arrays)."""
+        format and K, and few enough storage bindings for this adapter (13 besides the weights' arrays)."""
         w0 = weights[0]
         if x.dtype != "f32" or (self.gemv_rpw or 2) % 2 or len(x.shape) != 2:  # QKV: RoPE pairs in a workgroup
             return False
@@ -916,13 +923,13 @@ class WgpuDevice(OpRecorder, Device):
             ):
                 return False
             arrays += len(w.storage[0].buffers)
-        return 12 + arrays <= self.max_storage_buffers
+        return 13 + arrays <= self.max_storage_buffers
 
     # --- fused decode ops (from the fusion pass, T == 1) --------------------------------------------------------
     def _bias_binding(self, index: int, bias) -> tuple:
         return self._bind_buffer(index, bias.storage if bias is not None else self._dummy)
 
-    def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, pos, rope, hd, kc, vc) -> None:
+    def _do_gemv_qkv(self, x, norm, wq, wk, wv, bq, bk, bv, q, k, v, kv, rope, hd, kc, vc) -> None:
         ws = (wq, wk, wv)
         bindings = [
             self._bind(2, q),
@@ -931,10 +938,11 @@ class WgpuDevice(OpRecorder, Device):
             self._bind(6, v),
             self._bias_binding(7, bk),
             self._bias_binding(17, bv),
-            self._bind(18, pos),
+            self._bind(18, kv.pos),
             self._bind(19, kc),
             self._bind(20, vc),
             self._bind_buffer(21, self._rope_table(rope, hd)),
+            self._bind(22, kv.slot),
         ]
         bits = sum(1 << i for i, b in enumerate((bq, bk, bv)) if b is not None)
         self._gemv(
@@ -1107,7 +1115,7 @@ class WgpuDevice(OpRecorder, Device):
             _groups(-(-n // 64)),
         )
 
-    def _do_attention(self, q, k, v, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim, n_kv) -> None:
+    def _do_attention(self, q, k, v, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim) -> None:
         self.require_op("attention", q.dtype)
         self._check_head_dim(head_dim)
         T = q.shape[0]
@@ -1121,11 +1129,11 @@ class WgpuDevice(OpRecorder, Device):
                 self._bind(2, v),
                 self._bind(3, k_cache),
                 self._bind(4, v_cache),
-                self._bind(5, pos),
+                self._bind(5, kv.slot),
             ],
             _groups(-(-T * width // 64)),
         )
-        self._do_attend(q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim)
+        self._do_attend(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim)
 
     @staticmethod
     def _check_head_dim(head_dim: int) -> None:
@@ -1152,35 +1160,57 @@ class WgpuDevice(OpRecorder, Device):
         self.attn_kernel = kernel
         self.attn_splits, self.attn_chunk = shape or _ATTN_SHAPES[kernel][self.cpu_adapter]
 
-    def _do_attend(self, q, k_cache, v_cache, pos, out, n_heads, n_kv_heads, head_dim) -> None:
-        """Attention over cache rows <= pos[t] (the caches already hold this step's keys and values)."""
+    def _do_attend(self, q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim) -> None:
+        """Attention of each token over its sequence's positions <= pos[t], read through the block table (the caches
+        already hold this step's keys and values). A decode step is one decode dispatch over all tokens; otherwise
+        each prompt run gets a prefill dispatch and each span of one-token runs a decode dispatch."""
         self._check_head_dim(head_dim)
         T = q.shape[0]
-        n_ctx = k_cache.shape[1]
         types = {"act": q.dtype, "kv": k_cache.dtype}
-        inputs = [self._bind(1, q), self._bind(2, k_cache), self._bind(3, v_cache), self._bind(4, pos)]
-        shape = (T, n_heads, n_kv_heads, n_ctx, head_dim)
-        if T > 1:
-            params = self._attn_params(shape, 1)
+        inputs = [
+            self._bind(1, q),
+            self._bind(2, k_cache),
+            self._bind(3, v_cache),
+            self._bind(4, kv.pos),
+            self._bind(8, kv.seq),
+            self._bind(9, kv.table),
+        ]
+        shape = (T, n_heads, n_kv_heads, k_cache.shape[1], head_dim, kv.block_size, kv.table.shape[1])
+        if kv.decode:
+            return self._attend_decode(shape, types, inputs, out, 0, T)
+        span = None  # (first, tokens) of consecutive one-token runs
+        for first, n, _ in kv.runs:
+            if n == 1:
+                span = (span[0], span[1] + 1) if span else (first, 1)
+                continue
+            if span:
+                self._attend_decode(shape, types, inputs, out, *span)
+                span = None
             self._dispatch(
                 self._pipeline("attn_prefill", HD=head_dim, **types),
-                [params, *inputs, self._bind(5, out)],
-                (-(-T // 64), n_heads, 1),
+                [self._attn_params(shape, 1, first, n), *inputs, self._bind(5, out)],
+                (-(-n // 64), n_heads, 1),
             )
-        elif self.attn_kernel == "v1":
-            self._attend_split_combine(shape, types, inputs, out)
+        if span:
+            self._attend_decode(shape, types, inputs, out, *span)
+
+    def _attend_decode(self, shape: tuple, types: dict, inputs: list, out, t0: int, n: int) -> None:
+        """The decode kernel over tokens t0 .. t0 + n (one workgroup row per token, each of its own sequence)."""
+        n_heads, n_kv_heads = shape[1], shape[2]
+        if self.attn_kernel == "v1":
+            self._attend_split_combine(shape, types, inputs, out, t0, n)
         else:
             v3 = self.attn_kernel == "v3" or (self.attn_v3_without_gqa and n_heads == n_kv_heads)
-            self._attend_one_dispatch(shape, types, inputs, out, "v3" if v3 else "v2")
+            self._attend_one_dispatch(shape, types, inputs, out, "v3" if v3 else "v2", t0, n)
 
-    def _attn_params(self, shape: tuple, splits: int) -> tuple:
-        T, n_heads, n_kv_heads, n_ctx, head_dim = shape
+    def _attn_params(self, shape: tuple, splits: int, t0: int, n: int) -> tuple:
+        T, n_heads, n_kv_heads, n_ctx, head_dim, block, width = shape
         scale = float(np.float32(1.0 / np.sqrt(head_dim)))
-        return self._bind_params(T, n_heads, n_kv_heads, n_ctx, splits, scale)  # attn_params.wgsl
+        return self._bind_params(T, n_heads, n_kv_heads, n_ctx, splits, scale, t0, n, block, width)  # attn_params
 
-    def _attend_split_combine(self, shape: tuple, types: dict, inputs: list, out) -> None:
+    def _attend_split_combine(self, shape: tuple, types: dict, inputs: list, out, t0: int, n: int) -> None:
         """v1: attn_decode (fixed splits, chunks strided over them) then attn_combine; one split: no combine."""
-        T, n_heads, n_kv_heads, n_ctx, head_dim = shape
+        T, n_heads, n_kv_heads, n_ctx, head_dim = shape[:5]
         chunk = self.attn_chunk
         splits = max(1, min(self.attn_splits, -(-n_ctx // chunk)))
         direct = int(splits == 1 and out.dtype == "f32")  # one dispatch: the kernel writes the output itself
@@ -1189,25 +1219,25 @@ class WgpuDevice(OpRecorder, Device):
             partial = self._internal(
                 ("attn_partial", T, n_heads, splits, head_dim), (T * n_heads * splits * (head_dim + 2),)
             )
-        params = self._attn_params(shape, splits)
+        params = self._attn_params(shape, splits, t0, n)
         nv = head_dim // 4
         gq = n_heads // n_kv_heads
         self._dispatch(
             self._pipeline("attn_decode", HD=head_dim, NV=nv, G=64 // nv, GQ=gq, CHUNK=chunk, DIRECT=direct, **types),
             [params, *inputs, self._bind(5, partial)],
-            (splits, n_kv_heads, T),
+            (splits, n_kv_heads, n),
         )
         if not direct:
             self._dispatch(
                 self._pipeline("attn_combine", HD=head_dim, NS=splits, act=types["act"]),
                 [params, self._bind(1, partial), self._bind(2, out)],
-                (n_heads, T, 1),
+                (n_heads, n, 1),
             )
 
-    def _attend_one_dispatch(self, shape: tuple, types: dict, inputs: list, out, version: str) -> None:
+    def _attend_one_dispatch(self, shape: tuple, types: dict, inputs: list, out, version: str, t0: int, n: int) -> None:
         """v2 / v3: attn_decode2 / attn_decode3, splits merged by the last one to finish (atomic tickets, zero
         between dispatches; both kernels share them)."""
-        T, n_heads, n_kv_heads, n_ctx, head_dim = shape
+        T, n_heads, n_kv_heads, n_ctx, head_dim = shape[:5]
         kernel, make_defs = {"v2": ("attn_decode2", self._attn2_defs), "v3": ("attn_decode3", self._attn3_defs)}[
             version
         ]
@@ -1222,13 +1252,13 @@ class WgpuDevice(OpRecorder, Device):
         self._dispatch(
             self._pipeline(kernel, **defs, **types),
             [
-                self._attn_params(shape, ns),
+                self._attn_params(shape, ns, t0, n),
                 *inputs,
                 self._bind(5, out),
                 self._bind(6, part),
                 self._bind_buffer(7, tickets),
             ],
-            (ns, n_kv_heads, T),
+            (ns, n_kv_heads, n),
         )
 
     def _attn2_defs(self, head_dim: int, gq: int, n_ctx: int, kv_dtype: str) -> dict:
@@ -1302,55 +1332,71 @@ class WgpuDevice(OpRecorder, Device):
             "NW": max(2 * fb * wg, 2 * wg, rows * hb * nv),
         }
 
-    def _elementwise(self, entry: str, dtype: str, n: int, a: Tensor, b: Tensor | None, out: Tensor, row=0) -> None:
+    def _elementwise(self, entry: str, dtype: str, n: int, a: Tensor, b: Tensor | None, out: Tensor, width=0) -> None:
         pipeline = self._pipeline("elementwise", entry=entry, act=dtype)
-        bindings = [self._bind_params(n, row), self._bind(1, a), self._bind(3, out)]
+        bindings = [self._bind_params(n, width), self._bind(1, a), self._bind(3, out)]
         if b is not None:
             bindings.insert(2, self._bind(2, b))
-        self._dispatch(pipeline, bindings, _groups(-(-n // 256)))
+        return pipeline, bindings
 
     def _do_swiglu(self, gate, up, out) -> None:
         self.require_op("swiglu", gate.dtype)
-        self._elementwise("swiglu", gate.dtype, gate.size, gate, up, out)
+        pipeline, bindings = self._elementwise("swiglu", gate.dtype, gate.size, gate, up, out)
+        self._dispatch(pipeline, bindings, _groups(-(-gate.size // 256)))
 
     def _do_add(self, a, b, out) -> None:
         self.require_op("add", a.dtype)
-        self._elementwise("add", a.dtype, a.size, a, b, out)
+        pipeline, bindings = self._elementwise("add", a.dtype, a.size, a, b, out)
+        self._dispatch(pipeline, bindings, _groups(-(-a.size // 256)))
 
-    def _do_copy_row(self, x, row, out) -> None:
-        self.require_op("copy_row", x.dtype)
-        self._elementwise("copy_row", x.dtype, x.size // x.shape[0], x, None, out, row)
+    def _do_gather_rows(self, x, rows, out) -> None:
+        self.require_op("gather_rows", x.dtype)
+        width = x.size // x.shape[0]
+        pipeline, bindings = self._elementwise("gather_rows", x.dtype, out.size, x, None, out, width)
+        self._dispatch(pipeline, [*bindings, self._bind(4, rows)], _groups(-(-out.size // 256)))
 
-    def _argmax_to(self, x: Tensor, out: Tensor) -> None:
-        """Record the argmax kernel: the index of x's largest value into out[0] (a u32 or i32 tensor)."""
+    def _argmax_to(self, x: Tensor, out: Tensor, rows: int) -> None:
+        """Record the argmax kernel: the index of the largest value of each of x's first `rows` rows into out[r]
+        (a u32 or i32 tensor), one workgroup per row."""
         self.require_op("argmax", x.dtype)
+        if len(x.shape) > 2 or out.size < rows:
+            raise ValueError(f"argmax: x must be [R, N] and ids hold R values (got {x.shape} into {out.shape})")
         self._dispatch(
             self._pipeline("argmax", act=x.dtype, WG=self.argmax_wg),
-            [self._bind_params(x.size), self._bind(1, x), self._bind(2, out)],
-            (1, 1, 1),
+            [self._bind_params(x.shape[-1]), self._bind(1, x), self._bind(2, out)],
+            (rows, 1, 1),
         )
 
     def argmax(self, x: Tensor) -> int:
-        result = self._internal(("argmax",), (1,), "u32")
-        self._argmax_to(x, result)
+        result = self._internal(("argmax", 1), (1,), "u32")
+        self._argmax_to(x, result, 1)
         return int(self.download(result)[0])
 
-    def argmax_into(self, x: Tensor, ids: Tensor) -> Any:
-        """The argmax kernel writes the index straight into ids (the next step's input) and a copy goes to one of
-        two small staging buffers, read by read_token: the next step is submitted before the host waits."""
-        self._argmax_to(x, ids)
-        if not self._token_staging:
-            self._token_staging = [self._map_buffer(256) for _ in range(2)]
-        staging = self._token_staging[self._token_turn]
-        self._token_turn ^= 1  # two in turn: the previous token may not have been read yet
-        buf, offset, _ = ids.storage
-        return staging, self._submit_copy(buf, offset, staging, 4)
+    def argmax_rows(self, x: Tensor) -> list[int]:
+        R = x.shape[0]
+        result = self._internal(("argmax", R), (R,), "u32")
+        self._argmax_to(x, result, R)
+        return [int(i) for i in self.download(result)]
 
-    def read_token(self, handle: Any) -> int:
-        staging, index = handle
+    def argmax_into(self, x: Tensor, ids: Tensor) -> Any:
+        """The argmax kernel writes each row's index straight into ids (the next step's input) and a copy goes to
+        one of two small staging buffers, read by read_tokens: the next step is submitted before the host waits."""
+        R = x.shape[0]
+        self._argmax_to(x, ids, R)
+        size = self.pool.bucket(4 * R)  # a pair per size: a handle of another size may still be unread
+        pair = self._token_staging.get(size)
+        if pair is None:
+            pair = self._token_staging[size] = [self._map_buffer(size) for _ in range(2)]
+        staging = pair[self._token_turn]
+        self._token_turn ^= 1  # two in turn: the previous tokens may not have been read yet
+        buf, offset, _ = ids.storage
+        return staging, self._submit_copy(buf, offset, staging, 4 * R), R
+
+    def read_tokens(self, handle: Any) -> list[int]:
+        staging, index, R = handle
         if self._indexed:
-            return self._indexed.read_word(staging, index)
-        return int(self._read_mapped(staging, 4).view(np.uint32)[0])
+            return self._indexed.read_words(staging, index, R)
+        return [int(i) for i in self._read_mapped(staging, 4 * R).view(np.uint32)]
 
     # --- lifetime -----------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -1374,9 +1420,10 @@ class WgpuDevice(OpRecorder, Device):
         if self._staging is not None:
             self._staging.destroy()
             self._staging = None
-        for buf in self._token_staging:
-            buf.destroy()
-        self._token_staging = []
+        for pair in self._token_staging.values():
+            for buf in pair:
+                buf.destroy()
+        self._token_staging = {}
         self._rope_tables.clear()
         self._bind_groups.clear()
         self._forget_steps()

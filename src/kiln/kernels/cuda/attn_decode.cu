@@ -1,16 +1,21 @@
-// Decode attention (one query token) over the f16 KV cache with GQA: online softmax, f32 accumulation.
+// Decode attention (one query token per sequence, T sequences per launch) over the paged f16 KV cache pools with GQA:
+// online softmax, f32 accumulation. Token t attends positions 0..pos[t] of the sequence in row seq[t] of the block
+// table [S, W]; position j is pool row table[seq[t] * W + j / B] * B + j % B.
 // Constants: HD (head dim, a multiple of 8), GQ (query heads per KV head), G (query heads per block, a divisor of
 // GQ), CH (keys per tile), DT.
 //
-// grid = (NS, Hkv, GQ / G), THREADS threads. Block (s, h, z) serves query heads z G .. z G + G - 1 of KV head h: fewer
+// grid = (NS, Hkv, GQ / G * T), THREADS threads. Block (s, h, t GQ / G + z) serves query heads z G .. z G + G - 1 of
+// KV head h for token t: fewer
 // heads per block spread one KV head's work over more SMs (decode attention is latency, not bandwidth: the K/V tile
-// is re-read from L2 by each of the GQ / G blocks). The n_kv = pos[0] + 1 keys
+// is re-read from L2 by each of the GQ / G blocks). The n_kv = pos[t] + 1 keys
 // form tiles of CH; block s takes tiles [s tpb, (s + 1) tpb) with tpb = ceil(tiles / NS), so at short contexts a
 // block holds one tile and, while n_kv <= CH, block 0 alone writes the output: no partials, no merge. The key count
-// is read on the device, so a captured graph serves every position.
+// is read on the device (as are the positions and tables), so a captured graph serves every step of its batch size;
+// NS comes from the table's capacity, so it too is the same for every step.
 // Latency, not bandwidth, is what a decode step's attention costs, so the first tile's cache rows are fetched
-// (cp.async) *before* waiting for the previous kernel (PDL): rows below pos[0] were written by earlier steps, and
-// pos is written by the host before the graph runs. Only q and row pos[0] come from the kernel just before.
+// (cp.async) *before* waiting for the previous kernel (PDL): positions below pos[t] were written by earlier steps,
+// and pos, seq and the table are written by the host before the graph runs. Only q and position pos[t] come from the
+// kernel just before.
 // Several active blocks: each publishes (unnormalised output, max, sum) per head and the last block of its heads to
 // finish (atomic ticket) merges them.
 
@@ -27,20 +32,23 @@ __device__ __forceinline__ void unpack8(uint4 w, float* f) {
     for (int e = 0; e < 4; e++) f[2 * e] = h2f((u16)(a[e] & 0xFFFF)), f[2 * e + 1] = h2f((u16)(a[e] >> 16));
 }
 
-// Cache rows [j0, j0 + n) of one KV head into the K and V tiles, except row `skip`.
-__device__ __forceinline__ void fetch_rows(u16* ks, u16* vs, const u16* kb, const u16* vb, int j0, int n, int skip) {
+// Positions [j0, j0 + n) of one sequence (trow: its block-table row) and KV head into the K and V tiles, except
+// position `skip`.
+__device__ __forceinline__ void fetch_rows(u16* ks, u16* vs, const u16* kb, const u16* vb, const int* trow, int B,
+                                           int j0, int n, int skip) {
     for (int i = threadIdx.x; i < n * (HD / 8); i += THREADS) {
-        int j = i / (HD / 8), c = 8 * (i % (HD / 8));
-        if (j0 + j == skip) continue;
-        cp_async16(ks + j * KSTR + c, kb + (long)(j0 + j) * HD + c);
-        cp_async16(vs + j * KSTR + c, vb + (long)(j0 + j) * HD + c);
+        int j = i / (HD / 8), c = 8 * (i % (HD / 8)), pj = j0 + j;
+        if (pj == skip) continue;
+        long row = (long)trow[pj / B] * B + pj % B;
+        cp_async16(ks + j * KSTR + c, kb + row * HD + c);
+        cp_async16(vs + j * KSTR + c, vb + row * HD + c);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
-            const int* __restrict__ pos, act_t* __restrict__ out, float* part, float* ml, int* ticket, int Hq,
-            int n_ctx, float scale) {
+            const int* __restrict__ pos, const int* __restrict__ seq, const int* __restrict__ table, int W, int B,
+            act_t* __restrict__ out, float* part, float* ml, int* ticket, int Hq, int n_slots, float scale) {
     __shared__ __align__(16) u16 kv_s[2 * CH * KSTR];  // K tile, V tile; after the last tile red, then the merge
     __shared__ __align__(16) float qs[G][HD];
     __shared__ float ps[G][CH];
@@ -50,15 +58,19 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int h = blockIdx.y, s = blockIdx.x, NS = gridDim.x;
-    const int hb = h * GQ + blockIdx.z * G;  // this block's first query head
-    int* tk = ticket + hb / G;
-    const int p = pos[0], n_kv = p + 1;
+    const int t = blockIdx.z / (GQ / G), T = gridDim.z / (GQ / G);
+    const int hb = h * GQ + (blockIdx.z % (GQ / G)) * G;  // this block's first query head
+    int* tk = ticket + t * (Hq / G) + hb / G;
+    const int p = pos[t], n_kv = p + 1;
+    const int* trow = table + (long)seq[t] * W;
+    q += (long)t * Hq * HD;
+    out += (long)t * Hq * HD;
     const int tiles = (n_kv + CH - 1) / CH, tpb = (tiles + NS - 1) / NS, active = (tiles + tpb - 1) / tpb;
     const int lo = s * tpb * CH, hi = min(lo + tpb * CH, n_kv);
     if (lo >= n_kv) return;  // exiting counts as the PDL trigger
-    const u16* kb = kc + (long)h * n_ctx * HD;
-    const u16* vb = vc + (long)h * n_ctx * HD;
-    fetch_rows(ks, vs, kb, vb, lo, min(CH, hi - lo), p);  // in flight while the previous kernel finishes
+    const u16* kb = kc + (long)h * n_slots * HD;
+    const u16* vb = vc + (long)h * n_slots * HD;
+    fetch_rows(ks, vs, kb, vb, trow, B, lo, min(CH, hi - lo), p);  // in flight while the previous kernel finishes
     pdl_wait();
     pdl_trigger();
 
@@ -73,9 +85,9 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
     for (int j0 = lo; j0 < hi; j0 += CH) {
         const int n = min(CH, hi - j0);
         if (j0 == lo) {
-            if (p < j0 + n) fetch_rows(ks + (p - j0) * KSTR, vs + (p - j0) * KSTR, kb, vb, p, 1, -1);
+            if (p < j0 + n) fetch_rows(ks + (p - j0) * KSTR, vs + (p - j0) * KSTR, kb, vb, trow, B, p, 1, -1);
         } else {
-            fetch_rows(ks, vs, kb, vb, j0, n, -1);
+            fetch_rows(ks, vs, kb, vb, trow, B, j0, n, -1);
         }
         cp_async_wait();
         __syncthreads();
@@ -137,13 +149,13 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
         if (active == 1)
             st_act(out, (long)hb * HD + o, v / l_s[o / HD]);
         else
-            part[((long)s * Hq + hb) * HD + o] = v;
+            part[((long)(s * T + t) * Hq + hb) * HD + o] = v;
     }
     if (active == 1) return;
 
     for (int g = tid; g < G; g += THREADS) {
-        ml[((long)s * Hq + hb + g) * 2] = m_s[g];
-        ml[((long)s * Hq + hb + g) * 2 + 1] = l_s[g];
+        ml[((long)(s * T + t) * Hq + hb + g) * 2] = m_s[g];
+        ml[((long)(s * T + t) * Hq + hb + g) * 2 + 1] = l_s[g];
     }
     __threadfence();
     __syncthreads();
@@ -155,7 +167,7 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
     float* wm = (float*)kv_s;
     float* wl = wm + NS * G;
     for (int i = tid; i < active * G; i += THREADS) {
-        const float* src = ml + ((long)(i / G) * Hq + hb + i % G) * 2;
+        const float* src = ml + ((long)(i / G * T + t) * Hq + hb + i % G) * 2;
         wm[i] = __ldcg(src);
         wl[i] = __ldcg(src + 1);
     }
@@ -177,7 +189,8 @@ attn_decode(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* 
     for (int o = tid; o < G * HD; o += THREADS) {
         int g = o / HD;
         float O = 0.0f;
-        for (int s2 = 0; s2 < active; s2++) O += wm[s2 * G + g] * __ldcg(part + ((long)s2 * Hq + hb) * HD + o);
+        for (int s2 = 0; s2 < active; s2++)
+            O += wm[s2 * G + g] * __ldcg(part + ((long)(s2 * T + t) * Hq + hb) * HD + o);
         st_act(out, (long)hb * HD + o, O * l_s[g]);
     }
     if (tid == 0) *tk = 0;

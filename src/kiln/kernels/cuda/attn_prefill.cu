@@ -2,9 +2,11 @@
 // softmax over key tiles, f32 accumulation.
 // Constants: HD (head dim), G (query heads per KV head), QT (query tokens per block), TILE (keys per tile), DT.
 //
+// One launch per run of a batch: T consecutive tokens of one sequence (q, pos, out start at the run's first token),
+// whose positions are cache rows trow[j / B] * B + j % B (trow: the sequence's row of the block table).
 // grid = (Hkv, ceil(T / QT)), 128 threads. A block serves KV head h for QT consecutive tokens and all G query heads
-// that share h, so each K/V tile is read once for G * QT query rows. The key range is read from `pos` on the device
-// (n_kv = pos[last token] + 1), so a captured CUDA graph stays valid at every position.
+// that share h, so each K/V tile is read once for G * QT query rows. The key range and the table are read on the
+// device (n_kv = pos[last token] + 1), so a captured CUDA graph stays valid at every position.
 
 #define ROWS (G * QT)
 #define THREADS 128
@@ -12,7 +14,8 @@
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
-          const int* __restrict__ pos, act_t* __restrict__ out, int T, int Hq, int n_ctx, float scale) {
+          const int* __restrict__ pos, const int* __restrict__ trow, int B, act_t* __restrict__ out, int T, int Hq,
+          int n_slots, float scale) {
     __shared__ float qs[ROWS][HD];
     __shared__ float ks[TILE][HD + 1];  // +1: lanes reading one column of consecutive keys hit distinct banks
     __shared__ float vs[TILE][HD];
@@ -35,8 +38,8 @@ attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __
     __syncthreads();
 
     const int n_kv = pos_s[min(QT, T - t0) - 1] + 1;
-    const u16* kbase = kc + (long)h * n_ctx * HD;
-    const u16* vbase = vc + (long)h * n_ctx * HD;
+    const u16* kbase = kc + (long)h * n_slots * HD;
+    const u16* vbase = vc + (long)h * n_slots * HD;
 
     float acc[NPER][2];
 #pragma unroll
@@ -46,9 +49,10 @@ attention(const act_t* __restrict__ q, const u16* __restrict__ kc, const u16* __
         const int n = min(TILE, n_kv - j0);
         // K and V tile to shared memory as f32: 16-byte loads, 8 halves each.
         for (int i = tid; i < n * (HD / 8); i += THREADS) {
-            int j = i / (HD / 8), c = 8 * (i % (HD / 8));
-            uint4 kw = __ldg((const uint4*)(kbase + (long)(j0 + j) * HD + c));
-            uint4 vw = __ldg((const uint4*)(vbase + (long)(j0 + j) * HD + c));
+            int j = i / (HD / 8), c = 8 * (i % (HD / 8)), pj = j0 + j;
+            long row = (long)trow[pj / B] * B + pj % B;
+            uint4 kw = __ldg((const uint4*)(kbase + row * HD + c));
+            uint4 vw = __ldg((const uint4*)(vbase + row * HD + c));
             const u32 kk[4] = {kw.x, kw.y, kw.z, kw.w}, vv[4] = {vw.x, vw.y, vw.z, vw.w};
 #pragma unroll
             for (int e = 0; e < 4; e++) {

@@ -76,18 +76,60 @@ extern "C" __global__ void copy16(const u16* __restrict__ src, u16* __restrict__
     if (i < n) dst[i] = src[i];
 }
 
-// Rows k[t], v[t] (already rotated) into the f16 caches [Hkv, n_ctx, hd] at row pos[t].
-extern "C" __global__ void kv_write(const act_t* __restrict__ k, const act_t* __restrict__ v, const int* __restrict__ pos,
-                                    u16* kc, u16* vc, int T, int kv_dim, int hd, int n_ctx) {
+// Rows k[t], v[t] (already rotated) into the f16 cache pools [Hkv, n_slots, hd] at row slot[t].
+extern "C" __global__ void kv_write(const act_t* __restrict__ k, const act_t* __restrict__ v,
+                                    const int* __restrict__ slot, u16* kc, u16* vc, int T, int kv_dim, int hd,
+                                    int n_slots) {
     pdl_wait();
     pdl_trigger();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)T * kv_dim) return;
     long t = i / kv_dim;
     int c = (int)(i % kv_dim), h = c / hd, d = c % hd;
-    long dst = ((long)h * n_ctx + pos[t]) * hd + d;
+    long dst = ((long)h * n_slots + slot[t]) * hd + d;
     kc[dst] = f2h(ld_act(k, i));
     vc[dst] = f2h(ld_act(v, i));
+}
+
+// out[r] = x[rows[r]] for rows of `words` 2-byte words (any dtype: a plain copy).
+extern "C" __global__ void gather_rows(const u16* __restrict__ x, const int* __restrict__ rows, u16* __restrict__ out,
+                                       int R, int words) {
+    pdl_wait();
+    pdl_trigger();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)R * words) return;
+    long r = i / words;
+    out[i] = x[(long)rows[r] * words + i % words];
+}
+
+// Row r's argmax (the first index on ties, as numpy) into ids[r]: one block per row, grid = R.
+extern "C" __global__ void argmax_rows(const act_t* __restrict__ x, int n, int* __restrict__ ids) {
+    pdl_wait();
+    pdl_trigger();
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const act_t* row = x + (long)blockIdx.x * n;
+    float best = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = ld_act(row, i);
+        if (v > best) best = v, bi = i;  // i grows: a tie keeps the earlier index
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int round = 0; round < 2; round++) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) best = ov, bi = oi;
+        }
+        if (round == 1) break;
+        if (lane == 0) sv[warp] = best, si[warp] = bi;
+        __syncthreads();
+        best = lane < (blockDim.x >> 5) ? sv[lane] : NEG_INF;
+        bi = lane < (blockDim.x >> 5) ? si[lane] : 0x7fffffff;
+    }
+    if (threadIdx.x == 0) ids[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
 }
 
 // Index of the largest value (the first one on ties, as numpy). Every block reduces a strided slice, then the

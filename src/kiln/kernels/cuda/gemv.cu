@@ -16,9 +16,10 @@
 // MODE 1: residual, one segment: out0[row] = acc; resid[row] += acc (matmul + add in one pass).
 // MODE 2: SwiGLU, segments gate and up: row i of both; out0[i] = silu(g) * u, out1[i] = u.
 // MODE 3: QKV, segments q, k, v: the two rows one RoPE pair rotates (NeoX or adjacent) go together; q and k are
-//         written rotated (out0, out1) and k, v also into the f16 KV caches at row pos[0]. The rotation's cos and sin
-//         come from rtab [n_ctx, hd / 2, 2], made on the host in float64 as the reference does (a float64 pow, cos
-//         and sin here were a long dependent chain in the finishing threads: 7B's QKV GEMV ran at 1.4 TB/s).
+//         written rotated by position pos[0] (out0, out1), and k, v also into the f16 KV cache pools at row slot[0].
+//         The rotation's cos and sin come from rtab [capacity, hd / 2, 2], made on the host in float64 as the
+//         reference does (a float64 pow, cos and sin here were a long dependent chain in the finishing threads: 7B's
+//         QKV GEMV ran at 1.4 TB/s).
 // NORM: x is the un-normalised residual: each lane also sums x^2 over its chunks, multiplies x by the norm weight,
 //       and the result is scaled by 1/sqrt(mean(x^2) + eps) at the end.
 
@@ -36,8 +37,8 @@
     const float *__restrict__ x, const float *__restrict__ nw, float eps, int K, const u8 *q0, const u8 *s0,        \
         const u32 *h0, const float *b0, float *o0, int n0, const u8 *q1, const u8 *s1, const u32 *h1,             \
         const float *b1, float *o1, int n1, const u8 *q2, const u8 *s2, const u32 *h2, const float *b2, float *o2, \
-        int n2, float *resid, const int *__restrict__ pos, const float *__restrict__ rtab, int hd, int neox, u16 *kc, u16 *vc, \
-        int n_ctx
+        int n2, float *resid, const int *__restrict__ pos, const int *__restrict__ slot, const float *__restrict__ rtab, \
+        int hd, int neox, u16 *kc, u16 *vc, int n_slots
 
 __device__ __forceinline__ void load_x(const float* __restrict__ x, const float* __restrict__ nw, int off, int n,
                                        float* v, float& sum, float& ss) {
@@ -138,15 +139,16 @@ __device__ __forceinline__ void finish_pair(GEMV_PARAMS, long u, float a, float 
     if (seg > 0) {
         u16* cache = seg == 1 ? kc : vc;
         long h = ra / hd;
-        cache[(h * n_ctx + p) * hd + ra % hd] = f2h(a);
-        cache[(h * n_ctx + p) * hd + rb % hd] = f2h(b);
+        long row = (h * n_slots + slot[0]) * hd;
+        cache[row + ra % hd] = f2h(a);
+        cache[row + rb % hd] = f2h(b);
     }
 #endif
 }
 
 #define GEMV_ARGS                                                                                                  \
-    x, nw, eps, K, q0, s0, h0, b0, o0, n0, q1, s1, h1, b1, o1, n1, q2, s2, h2, b2, o2, n2, resid, pos, rtab, hd, \
-        neox, kc, vc, n_ctx
+    x, nw, eps, K, q0, s0, h0, b0, o0, n0, q1, s1, h1, b1, o1, n1, q2, s2, h2, b2, o2, n2, resid, pos, slot, rtab, \
+        hd, neox, kc, vc, n_slots
 
 // Where row `row` of segment `seg` starts in q, s and h (rows past the end read row 0 and are not written).
 #define ROW_PTRS(seg, row, qr, sr, hr)                  \

@@ -1,4 +1,4 @@
-// Index of the largest of n values (the first one on ties, as numpy), in one workgroup of WG threads (header: up
+// Index of the largest of n values of row r (workgroup r) into result[r] (the first one on ties, as numpy), in one workgroup of WG threads (header: up
 // to 1024). Each thread scans its values four at a time (four loads in flight, compared in index order).
 
 struct Params {
@@ -13,12 +13,13 @@ var<workgroup> best_v: array<f32, WG>;
 var<workgroup> best_i: array<u32, WG>;
 
 @compute @workgroup_size(WG)
-fn main(@builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let x0 = wid.x * p.n;
     var bv = -3.4028235e38;
     var bi = 0xffffffffu;
     var i = lid;
     for (; i + 3u * WG < p.n; i += 4u * WG) {
-        let v = array<f32, 4>(f32(x[i]), f32(x[i + WG]), f32(x[i + 2u * WG]), f32(x[i + 3u * WG]));
+        let v = array<f32, 4>(f32(x[x0 + i]), f32(x[x0 + i + WG]), f32(x[x0 + i + 2u * WG]), f32(x[x0 + i + 3u * WG]));
         for (var j = 0u; j < 4u; j++) {
             if (v[j] > bv || bi == 0xffffffffu) {
                 bv = v[j];
@@ -27,7 +28,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         }
     }
     for (; i < p.n; i += WG) {
-        let v = f32(x[i]);
+        let v = f32(x[x0 + i]);
         if (v > bv || bi == 0xffffffffu) {
             bv = v;
             bi = i;
@@ -48,6 +49,6 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         workgroupBarrier();
     }
     if (lid == 0u) {
-        result[0] = best_i[0];
+        result[wid.x] = best_i[0];
     }
 }

@@ -8,7 +8,7 @@
 
 @compute @workgroup_size(64)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-    let th = wid.y * p.n_heads + wid.x;   // t * n_heads + h
+    let th = (p.t0 + wid.y) * p.n_heads + wid.x;   // t * n_heads + h
     let base = th * NS * (HD + 2u);
     var m: array<f32, NS>;
     var M = -1.0e30;

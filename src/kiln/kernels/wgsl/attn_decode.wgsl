@@ -1,5 +1,6 @@
 // Flash-decoding, pass 1: workgroup (split s, KV head, token t) attends the GQ query heads that share the KV
-// head over cache rows [c * CHUNK, (c + 1) * CHUNK) for chunks c = s, s + n_splits, ... below pos[t] + 1,
+// head over positions [c * CHUNK, (c + 1) * CHUNK) for chunks c = s, s + n_splits, ... below pos[t] + 1 of token
+// t's sequence (read through its block table),
 // keeping per query head a running max, softmax denominator and weighted sum of values (online softmax, f32).
 // It writes one partial (acc[HD], max, sum) per query head for attn_combine. The number of splits is fixed per
 // context size, so the dispatch does not depend on the KV length, which is read from `pos` on the device.
@@ -44,7 +45,8 @@ fn reduce_heads(lid: u32, is_max: bool) -> array<f32, GQ> {
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let split = wid.x;
     let kvh = wid.y;
-    let t = wid.z;
+    let t = p.t0 + wid.z;
+    let sr = u32(seq[t]);
     if (lid == 0u) {
         n_keys = min(u32(pos[t]) + 1u, p.n_ctx);
     }
@@ -73,7 +75,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             local_max[g] = NEG;
         }
         for (var j = start + lid; j < end; j += WG) {
-            let row = cache_base + j * NV;
+            let row = cache_base + kv_row(sr, j) * NV;
             var s = array<f32, GQ>();  // explicit: Naga zeroes uninitialized loop locals only once
             for (var i = 0u; i < NV; i++) {
                 let kv4 = vec4<f32>(k_cache[row + i]);
@@ -118,7 +120,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             for (var jj = 0u; jj < (CHUNK + G - 1u) / G; jj++) {
                 let j = start + grp + jj * G;
                 let jc = min(j, end - 1u);
-                let v4 = vec4<f32>(v_cache[cache_base + jc * NV + col]);
+                let v4 = vec4<f32>(v_cache[cache_base + kv_row(sr, jc) * NV + col]);
                 for (var g = 0u; g < GQ; g++) {
                     acc[g] += select(0.0, sc[g * CHUNK + jc - start], j < end) * v4;
                 }

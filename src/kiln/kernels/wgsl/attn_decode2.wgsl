@@ -32,13 +32,13 @@ var<workgroup> w_l: array<f32, NS * GQ>;
 var<workgroup> n_keys: u32;
 
 // K and V rows j0.. of the tile into workgroup memory; rows past `hi` repeat row hi - 1 (finite, weighted 0).
-fn load_tile(lid: u32, base: u32, j0: u32, hi: u32) {
+fn load_tile(lid: u32, base: u32, sr: u32, j0: u32, hi: u32) {
     for (var i = 0u; i < LT; i++) {
         let e = lid + i * WG;
         if (e < TILE * NV) {
             let j = e / NV;
             let c = e % NV;
-            let src = base + min(j0 + j, hi - 1u) * NV + c;
+            let src = base + kv_row(sr, min(j0 + j, hi - 1u)) * NV + c;
             ks[j * KS + c] = k_cache[src];
             vs[e] = v_cache[src];
         }
@@ -114,7 +114,7 @@ fn ml_index(tk: u32, s: u32, g: u32) -> u32 {
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let split = wid.x;
     let kvh = wid.y;
-    let t = wid.z;
+    let t = p.t0 + wid.z;
     let tk = t * p.n_kv_heads + kvh;
     if (lid == 0u) {
         n_keys = min(u32(pos[t]) + 1u, p.n_ctx);
@@ -137,9 +137,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }
     let hi = min(lo + chunk, L);
     let base = kvh * p.n_ctx * NV;
+    let sr = u32(seq[t]);  // the token's block-table row
     var acc: array<vec4<f32>, PE>;
     for (var j0 = lo; j0 < hi; j0 += TILE) {
-        load_tile(lid, base, j0, hi);
+        load_tile(lid, base, sr, j0, hi);
         workgroupBarrier();
         score_tile(lid, j0, hi);
         workgroupBarrier();

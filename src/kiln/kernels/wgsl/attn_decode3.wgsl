@@ -72,7 +72,7 @@ fn ml_index(tk: u32, s: u32, g: u32) -> u32 {
 fn attend(lid: u32, wid: vec3<u32>, sg_ok: bool) {
     let split = wid.x;
     let kvh = wid.y;
-    let t = wid.z;
+    let t = p.t0 + wid.z;
     let tk = t * p.n_kv_heads + kvh;
     let lane = lid % LPK;
     let row = lid / LPK;
@@ -109,6 +109,7 @@ fn attend(lid: u32, wid: vec3<u32>, sg_ok: bool) {
         return;  // a split past the keys (uniform per workgroup): no partial, no ticket
     }
     let base = kvh * p.n_ctx * NV;
+    let sr = u32(seq[t]);  // the token's block-table row
     var m: array<f32, GQ>;
     var l: array<f32, GQ>;
     var acc: array<vec4<f32>, GQ * NC>;
@@ -122,7 +123,7 @@ fn attend(lid: u32, wid: vec3<u32>, sg_ok: bool) {
         var kr: array<vec4<kv>, U * NC>;
         var vr: array<vec4<kv>, U * NC>;
         for (var u = 0u; u < U; u++) {
-            let src = base + min(j0 + u, L - 1u) * NV;
+            let src = base + kv_row(sr, min(j0 + u, L - 1u)) * NV;
             for (var cc = 0u; cc < NC; cc++) {
                 let c = src + min(lane + cc * LPK, NV - 1u);
                 kr[u * NC + cc] = k_cache[c];

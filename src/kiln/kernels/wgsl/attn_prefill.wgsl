@@ -1,5 +1,5 @@
-// Causal attention for a batch of queries: workgroup (query tile, head) gives one thread per query; the
-// tile's keys are staged BK rows at a time in workgroup memory (up to the tile's largest position, which is
+// Causal attention for one run of a batch (tokens t0 .. t0 + n_run of one sequence, read through its block table):
+// workgroup (query tile, head) gives one thread per query; the tile's keys are staged BK rows at a time in workgroup memory (up to the tile's largest position, which is
 // the same for all threads), and each thread runs an online softmax over the keys at or before its own
 // position, in f32. Header: HD (head dim).
 
@@ -13,6 +13,12 @@ const NEG: f32 = -1.0e30;
 @group(0) @binding(3) var<storage, read_write> v_cache: array<kv>;
 @group(0) @binding(4) var<storage, read_write> pos: array<i32>;
 @group(0) @binding(5) var<storage, read_write> y: array<act>;
+@group(0) @binding(8) var<storage, read_write> seq: array<i32>;
+@group(0) @binding(9) var<storage, read_write> table: array<i32>;
+
+fn kv_row(r: u32, j: u32) -> u32 {
+    return u32(table[r * p.width + j / p.block]) * p.block + j % p.block;
+}
 
 var<workgroup> ks: array<f32, BK * HD>;
 var<workgroup> vs: array<f32, BK * HD>;
@@ -23,8 +29,9 @@ var<workgroup> n_keys: u32;
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let h = wid.y;
     let kvh = h / (p.n_heads / p.n_kv_heads);
-    let t = wid.x * BQ + lid;
-    let valid = t < p.T;
+    let t = p.t0 + wid.x * BQ + lid;
+    let valid = wid.x * BQ + lid < p.n_run;
+    let sr = u32(seq[p.t0]);
     var my_pos = 0u;
     if (valid) {
         my_pos = min(u32(pos[t]), p.n_ctx - 1u);
@@ -57,8 +64,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             var kk = 0.0;
             var vv = 0.0;
             if (j < L) {
-                kk = f32(k_cache[cache_base + j * HD + e % HD]);
-                vv = f32(v_cache[cache_base + j * HD + e % HD]);
+                let row = cache_base + kv_row(sr, j) * HD + e % HD;
+                kk = f32(k_cache[row]);
+                vv = f32(v_cache[row]);
             }
             ks[e] = kk;
             vs[e] = vv;

@@ -3,14 +3,15 @@
 // dispatch.
 
 struct Params {
-    n: u32,     // elements
-    row: u32,   // copy_row: source row
+    n: u32,     // elements (gather_rows: of all output rows)
+    width: u32, // gather_rows: row length
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> a: array<act>;
 @group(0) @binding(2) var<storage, read_write> b: array<act>;
 @group(0) @binding(3) var<storage, read_write> y: array<act>;
+@group(0) @binding(4) var<storage, read_write> rows: array<i32>;
 
 fn index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;
@@ -33,11 +34,11 @@ fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
 }
 
-// y[0, :] = a[row, :] (n = row length).
+// y[r, :] = a[rows[r], :] (only the tokens that need logits go through the output head).
 @compute @workgroup_size(256)
-fn copy_row(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn gather_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = index(gid, nwg);
     if (i < p.n) {
-        y[i] = a[p.row * p.n + i];
+        y[i] = a[u32(rows[i / p.width]) * p.width + i % p.width];
     }
 }

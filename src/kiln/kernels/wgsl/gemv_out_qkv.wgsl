@@ -1,7 +1,7 @@
 // GEMV epilogue, attention input (Q, K, V matmuls + RoPE + KV-cache write), one token. Segments q, k, v; logical
 // rows 2i, 2i + 1 are the two weight rows that RoPE pair i rotates (NeoX: j and j + hd/2 of a head, else 2j and
 // 2j + 1), so one thread finishes a pair: adds the biases, rotates q and k exactly as rope.wgsl does, writes
-// q, k, v and stores k, v at cache row pos[0] (caches [n_kv_heads, n_ctx, hd] of type kv).
+// q, k, v and stores k, v at cache row slot[0] (caches [n_kv_heads, n_ctx, hd] of type kv).
 @group(0) @binding(2) var<storage, read_write> yq: array<f32>;
 @group(0) @binding(3) var<storage, read> bq: array<f32>;
 @group(0) @binding(5) var<storage, read_write> yk: array<f32>;
@@ -12,6 +12,7 @@
 @group(0) @binding(19) var<storage, read_write> k_cache: array<kv>;
 @group(0) @binding(20) var<storage, read_write> v_cache: array<kv>;
 @group(0) @binding(21) var<storage, read> turns: array<vec4<f32>>;
+@group(0) @binding(22) var<storage, read_write> slot: array<i32>;
 
 // Weight row of logical row l: pair l / 2 is (head, j); its two rows as above.
 fn pair_row(l: u32) -> u32 {
@@ -41,7 +42,8 @@ fn bias_at(seg: u32, row: u32) -> f32 {
 
 fn store(lid: u32, t: u32, seg: u32, first: u32, n: u32, scale: f32) {
     let pairs = min(RPW, n - min(first, n)) / 2u;
-    let pp = pos[0];
+    let pp = pos[0];  // rotates by the position, writes the cache at the slot
+    let ss = u32(slot[0]);
     for (var i = lid; i < pairs; i += TPR) {
         let ra = pair_row(first + 2u * i);
         let rb = pair_row(first + 2u * i + 1u);
@@ -64,8 +66,8 @@ fn store(lid: u32, t: u32, seg: u32, first: u32, n: u32, scale: f32) {
             yq[ra] = a;
             yq[rb] = b;
         } else {
-            let dst = ((ra / p.hd) * p.n_ctx + u32(pp)) * p.hd;
-            let ok = u32(pp) < p.n_ctx;
+            let dst = ((ra / p.hd) * p.n_ctx + ss) * p.hd;
+            let ok = ss < p.n_ctx;
             if (seg == 1u) {
                 yk[ra] = a;
                 yk[rb] = b;

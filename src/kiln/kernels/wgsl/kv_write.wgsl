@@ -1,4 +1,4 @@
-// Store this step's keys and values at cache rows pos[t]. Caches are [n_kv_heads, n_ctx, head_dim] of type kv.
+// Store this step's keys and values at cache rows slot[t]. Caches are [n_kv_heads, n_ctx, head_dim] pools of type kv.
 
 struct Params {
     T: u32,
@@ -12,7 +12,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> v: array<act>;
 @group(0) @binding(3) var<storage, read_write> k_cache: array<kv>;
 @group(0) @binding(4) var<storage, read_write> v_cache: array<kv>;
-@group(0) @binding(5) var<storage, read_write> pos: array<i32>;
+@group(0) @binding(5) var<storage, read_write> slot: array<i32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -23,7 +23,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let t = g / width;
     let c = g % width;
-    let row = u32(pos[t]);
+    let row = u32(slot[t]);
     if (row >= p.n_ctx) {
         return;
     }
