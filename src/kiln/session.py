@@ -105,5 +105,10 @@ def solo(model) -> Session:
     session = _SOLO.get(model)
     if session is None:
         session = _SOLO[model] = Session(model)
-        model.on_close.append(session.close)
+
+        def close() -> None:  # the entry refers to its own key: drop it, or the model (and device) never die
+            _SOLO.pop(model, None)
+            session.close()
+
+        model.on_close.append(close)
     return session
