@@ -15,7 +15,7 @@ from helpers import nmse, wgpu_device_or_skip  # noqa: E402
 from kiln import quant
 from kiln.errors import UnsupportedOp
 from kiln.rope import Rope
-from kiln.runtime.base import DTYPES
+from kiln.runtime.base import DTYPES, KVIndex
 from kiln.runtime.numpy_backend import NumpyDevice
 
 wgpu_backend = pytest.importorskip("kiln.runtime.wgpu_backend", reason="wgpu-py is not installed")
@@ -158,6 +158,15 @@ def test_rope_far_positions(dev, ref, neox):
     assert nmse(xt.numpy(), xr.numpy()) < EXACT
 
 
+def _unpaged(d, pos: np.ndarray, n_ctx: int, seq_pos=None) -> KVIndex:
+    """One sequence whose position j is cache row j (blocks of one position, in order): the cache layout of the
+    cases below. The paged layouts are kiln.conformance's attention cases."""
+    pos_t = seq_pos if seq_pos is not None else d.upload(pos)
+    table = d.upload(np.arange(n_ctx, dtype=np.int32).reshape(1, n_ctx))
+    seq = d.upload(np.zeros(len(pos), np.int32))
+    return KVIndex(pos_t, pos_t, seq, table, 1, ((0, len(pos), 0),), int(pos.max()) + 1)
+
+
 def _attention_case(dev, ref, kv_dtype, T, start, n_heads=4, n_kv_heads=2, hd=64, n_ctx=300, seed=0, act="f32"):
     """NMSE of wgpu's attention output against the reference. Cache rows past the new keys hold NaN (a kernel must
     not let them in) and the output sits between sentinels (no write outside it)."""
@@ -173,9 +182,7 @@ def _attention_case(dev, ref, kv_dtype, T, start, n_heads=4, n_kv_heads=2, hd=64
     outs = []
     for d, out in ((dev, dev.view(parent, pad, (T, n_heads * hd))), (ref, ref.empty((T, n_heads * hd), act))):
         kc, vc = d.upload(cache0[0]), d.upload(cache0[1])
-        d.attention(
-            d.upload(q), d.upload(k), d.upload(v), kc, vc, d.upload(pos), out, n_heads, n_kv_heads, hd, start + T
-        )
+        d.attention(d.upload(q), d.upload(k), d.upload(v), kc, vc, _unpaged(d, pos, n_ctx), out, n_heads, n_kv_heads, hd)
         outs.append((out.numpy().astype(np.float32), kc.numpy()))
     (got, kc_got), (want, kc_want) = outs
     assert np.array_equal(kc_got, kc_want, equal_nan=True), "K cache rows written differently"
@@ -212,11 +219,11 @@ def test_swiglu_add_in_place(dev, ref, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["f32", "i32"])
-def test_copy_row(dev, dtype):
+def test_gather_rows(dev, dtype):
     x = np.arange(4 * 13).reshape(4, 13).astype(DTYPES[dtype])
-    out = dev.empty((1, 13), dtype)
-    dev.copy_row(dev.upload(x), 2, out)
-    assert np.array_equal(out.numpy()[0], x[2])
+    out = dev.empty((3, 13), dtype)
+    dev.gather_rows(dev.upload(x), dev.upload(np.array([2, 0, 2], np.int32)), out)
+    assert np.array_equal(out.numpy(), x[[2, 0, 2]])
 
 
 def test_argmax_first_of_ties(dev):
@@ -311,7 +318,7 @@ def _fused_layer(dev, ref, qtype, neox: bool, bias: bool, steps: int = 4, rope: 
         }
     acts = {"x": d, "h": d, "q": hq * hd, "k": hkv * hd, "v": hkv * hd, "a": hq * hd, "g": d_ff, "u": d_ff}
     xs = rng.standard_normal((steps, d), dtype=np.float32)
-    outs, parents, n_kv_now = {}, [], [0]
+    outs, parents = {}, []
     for side in (dev, ref):
         w = {n: side.load_weight(n, qtype, raws[n], mats[n]) for n in mats}
         w |= {n: side.load_weight(n, Q.F32, v.astype(np.float32).view(np.uint8), v.shape) for n, v in vecs.items()}
@@ -321,10 +328,12 @@ def _fused_layer(dev, ref, qtype, neox: bool, bias: bool, steps: int = 4, rope: 
             parents = [(p, g) for p, _, g in views.values()]
             t = {n: v for n, (_, v, _) in views.items()}
             t["pos"] = dev.empty((1,), "i32")
+            t["kv"] = _unpaged(dev, np.zeros(1, np.int32), n_ctx, t["pos"])
         else:
             t = {n: ref.empty((1, m)) for n, m in acts.items()}
             t |= {c: ref.zeros((hkv, n_ctx, hd), dev.kv_dtype) for c in ("kc", "vc")}
             t["pos"] = ref.empty((1,), "i32")
+            t["kv"] = _unpaged(ref, np.zeros(1, np.int32), n_ctx, t["pos"])
         for c in ("kc", "vc"):
             side.write(t[c], np.zeros((hkv, n_ctx, hd), DTYPES[dev.kv_dtype]))
 
@@ -334,8 +343,7 @@ def _fused_layer(dev, ref, qtype, neox: bool, bias: bool, steps: int = 4, rope: 
                 side.matmul(t["h"], w[n], t[n], w.get("b" + n))
             side.rope(t["q"], t["pos"], hq, hd, rope or Rope(1e4, neox))
             side.rope(t["k"], t["pos"], hkv, hd, rope or Rope(1e4, neox))
-            n_kv = n_kv_now[0]  # a host hint (NumPy uses it; wgpu reads pos on the device)
-            side.attention(t["q"], t["k"], t["v"], t["kc"], t["vc"], t["pos"], t["a"], hq, hkv, hd, n_kv)
+            side.attention(t["q"], t["k"], t["v"], t["kc"], t["vc"], t["kv"], t["a"], hq, hkv, hd)
             side.matmul(t["a"], w["o"], t["h"])
             side.add(t["x"], t["h"], t["x"])
             side.rms_norm(t["x"], w["n2"], 1e-5, t["h"])
@@ -348,7 +356,6 @@ def _fused_layer(dev, ref, qtype, neox: bool, bias: bool, steps: int = 4, rope: 
         key = ("fused-layer", qtype.name, neox, bias, rope, 1)
         got = []
         for p in range(steps):
-            n_kv_now[0] = p + 1
             side.write(t["x"], xs[p : p + 1])
             side.write(t["pos"], np.array([p], np.int32))
             side.replay(key, layer)
