@@ -320,4 +320,3 @@ class Engine:
                 self.sched.cancel(sr)
             self._end(job, error if isinstance(error, KilnError) else RuntimeError("generation failed"))
         self._jobs.clear()
-

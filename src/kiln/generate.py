@@ -107,8 +107,7 @@ def stream_generate(
     gen = generate_step(model, ids, sampler, logits_processors, want_logits=logprobs > 0)
     for token, logits in gen:
         lp, top = _logprobs(logits, token, logprobs)
-        for chunk in text.feed(token, lp, top):
-            yield chunk
+        yield from text.feed(token, lp, top)
         if text.done:
             return
     yield text.end("length")

@@ -252,4 +252,3 @@ class Model:
         for w in self.weights():
             self.dev.free_weight(w)
         self.layers = []
-

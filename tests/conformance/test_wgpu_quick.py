@@ -182,7 +182,9 @@ def _attention_case(dev, ref, kv_dtype, T, start, n_heads=4, n_kv_heads=2, hd=64
     outs = []
     for d, out in ((dev, dev.view(parent, pad, (T, n_heads * hd))), (ref, ref.empty((T, n_heads * hd), act))):
         kc, vc = d.upload(cache0[0]), d.upload(cache0[1])
-        d.attention(d.upload(q), d.upload(k), d.upload(v), kc, vc, _unpaged(d, pos, n_ctx), out, n_heads, n_kv_heads, hd)
+        d.attention(
+            d.upload(q), d.upload(k), d.upload(v), kc, vc, _unpaged(d, pos, n_ctx), out, n_heads, n_kv_heads, hd
+        )
         outs.append((out.numpy().astype(np.float32), kc.numpy()))
     (got, kc_got), (want, kc_want) = outs
     assert np.array_equal(kc_got, kc_want, equal_nan=True), "K cache rows written differently"

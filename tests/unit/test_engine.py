@@ -118,7 +118,7 @@ def test_many_requests_with_random_cancels_free_every_block(model):
     cache = model.make_cache(16 * 80)
     sched = Scheduler(model, cache, max_seqs=32, token_budget=128)
     reqs = []
-    for i in range(1000):
+    for _i in range(1000):
         p = rng.integers(0, 512, int(rng.integers(1, 40))).tolist()
         reqs.append(Request(p, int(rng.integers(1, 6)), stop_ids=frozenset({3})))
         sched.add(reqs[-1])

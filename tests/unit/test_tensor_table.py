@@ -12,8 +12,8 @@ from kiln import gguf, synth
 from kiln.errors import GGUFError, UnsupportedModel
 from kiln.model import Model
 from kiln.runtime.numpy_backend import NumpyDevice
-from kiln.shard import run_simulated
 from kiln.session import solo
+from kiln.shard import run_simulated
 
 TINY = synth.SHAPES["tiny"]
 BIASES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
