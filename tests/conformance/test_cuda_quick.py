@@ -16,6 +16,7 @@ from helpers import cuda_device_or_skip, nmse  # noqa: E402
 from kiln import conformance, quant  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
 from kiln.rope import Rope  # noqa: E402
+from kiln.runtime.base import KVIndex  # noqa: E402
 from kiln.runtime.numpy_backend import NumpyDevice  # noqa: E402
 
 
@@ -118,6 +119,13 @@ def test_gemv_kernels(dev, ref, gemv_kernel, fmt, N, K):
     assert nmse(got[:N], want[:N]) < 1e-9
 
 
+def _unpaged(d, pos, n_ctx: int) -> KVIndex:
+    """One decode token whose sequence's position j is cache row j (blocks of one position): these cases' layout;
+    the paged layouts are kiln.conformance's attention cases. Positions are read from `pos` on the device."""
+    table = d.upload(np.arange(n_ctx, dtype=np.int32).reshape(1, n_ctx))
+    return KVIndex(pos, pos, d.upload(np.zeros(1, np.int32)), table, 1, ((0, 1, 0),), n_ctx)
+
+
 def _fused_case(dev, fmt: str, neox: bool, bias: bool, rope: Rope | None = None):
     """One decode layer recorded through replay() (fused, graph-captured) and the same ops unfused."""
     rope = rope or Rope(1e4, neox)
@@ -165,6 +173,7 @@ def _fused_case(dev, fmt: str, neox: bool, bias: bool, rope: Rope | None = None)
     kc = dev.zeros((hkv, n_ctx, hd), "f16")
     vc = dev.zeros((hkv, n_ctx, hd), "f16")
     pos = dev.empty((1,), "i32")
+    kv = _unpaged(dev, pos, n_ctx)
 
     def layer():
         dev.rms_norm(t["x"], vec["n1"], 1e-5, t["h"])
@@ -172,7 +181,7 @@ def _fused_case(dev, fmt: str, neox: bool, bias: bool, rope: Rope | None = None)
             dev.matmul(t["h"], w[n], t[n], biases.get(n))
         dev.rope(t["q"], pos, hq, hd, rope)
         dev.rope(t["k"], pos, hkv, hd, rope)
-        dev.attention(t["q"], t["k"], t["v"], kc, vc, pos, t["a"], hq, hkv, hd, 0)
+        dev.attention(t["q"], t["k"], t["v"], kc, vc, kv, t["a"], hq, hkv, hd)
         dev.matmul(t["a"], w["o"], t["h"])
         dev.add(t["x"], t["h"], t["x"])
         dev.rms_norm(t["x"], vec["n2"], 1e-5, t["h"])
@@ -256,6 +265,7 @@ def test_decode_attention_tiles_and_splits(dev, ref, tile, splits, heads, per_bl
                 kc=d.upload(cache),
                 vc=d.upload(cache[:, ::-1].copy()),
             )
+            tensors[d]["kv"] = _unpaged(d, tensors[d]["pos"], n_ctx)
         for p in (0, 1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 299):
             outs = []
             for d in (dev, ref):
@@ -264,8 +274,8 @@ def test_decode_attention_tiles_and_splits(dev, ref, tile, splits, heads, per_bl
                     d.write(t[name], np.random.default_rng(p).standard_normal(shape, dtype=np.float32))
                 d.write(t["pos"], np.array([p], np.int32))
 
-                def step(d=d, t=t, n_kv=p + 1):
-                    d.attention(t["q"], t["k"], t["v"], t["kc"], t["vc"], t["pos"], t["out"], hq, hkv, hd, n_kv)
+                def step(d=d, t=t):
+                    d.attention(t["q"], t["k"], t["v"], t["kc"], t["vc"], t["kv"], t["out"], hq, hkv, hd)
 
                 if d is dev and graph:
                     dev.replay(("attn-test", tile, splits, heads, per_block), step)
@@ -277,7 +287,8 @@ def test_decode_attention_tiles_and_splits(dev, ref, tile, splits, heads, per_bl
     finally:
         dev.attn_tile, dev.attn_max_splits, dev.attn_heads_per_block = saved
         for d, t in tensors.items():
-            for x in t.values():
+            kv = t.pop("kv", None)
+            for x in [*t.values(), *((kv.seq, kv.table) if kv else ())]:
                 d.free(x)
 
 
