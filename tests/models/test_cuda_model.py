@@ -138,8 +138,8 @@ def test_repeated_prefill_becomes_a_graph(cuda, tiny_models):
 
 
 def test_prefill_graphs_do_not_pile_up(cuda, tiny_models):
-    """Prompts of many lengths, each seen twice: a model keeps one prompt size's activations at a time, and freeing
-    the others drops their graphs, so one prefill graph lives at a time."""
+    """Prompts of many lengths, each seen twice: a model keeps the last two prompt shapes' activations (padded to
+    buckets), and freeing the others drops their graphs, so at most two prefill graphs live at a time."""
     f = gguf.load(tiny_models(Q.Q8_0))
     m = Model(f, cuda, n_ctx=64)
     try:
@@ -148,7 +148,7 @@ def test_prefill_graphs_do_not_pile_up(cuda, tiny_models):
             for _ in range(2):
                 solo(m).reset()
                 solo(m).prefill(list(range(1, n + 1)))
-        assert len(cuda._graphs) == before + 1
+        assert before + 1 <= len(cuda._graphs) <= before + 2
     finally:
         m.close()
 
