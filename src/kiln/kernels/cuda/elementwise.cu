@@ -67,15 +67,6 @@ extern "C" __global__ void from_f32(const float* __restrict__ x, act_t* __restri
     if (i < n) st_act(out, i, x[i]);
 }
 
-// A plain copy in 16-bit units (copy_row): a kernel rather than a memcpy node keeps the decode graph a chain of
-// kernels, which programmatic dependent launch needs.
-extern "C" __global__ void copy16(const u16* __restrict__ src, u16* __restrict__ dst, int n) {
-    pdl_wait();
-    pdl_trigger();
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = src[i];
-}
-
 // Rows k[t], v[t] (already rotated) into the f16 cache pools [Hkv, n_slots, hd] at row slot[t].
 extern "C" __global__ void kv_write(const act_t* __restrict__ k, const act_t* __restrict__ v,
                                     const int* __restrict__ slot, u16* kc, u16* vc, int T, int kv_dim, int hd,
@@ -130,55 +121,4 @@ extern "C" __global__ void argmax_rows(const act_t* __restrict__ x, int n, int* 
         bi = lane < (blockDim.x >> 5) ? si[lane] : 0x7fffffff;
     }
     if (threadIdx.x == 0) ids[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
-}
-
-// Index of the largest value (the first one on ties, as numpy). Every block reduces a strided slice, then the
-// last block to finish (atomic ticket) reduces the per-block results and resets the ticket for the next launch.
-extern "C" __global__ void argmax(const act_t* __restrict__ x, int n, float* bval, int* bidx, int* ticket,
-                                  int* result) {
-    pdl_wait();
-    pdl_trigger();
-    __shared__ float sv[32];
-    __shared__ int si[32];
-    __shared__ bool last;
-    float best = NEG_INF;
-    int bi = 0x7fffffff;
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float v = ld_act(x, i);
-        if (v > best || (v == best && (int)i < bi)) best = v, bi = (int)i;
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int round = 0; round < 2; round++) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > best || (ov == best && oi < bi)) best = ov, bi = oi;
-        }
-        if (round == 1) break;
-        if (lane == 0) sv[warp] = best, si[warp] = bi;
-        __syncthreads();
-        best = lane < (blockDim.x >> 5) ? sv[lane] : NEG_INF;
-        bi = lane < (blockDim.x >> 5) ? si[lane] : 0x7fffffff;
-    }
-    if (threadIdx.x == 0) {
-        bval[blockIdx.x] = best, bidx[blockIdx.x] = bi;
-        __threadfence();
-        last = atomicAdd(ticket, 1) == (int)gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!last || warp != 0) return;
-    best = NEG_INF, bi = 0x7fffffff;
-    for (int b = lane; b < gridDim.x; b += 32) {
-        float v = __ldcg(bval + b);
-        int j = __ldcg(bidx + b);
-        if (v > best || (v == best && j < bi)) best = v, bi = j;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) best = ov, bi = oi;
-    }
-    if (lane == 0) *result = bi, *ticket = 0;
 }
