@@ -104,6 +104,18 @@ class KVIndex:
     def tensors(self) -> tuple[Tensor, ...]:
         return self.pos, self.slot, self.seq, self.table
 
+    def launches(self) -> list[tuple[int, int, int]]:
+        """How a backend's attention covers the batch: (first token, tokens, table row) per prompt run, and
+        (first token, tokens, -1) per span of consecutive one-token runs (one decode launch reads each token's
+        sequence from `seq` itself). A decode batch is one span."""
+        out: list[tuple[int, int, int]] = []
+        for first, n, row in self.runs:
+            if n == 1 and out and out[-1][2] == -1:
+                out[-1] = (out[-1][0], out[-1][1] + 1, -1)
+            else:
+                out.append((first, n, -1 if n == 1 else row))
+        return out
+
 
 class BufferPool:
     """Size-bucketed free lists: freed buffers are reused, so steady-state decoding allocates nothing new.

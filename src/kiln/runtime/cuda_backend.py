@@ -895,20 +895,11 @@ class CudaDevice(OpRecorder, Device):
         each prompt chunk an attn_prefill.cu launch, each span of one-token runs an attn_decode.cu launch."""
         if head_dim % 8 or n_heads % n_kv_heads:
             raise UnsupportedOp(f"cuda attention needs head_dim % 8 == 0 and whole GQA groups (hd={head_dim})")
-        T = q.shape[0]
-        if kv.decode:
-            return self._attend_decode(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, 0, T)
-        span = None  # (first, tokens) of consecutive one-token runs
-        for first, n, row in kv.runs:
-            if n == 1:
-                span = (span[0], span[1] + 1) if span else (first, 1)
-                continue
-            if span:
-                self._attend_decode(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, *span)
-                span = None
-            self._attend_prefill(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, first, n, row)
-        if span:
-            self._attend_decode(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, *span)
+        for first, n, row in kv.launches():
+            if row < 0:
+                self._attend_decode(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, first, n)
+            else:
+                self._attend_prefill(q, k_cache, v_cache, kv, out, n_heads, n_kv_heads, head_dim, first, n, row)
 
     @staticmethod
     def _row_ptr(t: Tensor, row: int) -> np.uint64:

@@ -1176,23 +1176,15 @@ class WgpuDevice(OpRecorder, Device):
             self._bind(9, kv.table),
         ]
         shape = (T, n_heads, n_kv_heads, k_cache.shape[1], head_dim, kv.block_size, kv.table.shape[1])
-        if kv.decode:
-            return self._attend_decode(shape, types, inputs, out, 0, T)
-        span = None  # (first, tokens) of consecutive one-token runs
-        for first, n, _ in kv.runs:
-            if n == 1:
-                span = (span[0], span[1] + 1) if span else (first, 1)
+        for first, n, row in kv.launches():
+            if row < 0:
+                self._attend_decode(shape, types, inputs, out, first, n)
                 continue
-            if span:
-                self._attend_decode(shape, types, inputs, out, *span)
-                span = None
             self._dispatch(
                 self._pipeline("attn_prefill", HD=head_dim, **types),
                 [self._attn_params(shape, 1, first, n), *inputs, self._bind(5, out)],
                 (-(-n // 64), n_heads, 1),
             )
-        if span:
-            self._attend_decode(shape, types, inputs, out, *span)
 
     def _attend_decode(self, shape: tuple, types: dict, inputs: list, out, t0: int, n: int) -> None:
         """The decode kernel over tokens t0 .. t0 + n (one workgroup row per token, each of its own sequence)."""
