@@ -28,6 +28,29 @@ def greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
     return out, model.dev.download(logits)[0]
 
 
+def fresh_logits(model, ids: list[int]) -> np.ndarray:
+    """The last token's logits of `ids` in a Session of its own (its own cache: nothing reused)."""
+    from kiln.session import Session
+
+    s = Session(model)
+    try:
+        return model.dev.download(s.prefill(ids))[0]
+    finally:
+        s.close()
+
+
+def fresh_greedy(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens after `ids` in a Session of its own (Session.greedy: the argmax fed on the device)."""
+    from kiln.session import Session
+
+    s = Session(model)
+    try:
+        gen = s.greedy(s.prefill(ids))
+        return [next(gen) for _ in range(n)]
+    finally:
+        s.close()
+
+
 def cuda_device_or_skip():
     try:
         from kiln.runtime.cuda_backend import CudaDevice

@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from helpers import cuda_device_or_skip, nmse, wgpu_device_or_skip
+from helpers import cuda_device_or_skip, fresh_greedy, fresh_logits, nmse, wgpu_device_or_skip
 
 from kiln import gguf, synth
 from kiln.batch import Batch
 from kiln.model import Model
 from kiln.runtime.numpy_backend import NumpyDevice
 from kiln.scheduler import Request, Scheduler
-from kiln.session import Session
 
 SHAPE = synth.Shape(2, 256, 4, 2, 512, vocab_size=512, context_length=1024)
 BACKENDS = ("numpy", "wgpu", "cuda")
@@ -63,14 +62,6 @@ def _prompts(seed: int, n: int) -> list[list[int]]:
     return out
 
 
-def _solo(model, prompt: list[int]) -> np.ndarray:
-    s = Session(model)
-    try:
-        return model.dev.download(s.prefill(prompt))[0]
-    finally:
-        s.close()
-
-
 def test_batch_logits_equal_solo_and_reference(model, reference):
     prompts = _prompts(0, 12)
     cache = model.make_cache(12 * 200)
@@ -91,26 +82,17 @@ def test_batch_logits_equal_solo_and_reference(model, reference):
     got = model.dev.download(model.forward(batch, cache))
     assert np.isfinite(got[: len(rows)]).all()
     for p, row in zip(prompts, rows):
-        assert nmse(got[row], _solo(model, p)) <= SAME_DEVICE
-        assert nmse(got[row], _solo(reference, p)) <= VS_REFERENCE
+        assert nmse(got[row], fresh_logits(model, p)) <= SAME_DEVICE
+        assert nmse(got[row], fresh_logits(reference, p)) <= VS_REFERENCE
     for seq in seqs:
         cache.close_seq(seq)
     assert cache.blocks.in_use == 0
     cache.close()
 
 
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    s = Session(model)
-    try:
-        gen = s.greedy(s.prefill(prompt))
-        return [next(gen) for _ in range(n)]
-    finally:
-        s.close()
-
-
 def test_scheduler_greedy_equals_session_greedy_with_preemption(model):
     prompts = _prompts(1, 10)
-    want = [_greedy(model, p, 30) for p in prompts]
+    want = [fresh_greedy(model, p, 30) for p in prompts]
     cache = model.make_cache(16 * 13)  # too small for all ten at once: some are preempted and recomputed
     sched = Scheduler(model, cache, max_seqs=8, token_budget=96)
     reqs = [Request(p, 30) for p in prompts]

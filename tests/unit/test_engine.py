@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from helpers import nmse
+from helpers import fresh_greedy, fresh_logits, nmse
 
 from kiln import gguf, synth
 from kiln.batch import Batch
@@ -14,7 +14,6 @@ from kiln.kv_cache import BlockManager
 from kiln.model import Model
 from kiln.runtime.numpy_backend import NumpyDevice
 from kiln.scheduler import Request, Scheduler
-from kiln.session import Session
 
 SHAPE = synth.Shape(2, 256, 4, 2, 512, vocab_size=512, context_length=1024)
 
@@ -26,14 +25,6 @@ def model(tmp_path_factory):
     m = Model(gguf.load(path), NumpyDevice(), n_ctx=1024)
     yield m
     m.close()
-
-
-def solo_logits(model, ids: list[int]) -> np.ndarray:
-    s = Session(model)
-    try:
-        return model.dev.download(s.prefill(ids))[0]
-    finally:
-        s.close()
 
 
 def test_batch_invariance_mixed_lengths_and_shared_prefixes(model):
@@ -68,20 +59,11 @@ def test_batch_invariance_mixed_lengths_and_shared_prefixes(model):
     assert not batch.decode and any(n == 1 for _, n, _ in batch.runs)
     got = model.dev.download(model.forward(batch, cache))
     for p, row in zip(prompts, rows):
-        assert nmse(got[row], solo_logits(model, p)) <= 1e-6
+        assert nmse(got[row], fresh_logits(model, p)) <= 1e-6
     for seq in seqs:
         cache.close_seq(seq)
     assert cache.blocks.in_use == 0
     cache.close()
-
-
-def _solo_greedy(model, prompt: list[int], n: int) -> list[int]:
-    s = Session(model)
-    try:
-        gen = s.greedy(s.prefill(prompt))
-        return [next(gen) for _ in range(n)]
-    finally:
-        s.close()
 
 
 def _drain(sched: Scheduler, limit: int = 100000) -> None:
@@ -97,7 +79,7 @@ def test_scheduler_output_equals_solo_greedy_under_preemption(model):
     still produces exactly its solo greedy tokens; all blocks come back."""
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 512, int(n)).tolist() for n in rng.integers(1, 60, 12)]
-    want = [_solo_greedy(model, p, 20) for p in prompts]
+    want = [fresh_greedy(model, p, 20) for p in prompts]
     cache = model.make_cache(16 * 14)  # 14 blocks: a few sequences at a time
     sched = Scheduler(model, cache, max_seqs=8, token_budget=64)
     reqs = [Request(p, 20) for p in prompts]
@@ -153,7 +135,7 @@ def test_prefix_cache_skips_the_shared_prefill(model):
     sched.add(b)
     _drain(sched)
     assert a.prompt_cached == 0 and b.prompt_cached == 496  # 31 full blocks of 16
-    assert b.output == _solo_greedy(model, prefix + [9, 10], 8)
+    assert b.output == fresh_greedy(model, prefix + [9, 10], 8)
     again = Request(prefix + [5, 6, 7], 8)
     sched.add(again)
     _drain(sched)
@@ -171,7 +153,7 @@ def test_siblings_wait_for_the_first_choice_and_share_its_blocks(model):
         sched.add(r)
     _drain(sched)
     assert [r.prompt_cached for r in others] == [80, 80]
-    assert first.output == others[0].output == others[1].output == _solo_greedy(model, prompt, 5)
+    assert first.output == others[0].output == others[1].output == fresh_greedy(model, prompt, 5)
     cache.close()
 
 
