@@ -17,6 +17,7 @@ second time (chunked prompts, benchmarks), cuBLAS calls included (_Cublas).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import math
 import os
@@ -72,6 +73,8 @@ _GEMV_BLOCK_MIN_CHUNKS = 64  # rows of at least this many 16-byte chunks take th
 _ASYNC_WORDS = {"F32": 0, "F16": 0, "BF16": 0, "Q8_0": 1, "Q4_0": 1, "Q4_1": 1, "Q5_0": 2, "Q5_1": 2}
 _GEMV_STAGES = 3  # groups of rows per block of the pipelined GEMV: the one computed and two in flight
 _CUBLAS_WORKSPACE = 32 << 20  # cuBLAS's recommended workspace on Hopper
+_PREFILL_GRAPHS = 2  # captured non-decode steps kept (as many as the model keeps activation sets of those shapes)
+_SEEN_KEYS = 4096  # step keys counted for "seen twice" before the count starts over
 _ATT_TILE = 32  # keys per tile of attn_prefill.cu
 _ATT_HEADS_PER_BLOCK = 2  # attn_decode.cu: query heads per block at most (H200 sweep, bench/NOTES.md)
 _ATT_SMEM = 46 * 1024  # static shared memory a kernel may take (48 KB, less a margin)
@@ -336,6 +339,7 @@ class CudaDevice(OpRecorder, Device):
         self._libcuda = _load_libcuda() if props["major"] >= 9 else None
         self.pdl_enabled = self._libcuda is not None and os.environ.get("KILN_CUDA_PDL", "1") != "0"
         self._seen: dict[tuple, int] = {}
+        self._prefill_keys: collections.deque = collections.deque()  # captured non-decode steps, oldest first
         self.closed = False
 
     def describe(self) -> str:
@@ -443,6 +447,7 @@ class CudaDevice(OpRecorder, Device):
         self.sync()
         self._graphs.clear()
         self._plans.clear()
+        self._prefill_keys.clear()
         if self._cublas is not None:
             self._cublas.close()
             self._cublas = None
@@ -1079,6 +1084,8 @@ class CudaDevice(OpRecorder, Device):
         single = all(_tokens(name, args) == 1 for name, args in ops)
         plan = self._fuser.fuse(ops) if decode and single and self.fuse_enabled else self._group_matmuls(ops)
         self._run(plan)  # this step's result; also compiles kernels and sizes scratch before capture
+        if len(self._seen) > _SEEN_KEYS:  # keys of steps met once, bounded: a server meets ever new prompt mixes
+            self._seen.clear()
         seen = self._seen[key] = self._seen.get(key, 0) + 1
         if decode:
             self._capture(key, plan)
@@ -1090,6 +1097,10 @@ class CudaDevice(OpRecorder, Device):
                 self._capture_once(key, plan)
             except Exception:
                 self._eager_keys.add(key)
+                return
+            self._prefill_keys.append(key)
+            while len(self._prefill_keys) > _PREFILL_GRAPHS:  # prompt mixes vary without end: keep the latest few
+                self._graphs.pop(self._prefill_keys.popleft(), None)
 
     def _group_matmuls(self, ops: list) -> list:
         plan = []
